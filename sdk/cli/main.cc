@@ -1,0 +1,34 @@
+// tracemesh: the command-line client.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+
+#include "commands.h"
+
+namespace tracemesh::cli {
+
+int report(const std::string& what, const Error& error) {
+  std::fprintf(stderr, "tracemesh: %s: %s\n", what.c_str(), error.to_string().c_str());
+  switch (error.code()) {
+    case Errc::timeout: return 3;
+    case Errc::no_responders: return 4;
+    case Errc::unauthenticated:
+    case Errc::revoked:
+    case Errc::permission_denied: return 5;
+    case Errc::not_found: return 6;
+    default: return 1;
+  }
+}
+
+}  // namespace tracemesh::cli
+
+int main(int argc, char** argv) {
+  CLI::App app{"tracemesh: publish, subscribe, manage credentials and streams, benchmark"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "tracemesh 0.1.0");
+  tracemesh::cli::Context ctx;
+  tracemesh::cli::add_key_commands(app, ctx);
+  tracemesh::cli::add_messaging_commands(app, ctx);
+  tracemesh::cli::add_bench_command(app, ctx);
+  CLI11_PARSE(app, argc, argv);
+  return ctx.exit_code;
+}

@@ -29,6 +29,12 @@ int main(int argc, char** argv) {
   tracemesh::cli::add_key_commands(app, ctx);
   tracemesh::cli::add_messaging_commands(app, ctx);
   tracemesh::cli::add_bench_command(app, ctx);
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help and --version exit 0; every usage error exits 2, as commands.h promises.
+    const int code = app.exit(e);
+    return code == 0 ? 0 : 2;
+  }
   return ctx.exit_code;
 }

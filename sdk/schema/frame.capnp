@@ -50,7 +50,8 @@ struct HelloOk {
 struct Error {
   code @0 :ErrorCode;
   message @1 :Text;
-  correlation @2 :UInt64;  # the request this answers, or 0
+  correlation @2 :UInt64;  # the admin request or ping this answers, or 0
+  messageId @3 :Env.MessageId;  # the message this is about (requests, publishes), if any
 }
 
 struct Publish {

@@ -80,6 +80,7 @@ class [[nodiscard]] Status {
   bool ok() const noexcept { return error_.code() == Errc::ok; }
   explicit operator bool() const noexcept { return ok(); }
   const Error& error() const noexcept { return error_; }
+  Errc code() const noexcept { return error_.code(); }
 
  private:
   Error error_;

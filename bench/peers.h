@@ -1,0 +1,68 @@
+// Peer benchmarks: the systems `tracemesh bench --peers` compares tracemesh against, run on
+// loopback in the same process run (see /work/shared/BENCH.md).
+//
+// Each run starts its own peer server (nats-server, mosquitto) from the Debian package on
+// 127.0.0.1 with an ephemeral port in a fresh temp dir, drives it with the peer's own C client,
+// and stops the server by pid before it returns. Raw ZeroMQ runs need no server. Every loop is
+// bounded by the message count and by RunLimits::deadline; a run that hits the deadline
+// returns what it measured so far, with the loss in `sent - received` and a note.
+//
+// Not safe to call concurrently (each run uses both cores anyway).
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tracemesh/status.h"
+
+namespace tracemesh::bench {
+
+struct PeerResult {
+  std::string system;    // e.g. "nats-server", "mosquitto qos1", "zmq proxy+curve"
+  std::string workload;  // "fanin-1x1", "rtt" or "durable", as in BENCH.md
+  // fanin: (received - 1) / (last arrival - first arrival), at the subscriber.
+  // durable: acknowledged / (first publish .. last ack).  rtt: round trips / total time.
+  double msgs_per_sec = 0;
+  double p50_us = 0;  // rtt only, else 0
+  double p99_us = 0;  // rtt only, else 0
+  uint64_t sent = 0;
+  uint64_t received = 0;  // durable: messages the server acknowledged (JetStream: stored)
+  std::string note;       // settings that matter for reading the figure, and anything odd
+};
+
+struct RunLimits {
+  std::chrono::milliseconds deadline{60000};  // for the whole run, server start included
+  uint64_t warmup = 1000;                     // rtt: round trips before measuring
+  size_t rtt_size = 128;                      // rtt: payload bytes
+};
+
+// Errors: not_found (server program missing: install its package with scripts/setup.sh),
+// io (server did not start or a client call failed, with the client's message),
+// invalid_argument (size 0 or count 0).
+
+// nats-server core: 1 publisher connection -> nats-server -> 1 subscriber connection.
+Result<PeerResult> run_nats_fanin(size_t size, uint64_t count, const RunLimits& limits = {});
+// nats-server core request/reply (natsConnection_Request), one responder connection.
+Result<PeerResult> run_nats_rtt(uint64_t count, const RunLimits& limits = {});
+// JetStream file-storage stream, js_PublishAsync with at most 4,096 unacknowledged.
+Result<PeerResult> run_jetstream_durable(size_t size, uint64_t count, const RunLimits& limits = {});
+// mosquitto, publisher and subscriber at `qos` (0: workload fanin-1x1, 1: durable).
+Result<PeerResult> run_mosquitto_fanin(size_t size, uint64_t count, int qos,
+                                       const RunLimits& limits = {});
+// ZeroMQ PUSH -> PULL, direct over tcp loopback.
+Result<PeerResult> run_zmq_pushpull(size_t size, uint64_t count, const RunLimits& limits = {});
+// ZeroMQ PUB -> XSUB/XPUB zmq::proxy (a thread of this process) -> SUB, optionally CURVE on
+// both hops. Lossless: PUB and XPUB block at the high-water mark (ZMQ_XPUB_NODROP).
+Result<PeerResult> run_zmq_proxy(size_t size, uint64_t count, bool curve,
+                                 const RunLimits& limits = {});
+// ZeroMQ DEALER -> ROUTER echo (a thread of this process) round trips.
+Result<PeerResult> run_zmq_router_echo(uint64_t count, const RunLimits& limits = {});
+
+// One line per peer, e.g. "nats-server v2.9.10", "mosquitto 2.0.11", "libzmq 4.3.4",
+// "libnats 3.4.1", "libmosquitto 2.0.11"; "<name>: not installed" where missing.
+std::vector<std::string> peer_versions();
+
+}  // namespace tracemesh::bench

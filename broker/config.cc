@@ -1,0 +1,179 @@
+#include "config.h"
+
+#include <filesystem>
+#include <fstream>
+#include <toml++/toml.h>
+
+#include "topic/topic_trie.h"
+
+namespace tracemesh::broker {
+namespace {
+
+namespace fs = std::filesystem;
+
+class Loader {
+ public:
+  Loader(std::string path, const toml::table& root) : path_(std::move(path)), root_(root) {}
+
+  Error error(const toml::node* node, const std::string& field, const std::string& what) const {
+    std::string where = path_;
+    if (node) {
+      const auto& src = node->source();
+      where += ":" + std::to_string(src.begin.line) + ":" + std::to_string(src.begin.column);
+    }
+    return Error(Errc::invalid_argument, where + ": " + field + ": " + what);
+  }
+
+  template <class T>
+  Status get(const toml::table& t, const std::string& table_name, const char* key, T& out) const {
+    const toml::node* node = t.get(key);
+    if (!node) return Status::Ok();
+    const std::string field = table_name + "." + key;
+    if constexpr (std::is_same_v<T, bool>) {
+      if (!node->is_boolean()) return error(node, field, "expected true or false");
+      out = node->as_boolean()->get();
+    } else if constexpr (std::is_same_v<T, std::string>) {
+      if (!node->is_string()) return error(node, field, "expected a string");
+      out = node->as_string()->get();
+    } else if constexpr (std::is_integral_v<T>) {
+      if (!node->is_integer()) return error(node, field, "expected an integer");
+      int64_t v = node->as_integer()->get();
+      if (v < 0) return error(node, field, "must not be negative");
+      out = static_cast<T>(v);
+    } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+      const toml::array* arr = node->as_array();
+      if (!arr) return error(node, field, "expected an array of strings");
+      out.clear();
+      for (const auto& item : *arr) {
+        if (!item.is_string()) return error(&item, field, "expected an array of strings");
+        out.push_back(item.as_string()->get());
+      }
+    }
+    return Status::Ok();
+  }
+
+  Status check_keys(const toml::table& t, const std::string& table_name,
+                    std::initializer_list<const char*> known) const {
+    for (const auto& [k, v] : t) {
+      bool ok = false;
+      for (const char* n : known) ok = ok || k.str() == n;
+      if (!ok) return error(&v, table_name + "." + std::string(k.str()), "unknown setting");
+    }
+    return Status::Ok();
+  }
+
+  Result<BrokerConfig> load() {
+    BrokerConfig c;
+    c.path = path_;
+    const fs::path base = fs::path(path_).parent_path();
+    auto resolve = [&](const std::string& p) {
+      if (p.empty() || fs::path(p).is_absolute()) return p;
+      return (base / p).lexically_normal().string();
+    };
+    if (auto s = check_keys(root_, "", {"broker", "security", "limits", "stream"}); !s.ok())
+      return s.error();
+    const toml::table* broker = root_["broker"].as_table();
+    if (!broker) return error(nullptr, "[broker]", "missing section");
+#define TM_GET(t, n, k, v) \
+  if (auto s = get(*t, n, k, v); !s.ok()) return s.error()
+    if (auto s = check_keys(*broker, "broker",
+                            {"name", "identity", "data_dir", "listen", "curve", "max_message_bytes",
+                             "store_map_bytes"});
+        !s.ok())
+      return s.error();
+    TM_GET(broker, "broker", "name", c.name);
+    TM_GET(broker, "broker", "identity", c.identity_path);
+    TM_GET(broker, "broker", "data_dir", c.data_dir);
+    TM_GET(broker, "broker", "listen", c.listen);
+    TM_GET(broker, "broker", "curve", c.curve);
+    TM_GET(broker, "broker", "max_message_bytes", c.max_message_bytes);
+    TM_GET(broker, "broker", "store_map_bytes", c.store_map_bytes);
+    if (c.identity_path.empty()) return error(broker, "broker.identity", "required (path of the broker's key file)");
+    if (c.data_dir.empty()) return error(broker, "broker.data_dir", "required");
+    if (c.listen.empty()) return error(broker, "broker.listen", "at least one endpoint is required");
+    for (const auto& l : c.listen)
+      if (l.rfind("tcp://", 0) != 0 && l.rfind("ipc://", 0) != 0)
+        return error(broker->get("listen"), "broker.listen", "'" + l + "' must start with tcp:// or ipc://");
+    c.identity_path = resolve(c.identity_path);
+    c.data_dir = resolve(c.data_dir);
+
+    if (const toml::table* sec = root_["security"].as_table()) {
+      if (auto s = check_keys(*sec, "security", {"operators", "revoked", "revoked_file"}); !s.ok())
+        return s.error();
+      std::vector<std::string> ops;
+      TM_GET(sec, "security", "operators", ops);
+      for (const auto& o : ops) {
+        auto key = decode_key(o);
+        if (!key.ok()) return error(sec->get("operators"), "security.operators", key.error().message());
+        c.operators.push_back(*key);
+      }
+      TM_GET(sec, "security", "revoked", c.revoked);
+      TM_GET(sec, "security", "revoked_file", c.revoked_file);
+      c.revoked_file = resolve(c.revoked_file);
+    }
+    if (c.operators.empty())
+      return error(nullptr, "security.operators", "at least one trusted operator key is required");
+
+    if (const toml::table* lim = root_["limits"].as_table()) {
+      if (auto s = check_keys(*lim, "limits",
+                              {"subscriber_queue_bytes", "max_in_flight", "ack_wait_ms",
+                               "dedup_window_ms", "session_timeout_ms"});
+          !s.ok())
+        return s.error();
+      TM_GET(lim, "limits", "subscriber_queue_bytes", c.subscriber_queue_bytes);
+      TM_GET(lim, "limits", "max_in_flight", c.default_max_in_flight);
+      TM_GET(lim, "limits", "ack_wait_ms", c.default_ack_wait_ms);
+      TM_GET(lim, "limits", "dedup_window_ms", c.dedup_window_ms);
+      TM_GET(lim, "limits", "session_timeout_ms", c.session_timeout_ms);
+    }
+
+    if (const toml::node* streams = root_.get("stream")) {
+      const toml::array* arr = streams->as_array();
+      if (!arr) return error(streams, "stream", "use [[stream]] tables");
+      for (const auto& item : *arr) {
+        const toml::table* t = item.as_table();
+        if (!t) return error(&item, "stream", "expected a table");
+        if (auto s = check_keys(*t, "stream", {"name", "subjects", "max_messages", "max_bytes", "max_age_ms"});
+            !s.ok())
+          return s.error();
+        StreamConfig sc;
+        TM_GET(t, "stream", "name", sc.name);
+        TM_GET(t, "stream", "subjects", sc.subjects);
+        TM_GET(t, "stream", "max_messages", sc.max_messages);
+        TM_GET(t, "stream", "max_bytes", sc.max_bytes);
+        TM_GET(t, "stream", "max_age_ms", sc.max_age_ms);
+        if (sc.name.empty()) return error(t, "stream.name", "required");
+        if (sc.subjects.empty()) return error(t, "stream.subjects", "at least one topic filter is required");
+        for (const auto& subj : sc.subjects)
+          if (auto s = validate_filter(subj); !s.ok())
+            return error(t->get("subjects"), "stream.subjects", s.error().message());
+        c.streams.push_back(std::move(sc));
+      }
+    }
+#undef TM_GET
+    return c;
+  }
+
+ private:
+  std::string path_;
+  const toml::table& root_;
+};
+
+}  // namespace
+
+Result<BrokerConfig> load_config(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return Error(Errc::not_found, path + ": cannot open config file");
+  toml::table root;
+  try {
+    root = toml::parse(in, path);
+  } catch (const toml::parse_error& e) {
+    const auto& src = e.source();
+    return Error(Errc::invalid_argument, path + ":" + std::to_string(src.begin.line) + ":" +
+                                             std::to_string(src.begin.column) + ": " +
+                                             std::string(e.description()));
+  }
+  return Loader(path, root).load();
+}
+
+}  // namespace tracemesh::broker

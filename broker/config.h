@@ -1,0 +1,38 @@
+// The broker's TOML configuration: the one config loader.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tracemesh/client.h"
+#include "tracemesh/identity.h"
+#include "tracemesh/status.h"
+
+namespace tracemesh::broker {
+
+struct BrokerConfig {
+  std::string path;                   // the config file (for messages)
+  std::string name = "tracemesh";
+  std::string identity_path;          // resolved against the config file's directory
+  std::string data_dir;               // resolved likewise
+  std::vector<std::string> listen;    // tcp://host:port (0 = ephemeral), ipc://path
+  bool curve = true;                  // CURVE on tcp endpoints
+  uint32_t max_message_bytes = 8u << 20;
+  uint64_t store_map_bytes = 64ull << 30;
+  std::vector<PublicKey> operators;   // trusted credential issuers
+  std::vector<std::string> revoked;   // credential ids (hex)
+  std::string revoked_file;           // optional: one credential id per line, re-read on SIGHUP
+  uint64_t subscriber_queue_bytes = 64u << 20;  // per best-effort subscriber, then drops
+  uint32_t default_max_in_flight = 1000;
+  uint32_t default_ack_wait_ms = 30000;
+  uint64_t dedup_window_ms = 120000;
+  uint32_t session_timeout_ms = 10000;
+  std::vector<StreamConfig> streams;
+};
+
+// Parses and validates a config file. Errors name the file, line and field:
+// "broker.toml:7:1: broker.listen: expected an array of strings".
+Result<BrokerConfig> load_config(const std::string& path);
+
+}  // namespace tracemesh::broker

@@ -1,0 +1,1155 @@
+// Client: one DEALER connection, an I/O thread that batches and owns the
+// socket, and a dispatcher thread that runs handlers.
+#include <poll.h>
+#include <sodium.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <shared_mutex>
+#include <thread>
+#include <unordered_map>
+#include <zmq.hpp>
+
+#include "codec/envelope_codec.h"
+#include "tracemesh/client.h"
+
+namespace tracemesh {
+
+using codec::WordBuffer;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr uint64_t kInboxSubscription = 1;
+constexpr uint64_t kAdminCorrelationBase = uint64_t{1} << 62;
+constexpr auto kPingInterval = std::chrono::milliseconds(1000);
+
+struct MessageIdHash {
+  size_t operator()(const MessageId& id) const noexcept { return id.hi * 31 ^ id.lo; }
+};
+
+// The message being handled on this thread, for default lineage parents.
+thread_local const Message* current_message = nullptr;
+
+void free_words(void* data, void*) { std::free(data); }
+
+zmq::message_t take_buffer(WordBuffer&& buffer) {
+  const size_t size = buffer.size();
+  if (size == 0) return zmq::message_t();
+  uint64_t* data = buffer.release();
+  return zmq::message_t(data, size, free_words, nullptr);
+}
+
+}  // namespace
+
+// Decodes envelopes of a deliver frame into Messages (views into the frame).
+class MessageDecoder {
+ public:
+  static Status decode(const uint8_t* data, size_t size, std::shared_ptr<const void> keep,
+                       wire::Deliver::Reader deliver, const std::weak_ptr<ClientImpl>& client,
+                       std::vector<Message>& out) {
+    auto deliveries = deliver.getDeliveries();
+    uint32_t index = 0;
+    return codec::for_each_envelope(data, size, deliveries.size(),
+                                    [&](const uint8_t* p, size_t n) {
+      if (index >= deliveries.size()) return false;
+      codec::EnvelopeReader reader(p, n);
+      auto env = reader.root();
+      Message m;
+      m.frame_ = keep;
+      m.id_ = codec::to_id(env.getId());
+      auto view = [](capnp::Text::Reader t) { return std::string_view(t.cStr(), t.size()); };
+      m.topic_ = view(env.getTopic());
+      m.producer_ = view(env.getProducer());
+      m.reply_to_ = view(env.getReplyTo());
+      m.origin_broker_ = view(env.getOriginBroker());
+      auto payload = env.getPayload();
+      m.payload_ = std::string_view(reinterpret_cast<const char*>(payload.begin()), payload.size());
+      m.sequence_ = env.getSequence();
+      m.published_at_ns_ = env.getPublishedAtNs();
+      m.flags_ = env.getFlags();
+      if (env.hasParents()) {
+        for (auto p2 : env.getParents()) m.parents_.push_back(codec::to_id(p2));
+      }
+      if (env.hasLabels()) {
+        auto l = env.getLabels();
+        m.labels_.data_class = static_cast<DataClass>(l.getDataClass());
+        m.labels_.sensitivity = static_cast<Sensitivity>(l.getSensitivity());
+        for (auto r : l.getRegions()) m.labels_.regions.emplace_back(r.cStr());
+      }
+      auto d = deliveries[index++];
+      m.subscription_ = d.getSubscription();
+      m.stream_seq_ = d.getStreamSeq();
+      m.attempt_ = d.getAttempt();
+      m.client_ = client;
+      out.push_back(std::move(m));
+      return true;
+    });
+  }
+};
+
+class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
+ public:
+  explicit ClientImpl(ClientOptions options) : opts_(std::move(options)) {}
+  ~ClientImpl() { shutdown(std::chrono::milliseconds(0)); }
+
+  Status start();
+  void shutdown(std::chrono::milliseconds timeout);
+
+  Status publish(std::string_view topic, std::string_view payload, const PublishOptions& options,
+                 uint32_t flags, std::function<void(Result<PublishAck>)> done,
+                 MessageId* id_out = nullptr);
+  Result<uint64_t> subscribe(wire::Subscribe::Reader proto, MessageHandler handler);
+  Status unsubscribe(uint64_t id);
+  Result<Message> request(std::string_view topic, std::string_view payload,
+                          std::chrono::milliseconds timeout, const PublishOptions& options);
+  Status flush(std::chrono::milliseconds timeout);
+  Result<std::shared_ptr<zmq::message_t>> admin(capnp::MallocMessageBuilder& builder,
+                                                std::chrono::milliseconds timeout);
+  void ack(uint64_t subscription, uint64_t seq);
+  uint64_t next_subscription() { return next_sub_.fetch_add(1); }
+  uint64_t next_admin_correlation() { return next_admin_.fetch_add(1); }
+  std::string broker_name() const {
+    std::lock_guard lock(mu_);
+    return broker_name_;
+  }
+
+ private:
+  enum class State { connecting, handshaking, ready, failed, closed };
+
+  struct Durable {
+    MessageId id;
+    std::string bytes;  // encoded envelope, for resending after a reconnect
+    std::function<void(Result<PublishAck>)> done;
+    Clock::time_point deadline;
+  };
+  struct SubEntry {
+    std::unique_ptr<capnp::MallocMessageBuilder> proto;  // Subscribe, for resubscribing
+    MessageHandler handler;
+  };
+  using Batch = std::vector<Message>;
+
+  void io_loop();
+  void dispatch_loop();
+  void wake();
+  void on_monitor_event();
+  void on_frame(zmq::message_t& header, std::shared_ptr<zmq::message_t> body);
+  void on_hello_reply(wire::Frame::Reader frame);
+  void send_hello();
+  void send_frame(zmq::message_t&& header, zmq::message_t&& body = zmq::message_t(),
+                  bool has_body = false);
+  void flush_outgoing();
+  void fail_connect(Error error);
+  void expire_durables(Clock::time_point now);
+
+  ClientOptions opts_;
+  std::string producer_;
+  zmq::context_t ctx_{1};
+  std::unique_ptr<zmq::socket_t> sock_;     // owned by the I/O thread once started
+  std::unique_ptr<zmq::socket_t> monitor_;  // owned by the I/O thread
+  int wake_fd_ = -1;
+  std::thread io_thread_, dispatch_thread_;
+  std::atomic<bool> stop_{false};
+  std::atomic<uint64_t> sequence_{0};
+  std::atomic<uint64_t> next_sub_{kInboxSubscription + 1};
+  std::atomic<uint64_t> next_admin_{kAdminCorrelationBase};
+  std::atomic<uint64_t> next_request_{1};
+  std::atomic<uint64_t> next_ping_{1};
+
+  // Guarded by mu_.
+  mutable std::mutex mu_;
+  std::condition_variable space_cv_;
+  std::deque<WordBuffer> pending_;           // encoded envelopes, sealed at max_batch_bytes
+  std::deque<uint32_t> pending_counts_;
+  size_t pending_bytes_ = 0;
+  size_t durable_bytes_ = 0;
+  bool wake_pending_ = false;
+  std::deque<zmq::message_t> control_;       // control frames, sent in order before publishes
+  std::deque<zmq::message_t> tail_;          // pings, sent after the publishes queued before them
+  std::map<uint64_t, Durable> durables_;     // by local order
+  std::unordered_map<MessageId, uint64_t, MessageIdHash> durable_index_;
+  uint64_t durable_order_ = 0;
+  std::unordered_map<uint64_t, std::vector<uint64_t>> acks_;  // subscription -> stream seqs
+  std::unordered_map<uint64_t, std::promise<Status>> sub_waiters_;
+  std::unordered_map<uint64_t, std::promise<Result<std::shared_ptr<zmq::message_t>>>> admin_waiters_;
+  std::unordered_map<uint64_t, std::promise<Result<Message>>> request_waiters_;
+  std::unordered_map<MessageId, uint64_t, MessageIdHash> request_ids_;
+  std::map<uint64_t, std::promise<Status>> ping_waiters_;
+  std::string inbox_;
+  std::string broker_name_;
+  State state_ = State::connecting;
+  bool ever_ready_ = false;
+  std::promise<Status> connected_;
+  bool connected_set_ = false;
+  Error last_handshake_error_;
+
+  std::shared_mutex subs_mu_;
+  std::unordered_map<uint64_t, SubEntry> subs_;  // guarded by subs_mu_
+
+  std::mutex dispatch_mu_;
+  std::condition_variable dispatch_cv_;
+  std::deque<Batch> dispatch_queue_;  // guarded by dispatch_mu_
+
+  // I/O thread only.
+  std::deque<std::pair<zmq::message_t, std::optional<zmq::message_t>>> outq_;
+  Clock::time_point next_ping_at_{};
+  Clock::time_point next_expiry_at_{};
+};
+
+Status ClientImpl::start() {
+  if (!opts_.identity) return Error(Errc::invalid_argument, "an identity is required");
+  if (opts_.url.empty()) return Error(Errc::invalid_argument, "a broker url is required");
+  if (opts_.credential) producer_ = opts_.credential->claims().name;
+  const bool tcp = opts_.url.rfind("tcp://", 0) == 0;
+  if (!tcp && opts_.url.rfind("ipc://", 0) != 0 && opts_.url.rfind("inproc://", 0) != 0)
+    return Error(Errc::invalid_argument, "broker url '" + opts_.url + "' must start with tcp:// or ipc://");
+  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (wake_fd_ < 0) return Error(Errc::io, std::string("eventfd: ") + std::strerror(errno));
+  try {
+    sock_ = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::dealer);
+    sock_->set(zmq::sockopt::linger, 0);
+    sock_->set(zmq::sockopt::immediate, 1);
+    sock_->set(zmq::sockopt::sndhwm, 10000);
+    sock_->set(zmq::sockopt::rcvhwm, 10000);
+    sock_->set(zmq::sockopt::reconnect_ivl, 100);
+    sock_->set(zmq::sockopt::reconnect_ivl_max, 2000);
+    sock_->set(zmq::sockopt::heartbeat_ivl, 1000);
+    sock_->set(zmq::sockopt::heartbeat_timeout, 5000);
+    if (tcp && opts_.curve) {
+      if (opts_.broker_key.empty())
+        return Error(Errc::invalid_argument, "tcp with CURVE needs the broker's public key (--broker-key)");
+      auto key = decode_key(opts_.broker_key);
+      if (!key.ok()) return Error(Errc::invalid_argument, "broker key: " + key.error().message());
+      auto server = curve_public_key_of(*key);
+      auto pub = opts_.identity->curve_public_key();
+      auto sec = opts_.identity->curve_secret_key();
+      sock_->set(zmq::sockopt::curve_serverkey, zmq::const_buffer(server.data(), 32));
+      sock_->set(zmq::sockopt::curve_publickey, zmq::const_buffer(pub.data(), 32));
+      sock_->set(zmq::sockopt::curve_secretkey, zmq::const_buffer(sec.data(), 32));
+      sodium_memzero(sec.data(), sec.size());
+    }
+    char monitor_url[64];
+    std::snprintf(monitor_url, sizeof monitor_url, "inproc://tm-monitor-%p", static_cast<void*>(this));
+    if (zmq_socket_monitor(sock_->handle(), monitor_url,
+                           ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0)
+      return Error(Errc::internal, std::string("socket monitor: ") + zmq_strerror(zmq_errno()));
+    monitor_ = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::pair);
+    monitor_->connect(monitor_url);
+    sock_->connect(opts_.url);
+  } catch (const zmq::error_t& e) {
+    return Error(Errc::invalid_argument, "connect to '" + opts_.url + "': " + e.what());
+  }
+  auto connected = connected_.get_future();
+  io_thread_ = std::thread([this] { io_loop(); });
+  dispatch_thread_ = std::thread([this] { dispatch_loop(); });
+  if (connected.wait_for(opts_.connect_timeout) != std::future_status::ready) {
+    std::lock_guard lock(mu_);
+    std::string why = last_handshake_error_.code() != Errc::ok
+                          ? last_handshake_error_.message()
+                          : "is the broker running and the url right?";
+    if (tcp && opts_.curve && last_handshake_error_.code() == Errc::ok)
+      why += " With CURVE, a wrong broker key also looks like this.";
+    return Error(Errc::timeout, "no answer from broker at " + opts_.url + " within " +
+                                    std::to_string(opts_.connect_timeout.count()) + " ms: " + why);
+  }
+  return connected.get();
+}
+
+void ClientImpl::shutdown(std::chrono::milliseconds timeout) {
+  if (stop_.exchange(true)) return;
+  if (io_thread_.joinable()) {
+    if (timeout.count() > 0) {
+      // Let the I/O thread send what is queued.
+      stop_ = false;
+      (void)flush(timeout);
+      stop_ = true;
+    }
+    wake();
+    io_thread_.join();
+  }
+  {
+    std::lock_guard lock(dispatch_mu_);
+    dispatch_cv_.notify_all();
+  }
+  if (dispatch_thread_.joinable()) {
+    if (dispatch_thread_.get_id() == std::this_thread::get_id())
+      dispatch_thread_.detach();  // closed from inside a handler
+    else
+      dispatch_thread_.join();
+  }
+  std::lock_guard lock(mu_);
+  state_ = State::closed;
+  for (auto& [order, d] : durables_)
+    if (d.done) d.done(Error(Errc::disconnected, "client closed before the broker acked"));
+  durables_.clear();
+  for (auto& [id, w] : sub_waiters_) w.set_value(Error(Errc::disconnected, "client closed"));
+  sub_waiters_.clear();
+  for (auto& [id, w] : admin_waiters_) w.set_value(Error(Errc::disconnected, "client closed"));
+  admin_waiters_.clear();
+  for (auto& [id, w] : request_waiters_) w.set_value(Error(Errc::disconnected, "client closed"));
+  request_waiters_.clear();
+  for (auto& [id, w] : ping_waiters_) w.set_value(Error(Errc::disconnected, "client closed"));
+  ping_waiters_.clear();
+  space_cv_.notify_all();
+  monitor_.reset();
+  sock_.reset();
+  ctx_.close();
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+  wake_fd_ = -1;
+}
+
+void ClientImpl::wake() {
+  uint64_t one = 1;
+  [[maybe_unused]] auto n = ::write(wake_fd_, &one, sizeof one);
+}
+
+Status ClientImpl::publish(std::string_view topic, std::string_view payload,
+                           const PublishOptions& options, uint32_t flags,
+                           std::function<void(Result<PublishAck>)> done, MessageId* id_out) {
+  if (auto s = validate_topic(topic); !s.ok()) return s;
+  codec::EnvelopeFields f;
+  f.id = codec::next_message_id();
+  f.topic = topic;
+  f.producer = producer_;
+  f.sequence = sequence_.fetch_add(1, std::memory_order_relaxed) + 1;
+  f.published_at_ns = codec::now_ns();
+  f.flags = flags | (options.retain ? wire::FLAG_RETAIN : 0);
+  f.labels = &options.labels;
+  MessageId parent;
+  if (!options.parents.empty()) {
+    f.parents = options.parents;
+  } else if (options.inherit_parent && current_message) {
+    parent = current_message->id();
+    f.parents = std::span<const MessageId>(&parent, 1);
+  }
+  f.reply_to = options.reply_to;
+  f.payload = payload;
+  if (id_out) *id_out = f.id;
+  if (payload.size() > codec::kMaxEnvelopeBytes - 4096)
+    return Error(Errc::too_large, "payload of " + std::to_string(payload.size()) + " bytes exceeds 64 MiB");
+
+  std::unique_lock lock(mu_);
+  if (state_ == State::closed || stop_) return Error(Errc::disconnected, "client is closed");
+  if (state_ == State::failed) return last_handshake_error_;
+  if (pending_bytes_ + durable_bytes_ > opts_.max_pending_bytes) {
+    const bool in_io = io_thread_.get_id() == std::this_thread::get_id();
+    if (in_io || !space_cv_.wait_for(lock, opts_.publish_block_timeout, [&] {
+          return pending_bytes_ + durable_bytes_ <= opts_.max_pending_bytes || stop_ ||
+                 state_ == State::closed;
+        }))
+      return Error(Errc::overloaded, "publish queue full (" + std::to_string(opts_.max_pending_bytes) +
+                                         " bytes) and the broker is not draining it");
+    if (stop_ || state_ == State::closed) return Error(Errc::disconnected, "client is closed");
+  }
+  if (pending_.empty() || pending_.back().size() >= opts_.max_batch_bytes) {
+    pending_.emplace_back();
+    pending_counts_.push_back(0);
+  }
+  WordBuffer& buf = pending_.back();
+  const size_t before = buf.size();
+  const size_t n = codec::append_envelope(buf, f);
+  pending_counts_.back()++;
+  pending_bytes_ += n;
+  if (done) {
+    Durable d;
+    d.id = f.id;
+    d.bytes.assign(reinterpret_cast<const char*>(buf.data() + before), n);
+    d.done = std::move(done);
+    d.deadline = Clock::now() + opts_.ack_timeout;
+    durable_bytes_ += n;
+    const uint64_t order = ++durable_order_;
+    durable_index_.emplace(f.id, order);
+    durables_.emplace(order, std::move(d));
+  }
+  if (!wake_pending_) {
+    wake_pending_ = true;
+    lock.unlock();
+    wake();
+  }
+  return Status::Ok();
+}
+
+void ClientImpl::io_loop() {
+  zmq::pollitem_t items[3] = {
+      {sock_->handle(), 0, ZMQ_POLLIN, 0},
+      {monitor_->handle(), 0, ZMQ_POLLIN, 0},
+      {nullptr, wake_fd_, ZMQ_POLLIN, 0},
+  };
+  next_ping_at_ = Clock::now() + kPingInterval;
+  while (!stop_) {
+    items[0].events = ZMQ_POLLIN | (outq_.empty() ? 0 : ZMQ_POLLOUT);
+    try {
+      zmq::poll(items, 3, std::chrono::milliseconds(outq_.empty() ? 100 : 10));
+    } catch (const zmq::error_t& e) {
+      if (e.num() == ETERM) break;
+      continue;
+    }
+    if (items[2].revents & ZMQ_POLLIN) {
+      uint64_t v;
+      [[maybe_unused]] auto n = ::read(wake_fd_, &v, sizeof v);
+    }
+    if (items[1].revents & ZMQ_POLLIN) on_monitor_event();
+    // Receive everything available.
+    for (int i = 0; i < 1024; ++i) {
+      zmq::message_t header;
+      if (!sock_->recv(header, zmq::recv_flags::dontwait)) break;
+      std::shared_ptr<zmq::message_t> body;
+      if (header.more()) {
+        body = std::make_shared<zmq::message_t>();
+        if (!sock_->recv(*body, zmq::recv_flags::none)) break;
+        while (body->more()) {  // ignore unexpected extra parts
+          zmq::message_t extra;
+          if (!sock_->recv(extra, zmq::recv_flags::none)) break;
+          if (!extra.more()) break;
+        }
+      }
+      on_frame(header, std::move(body));
+    }
+    flush_outgoing();
+    const auto now = Clock::now();
+    if (now >= next_ping_at_) {
+      next_ping_at_ = now + kPingInterval;
+      std::lock_guard lock(mu_);
+      if (state_ == State::ready) {
+        capnp::MallocMessageBuilder b(16);
+        auto frame = b.initRoot<wire::Frame>();
+        frame.setVersion(wire::PROTOCOL_VERSION);
+        frame.setPing(0);
+        tail_.push_back(codec::to_message(b));
+      }
+    }
+    if (now >= next_expiry_at_) {
+      next_expiry_at_ = now + std::chrono::milliseconds(100);
+      expire_durables(now);
+    }
+  }
+  // Final attempt to hand queued frames to ZeroMQ.
+  flush_outgoing();
+}
+
+void ClientImpl::expire_durables(Clock::time_point now) {
+  std::vector<std::function<void(Result<PublishAck>)>> expired;
+  {
+    std::lock_guard lock(mu_);
+    while (!durables_.empty() && durables_.begin()->second.deadline <= now) {
+      auto it = durables_.begin();
+      durable_bytes_ -= it->second.bytes.size();
+      durable_index_.erase(it->second.id);
+      expired.push_back(std::move(it->second.done));
+      durables_.erase(it);
+    }
+    if (!expired.empty()) space_cv_.notify_all();
+  }
+  for (auto& done : expired)
+    done(Error(Errc::timeout, "broker did not ack the durable publish within " +
+                                  std::to_string(opts_.ack_timeout.count()) + " ms"));
+}
+
+void ClientImpl::on_monitor_event() {
+  while (true) {
+    zmq::message_t event, address;
+    if (!monitor_->recv(event, zmq::recv_flags::dontwait)) return;
+    if (event.more()) (void)monitor_->recv(address, zmq::recv_flags::none);
+    uint16_t kind;
+    std::memcpy(&kind, event.data(), 2);
+    uint32_t value;
+    std::memcpy(&value, static_cast<const uint8_t*>(event.data()) + 2, 4);
+    std::unique_lock lock(mu_);
+    if (state_ == State::closed || state_ == State::failed) continue;
+    if (kind == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
+      state_ = State::handshaking;
+      lock.unlock();
+      send_hello();
+    } else if (kind == ZMQ_EVENT_DISCONNECTED) {
+      const bool was_ready = state_ == State::ready;
+      state_ = State::connecting;
+      lock.unlock();
+      if (was_ready && opts_.on_error)
+        opts_.on_error(Error(Errc::disconnected, "connection to " + opts_.url + " lost; reconnecting"));
+    } else {
+      std::string why = kind == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH
+                            ? "the broker refused the CURVE handshake"
+                            : "the CURVE handshake with the broker failed (wrong --broker-key, or "
+                              "the broker does not use CURVE on this endpoint)";
+      last_handshake_error_ = Error(Errc::unauthenticated, why);
+    }
+  }
+}
+
+void ClientImpl::send_hello() {
+  capnp::MallocMessageBuilder b(512);
+  auto frame = b.initRoot<wire::Frame>();
+  frame.setVersion(wire::PROTOCOL_VERSION);
+  auto hello = frame.initHello();
+  if (opts_.credential) {
+    const auto& bytes = opts_.credential->bytes();
+    hello.setCredential(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(bytes.data()), bytes.size()));
+  }
+  uint8_t nonce[16];
+  randombytes_buf(nonce, sizeof nonce);
+  hello.setNonce(capnp::Data::Reader(nonce, sizeof nonce));
+  const int64_t ts = codec::now_ms();
+  hello.setTimestampMs(ts);
+  PublicKey broker_key{};
+  if (!opts_.broker_key.empty()) {
+    if (auto k = decode_key(opts_.broker_key); k.ok()) broker_key = *k;
+  }
+  // Signed proof of key possession, bound to this broker and moment.
+  std::string signed_bytes = "tracemesh-hello-v1";
+  signed_bytes.append(reinterpret_cast<const char*>(broker_key.data()), 32);
+  signed_bytes.append(reinterpret_cast<const char*>(nonce), 16);
+  for (int i = 0; i < 8; ++i) signed_bytes.push_back(static_cast<char>((ts >> (8 * i)) & 0xff));
+  auto sig = opts_.identity->sign(reinterpret_cast<const uint8_t*>(signed_bytes.data()), signed_bytes.size());
+  hello.setSignature(capnp::Data::Reader(sig.data(), sig.size()));
+  hello.setClientName(producer_);
+  // Hello jumps the queue: nothing else may precede it on a new connection.
+  outq_.emplace_front(codec::to_message(b), std::nullopt);
+}
+
+void ClientImpl::fail_connect(Error error) {
+  std::lock_guard lock(mu_);
+  last_handshake_error_ = error;
+  if (!ever_ready_) {
+    state_ = State::failed;
+    if (!connected_set_) {
+      connected_set_ = true;
+      connected_.set_value(error);
+    }
+  }
+}
+
+void ClientImpl::on_hello_reply(wire::Frame::Reader frame) {
+  if (frame.isError()) {
+    auto err = frame.getError();
+    Error error(codec::to_errc(err.getCode()), std::string("broker refused the connection: ") +
+                                                   err.getMessage().cStr());
+    const bool first = !ever_ready_;
+    fail_connect(error);
+    if (!first) {
+      std::lock_guard lock(mu_);
+      state_ = State::failed;
+    }
+    if (!first && opts_.on_error) opts_.on_error(error);
+    return;
+  }
+  auto ok = frame.getHelloOk();
+  if (!opts_.broker_key.empty()) {
+    auto expected = decode_key(opts_.broker_key);
+    auto key = ok.getBrokerKey();
+    if (expected.ok() && (key.size() != 32 || std::memcmp(key.begin(), expected->data(), 32) != 0)) {
+      fail_connect(Error(Errc::unauthenticated, "broker answered with another public key than --broker-key"));
+      return;
+    }
+  }
+  std::vector<zmq::message_t> resend;
+  {
+    std::lock_guard lock(mu_);
+    inbox_ = ok.getInbox().cStr();
+    broker_name_ = ok.getBrokerName().cStr();
+    state_ = State::ready;
+    // Inbox subscription first, then the application's subscriptions.
+    {
+      capnp::MallocMessageBuilder b(64);
+      auto f = b.initRoot<wire::Frame>();
+      f.setVersion(wire::PROTOCOL_VERSION);
+      auto sub = f.initSubscribe();
+      sub.setSubscription(kInboxSubscription);
+      sub.setPattern(inbox_ + "/#");
+      control_.push_front(codec::to_message(b));
+    }
+    if (ever_ready_) {
+      std::shared_lock subs(subs_mu_);
+      for (auto& [id, entry] : subs_) control_.push_back(codec::to_message(*entry.proto));
+      // Unacked durable publishes go again; the broker's dedup window drops repeats.
+      if (!durables_.empty()) {
+        WordBuffer buf;
+        uint32_t count = 0;
+        for (auto& [order, d] : durables_) {
+          buf.append(d.bytes.data(), d.bytes.size());
+          ++count;
+        }
+        pending_.emplace_front(std::move(buf));
+        pending_counts_.push_front(count);
+      }
+    }
+    ever_ready_ = true;
+    if (!connected_set_) {
+      connected_set_ = true;
+      connected_.set_value(Status::Ok());
+    }
+  }
+}
+
+void ClientImpl::on_frame(zmq::message_t& header, std::shared_ptr<zmq::message_t> body) {
+  codec::FrameReader reader(header);
+  if (!reader.status().ok()) {
+    if (opts_.on_error) opts_.on_error(reader.status().error());
+    return;
+  }
+  auto frame = reader.root();
+  State state;
+  {
+    std::lock_guard lock(mu_);
+    state = state_;
+  }
+  if (state == State::handshaking || state == State::connecting) {
+    if (frame.isHelloOk() || (frame.isError() && frame.getError().getCorrelation() == 0 &&
+                              !frame.getError().hasMessageId())) {
+      on_hello_reply(frame);
+      return;
+    }
+  }
+  switch (frame.which()) {
+    case wire::Frame::DELIVER: {
+      if (!body) return;
+      const auto* data = static_cast<const uint8_t*>(body->data());
+      const size_t size = body->size() & ~size_t{7};
+      std::shared_ptr<const void> keep = body;
+      if (reinterpret_cast<uintptr_t>(data) % 8 != 0) {
+        // ZeroMQ's zero-copy receive can hand us unaligned data; Cap'n Proto needs words.
+        auto aligned = std::make_shared<WordBuffer>();
+        aligned->append(data, size);
+        data = aligned->data();
+        keep = std::move(aligned);
+      }
+      std::vector<Message> messages;
+      auto s = MessageDecoder::decode(data, size, std::move(keep), frame.getDeliver(), weak_from_this(),
+                                      messages);
+      if (!s.ok() && opts_.on_error) opts_.on_error(s.error());
+      Batch batch;
+      for (auto& m : messages) {
+        if (m.subscription_ == kInboxSubscription) {
+          auto topic = m.topic();
+          auto slash = topic.rfind('/');
+          uint64_t token = std::strtoull(std::string(topic.substr(slash + 1)).c_str(), nullptr, 10);
+          std::lock_guard lock(mu_);
+          if (auto it = request_waiters_.find(token); it != request_waiters_.end()) {
+            it->second.set_value(std::move(m));
+            request_waiters_.erase(it);
+          }
+        } else {
+          batch.push_back(std::move(m));
+        }
+      }
+      if (!batch.empty()) {
+        std::lock_guard lock(dispatch_mu_);
+        dispatch_queue_.push_back(std::move(batch));
+        dispatch_cv_.notify_one();
+      }
+      return;
+    }
+    case wire::Frame::PUBLISH_ACKS: {
+      std::vector<std::pair<std::function<void(Result<PublishAck>)>, Result<PublishAck>>> done;
+      {
+        std::lock_guard lock(mu_);
+        for (auto ack : frame.getPublishAcks().getAcks()) {
+          MessageId id = codec::to_id(ack.getId());
+          auto it = durable_index_.find(id);
+          if (it == durable_index_.end()) continue;  // already answered (a resend's second ack)
+          auto d = durables_.find(it->second);
+          durable_index_.erase(it);
+          if (d == durables_.end()) continue;
+          durable_bytes_ -= d->second.bytes.size();
+          if (ack.getError() == wire::ErrorCode::NONE)
+            done.emplace_back(std::move(d->second.done),
+                              PublishAck{id, ack.getStreamSeq(), ack.getDuplicate()});
+          else
+            done.emplace_back(std::move(d->second.done),
+                              Error(codec::to_errc(ack.getError()),
+                                    "broker refused durable publish on this topic (" +
+                                        std::string(errc_name(codec::to_errc(ack.getError()))) + ")"));
+          durables_.erase(d);
+        }
+        space_cv_.notify_all();
+      }
+      for (auto& [fn, result] : done) fn(std::move(result));
+      return;
+    }
+    case wire::Frame::SUBSCRIBED: {
+      std::lock_guard lock(mu_);
+      if (auto it = sub_waiters_.find(frame.getSubscribed()); it != sub_waiters_.end()) {
+        it->second.set_value(Status::Ok());
+        sub_waiters_.erase(it);
+      }
+      return;
+    }
+    case wire::Frame::PONG: {
+      std::lock_guard lock(mu_);
+      const uint64_t token = frame.getPong();
+      while (!ping_waiters_.empty() && ping_waiters_.begin()->first <= token) {
+        ping_waiters_.begin()->second.set_value(Status::Ok());
+        ping_waiters_.erase(ping_waiters_.begin());
+      }
+      return;
+    }
+    case wire::Frame::ADMIN_REPLY: {
+      const uint64_t correlation = frame.getAdminReply().getCorrelation();
+      std::lock_guard lock(mu_);
+      if (auto it = admin_waiters_.find(correlation); it != admin_waiters_.end()) {
+        auto copy = std::make_shared<zmq::message_t>(header.data(), header.size());
+        it->second.set_value(std::move(copy));
+        admin_waiters_.erase(it);
+      }
+      return;
+    }
+    case wire::Frame::ERROR: {
+      auto err = frame.getError();
+      Error error(codec::to_errc(err.getCode()), err.getMessage().cStr());
+      std::unique_lock lock(mu_);
+      if (err.hasMessageId()) {
+        MessageId id = codec::to_id(err.getMessageId());
+        if (auto it = request_ids_.find(id); it != request_ids_.end()) {
+          if (auto w = request_waiters_.find(it->second); w != request_waiters_.end()) {
+            w->second.set_value(error);
+            request_waiters_.erase(w);
+          }
+          request_ids_.erase(it);
+          return;
+        }
+      }
+      const uint64_t c = err.getCorrelation();
+      if (auto it = sub_waiters_.find(c); c && it != sub_waiters_.end()) {
+        it->second.set_value(error);
+        sub_waiters_.erase(it);
+        return;
+      }
+      if (auto it = admin_waiters_.find(c); c && it != admin_waiters_.end()) {
+        it->second.set_value(error);
+        admin_waiters_.erase(it);
+        return;
+      }
+      if (error.code() == Errc::unauthenticated && state_ == State::ready) {
+        // The broker lost our session (it restarted): authenticate again.
+        state_ = State::handshaking;
+        lock.unlock();
+        send_hello();
+        return;
+      }
+      lock.unlock();
+      if (opts_.on_error) opts_.on_error(error);
+      return;
+    }
+    default:
+      return;
+  }
+}
+
+void ClientImpl::send_frame(zmq::message_t&& header, zmq::message_t&& body, bool has_body) {
+  if (has_body)
+    outq_.emplace_back(std::move(header), std::move(body));
+  else
+    outq_.emplace_back(std::move(header), std::nullopt);
+}
+
+void ClientImpl::flush_outgoing() {
+  {
+    std::lock_guard lock(mu_);
+    wake_pending_ = false;
+    if (state_ == State::ready) {
+      while (!control_.empty()) {
+        send_frame(std::move(control_.front()));
+        control_.pop_front();
+      }
+      // Acks for durable consumers.
+      for (auto& [sub, seqs] : acks_) {
+        capnp::MallocMessageBuilder b(16 + seqs.size());
+        auto f = b.initRoot<wire::Frame>();
+        f.setVersion(wire::PROTOCOL_VERSION);
+        auto ack = f.initConsumerAck();
+        ack.setSubscription(sub);
+        auto list = ack.initStreamSeqs(seqs.size());
+        for (size_t i = 0; i < seqs.size(); ++i) list.set(i, seqs[i]);
+        send_frame(codec::to_message(b));
+      }
+      acks_.clear();
+      while (!pending_.empty()) {
+        capnp::MallocMessageBuilder b(16);
+        auto f = b.initRoot<wire::Frame>();
+        f.setVersion(wire::PROTOCOL_VERSION);
+        f.initPublish().setCount(pending_counts_.front());
+        pending_bytes_ -= std::min(pending_bytes_, pending_.front().size());
+        send_frame(codec::to_message(b), take_buffer(std::move(pending_.front())), true);
+        pending_.pop_front();
+        pending_counts_.pop_front();
+      }
+      while (!tail_.empty()) {
+        send_frame(std::move(tail_.front()));
+        tail_.pop_front();
+      }
+      space_cv_.notify_all();
+    }
+  }
+  while (!outq_.empty()) {
+    auto& [header, body] = outq_.front();
+    try {
+      if (body) {
+        if (!sock_->send(header, zmq::send_flags::sndmore | zmq::send_flags::dontwait)) return;
+        // Once the first part is queued the second cannot fail with EAGAIN.
+        (void)sock_->send(*body, zmq::send_flags::none);
+      } else {
+        if (!sock_->send(header, zmq::send_flags::dontwait)) return;
+      }
+    } catch (const zmq::error_t&) {
+      return;
+    }
+    outq_.pop_front();
+  }
+}
+
+Result<uint64_t> ClientImpl::subscribe(wire::Subscribe::Reader proto, MessageHandler handler) {
+  const uint64_t id = proto.getSubscription();
+  auto builder = std::make_unique<capnp::MallocMessageBuilder>(64);
+  auto f = builder->initRoot<wire::Frame>();
+  f.setVersion(wire::PROTOCOL_VERSION);
+  f.setSubscribe(proto);
+  auto frame = codec::to_message(*builder);
+  std::future<Status> confirmed;
+  {
+    std::unique_lock subs(subs_mu_);
+    subs_[id] = SubEntry{std::move(builder), std::move(handler)};
+  }
+  {
+    std::lock_guard lock(mu_);
+    if (state_ == State::closed) return Error(Errc::disconnected, "client is closed");
+    confirmed = sub_waiters_[id].get_future();
+    control_.push_back(std::move(frame));
+  }
+  wake();
+  if (confirmed.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    std::lock_guard lock(mu_);
+    sub_waiters_.erase(id);
+    return Error(Errc::timeout, "broker did not confirm the subscription within 10 s");
+  }
+  if (auto s = confirmed.get(); !s.ok()) {
+    std::unique_lock subs(subs_mu_);
+    subs_.erase(id);
+    return s.error();
+  }
+  return id;
+}
+
+Status ClientImpl::unsubscribe(uint64_t id) {
+  {
+    std::unique_lock subs(subs_mu_);
+    if (!subs_.erase(id)) return Error(Errc::not_found, "no subscription " + std::to_string(id));
+  }
+  capnp::MallocMessageBuilder b(16);
+  auto f = b.initRoot<wire::Frame>();
+  f.setVersion(wire::PROTOCOL_VERSION);
+  f.initUnsubscribe().setSubscription(id);
+  {
+    std::lock_guard lock(mu_);
+    control_.push_back(codec::to_message(b));
+  }
+  wake();
+  return Status::Ok();
+}
+
+Result<Message> ClientImpl::request(std::string_view topic, std::string_view payload,
+                                    std::chrono::milliseconds timeout, const PublishOptions& options) {
+  const uint64_t token = next_request_.fetch_add(1);
+  std::future<Result<Message>> reply;
+  PublishOptions opts = options;
+  {
+    std::lock_guard lock(mu_);
+    if (state_ != State::ready && !ever_ready_) return Error(Errc::disconnected, "not connected");
+    opts.reply_to = inbox_ + "/" + std::to_string(token);
+    reply = request_waiters_[token].get_future();
+  }
+  MessageId id;
+  auto s = publish(topic, payload, opts, wire::FLAG_REQUEST, nullptr, &id);
+  {
+    std::lock_guard lock(mu_);
+    if (!s.ok()) {
+      request_waiters_.erase(token);
+      return s.error();
+    }
+    request_ids_[id] = token;
+  }
+  const bool ready = reply.wait_for(timeout) == std::future_status::ready;
+  std::lock_guard lock(mu_);
+  request_ids_.erase(id);
+  if (!ready) {
+    request_waiters_.erase(token);
+    return Error(Errc::timeout, "no reply on '" + std::string(topic) + "' within " +
+                                    std::to_string(timeout.count()) + " ms");
+  }
+  return reply.get();
+}
+
+Status ClientImpl::flush(std::chrono::milliseconds timeout) {
+  const uint64_t token = next_ping_.fetch_add(1);
+  std::future<Status> done;
+  {
+    std::lock_guard lock(mu_);
+    if (state_ == State::closed) return Error(Errc::disconnected, "client is closed");
+    done = ping_waiters_[token].get_future();
+    capnp::MallocMessageBuilder b(16);
+    auto f = b.initRoot<wire::Frame>();
+    f.setVersion(wire::PROTOCOL_VERSION);
+    f.setPing(token);
+    tail_.push_back(codec::to_message(b));  // after everything queued before it
+  }
+  wake();
+  if (done.wait_for(timeout) != std::future_status::ready) {
+    std::lock_guard lock(mu_);
+    ping_waiters_.erase(token);
+    return Error(Errc::timeout, "broker did not confirm the flush within " +
+                                    std::to_string(timeout.count()) + " ms");
+  }
+  return done.get();
+}
+
+Result<std::shared_ptr<zmq::message_t>> ClientImpl::admin(capnp::MallocMessageBuilder& builder,
+                                                          std::chrono::milliseconds timeout) {
+  const uint64_t correlation =
+      builder.getRoot<wire::Frame>().getAdmin().getCorrelation();
+  std::future<Result<std::shared_ptr<zmq::message_t>>> reply;
+  {
+    std::lock_guard lock(mu_);
+    if (state_ == State::closed) return Error(Errc::disconnected, "client is closed");
+    reply = admin_waiters_[correlation].get_future();
+    control_.push_back(codec::to_message(builder));
+  }
+  wake();
+  if (reply.wait_for(timeout) != std::future_status::ready) {
+    std::lock_guard lock(mu_);
+    admin_waiters_.erase(correlation);
+    return Error(Errc::timeout, "no admin reply from the broker within " +
+                                    std::to_string(timeout.count()) + " ms");
+  }
+  return reply.get();
+}
+
+void ClientImpl::ack(uint64_t subscription, uint64_t seq) {
+  bool need_wake = false;
+  {
+    std::lock_guard lock(mu_);
+    acks_[subscription].push_back(seq);
+    if (!wake_pending_) need_wake = wake_pending_ = true;
+  }
+  if (need_wake) wake();
+}
+
+void ClientImpl::dispatch_loop() {
+  while (true) {
+    Batch batch;
+    {
+      std::unique_lock lock(dispatch_mu_);
+      dispatch_cv_.wait(lock, [&] { return stop_ || !dispatch_queue_.empty(); });
+      if (dispatch_queue_.empty()) return;
+      batch = std::move(dispatch_queue_.front());
+      dispatch_queue_.pop_front();
+    }
+    std::shared_lock subs(subs_mu_);
+    for (const Message& m : batch) {
+      auto it = subs_.find(m.subscription_);
+      if (it == subs_.end()) continue;  // unsubscribed meanwhile
+      MessageHandler& handler = it->second.handler;
+      current_message = &m;
+      subs.unlock();
+      try {
+        handler(m);
+      } catch (const std::exception& e) {
+        if (opts_.on_error) opts_.on_error(Error(Errc::internal, std::string("handler threw: ") + e.what()));
+      }
+      current_message = nullptr;
+      subs.lock();
+    }
+  }
+}
+
+void Message::ack() const {
+  if (stream_seq_ == 0) return;
+  if (auto client = client_.lock()) client->ack(subscription_, stream_seq_);
+}
+
+namespace {
+
+void fill_stream_config(wire::StreamConfig::Builder b, const StreamConfig& c) {
+  b.setName(c.name);
+  auto subjects = b.initSubjects(c.subjects.size());
+  for (size_t i = 0; i < c.subjects.size(); ++i) subjects.set(i, c.subjects[i]);
+  b.setMaxMessages(c.max_messages);
+  b.setMaxBytes(c.max_bytes);
+  b.setMaxAgeMs(c.max_age_ms);
+}
+
+StreamInfo read_stream_info(wire::StreamInfo::Reader r) {
+  StreamInfo info;
+  auto c = r.getConfig();
+  info.config.name = c.getName().cStr();
+  for (auto s : c.getSubjects()) info.config.subjects.emplace_back(s.cStr());
+  info.config.max_messages = c.getMaxMessages();
+  info.config.max_bytes = c.getMaxBytes();
+  info.config.max_age_ms = c.getMaxAgeMs();
+  info.messages = r.getMessages();
+  info.bytes = r.getBytes();
+  info.first_seq = r.getFirstSeq();
+  info.last_seq = r.getLastSeq();
+  for (auto ci : r.getConsumers())
+    info.consumers.push_back({ci.getName().cStr(), ci.getAckFloor(), ci.getPending(), ci.getRedelivered()});
+  return info;
+}
+
+class ClientHandle final : public Client {
+ public:
+  explicit ClientHandle(std::shared_ptr<ClientImpl> impl) : impl_(std::move(impl)) {}
+  ~ClientHandle() override { impl_->shutdown(std::chrono::milliseconds(2000)); }
+
+  Status publish(std::string_view topic, std::string_view payload,
+                 const PublishOptions& options) override {
+    return impl_->publish(topic, payload, options, 0, nullptr);
+  }
+  std::future<Result<PublishAck>> publish_durable(std::string_view topic, std::string_view payload,
+                                                  const PublishOptions& options) override {
+    auto promise = std::make_shared<std::promise<Result<PublishAck>>>();
+    auto future = promise->get_future();
+    auto s = impl_->publish(topic, payload, options, wire::FLAG_DURABLE,
+                            [promise](Result<PublishAck> r) { promise->set_value(std::move(r)); });
+    if (!s.ok()) promise->set_value(s.error());
+    return future;
+  }
+  Status publish_durable(std::string_view topic, std::string_view payload,
+                         const PublishOptions& options,
+                         std::function<void(Result<PublishAck>)> done) override {
+    if (!done) done = [](Result<PublishAck>) {};
+    return impl_->publish(topic, payload, options, wire::FLAG_DURABLE, std::move(done));
+  }
+  Result<uint64_t> subscribe(std::string_view pattern, MessageHandler handler,
+                             const SubscribeOptions& options) override {
+    if (auto s = validate_filter(pattern); !s.ok()) return s.error();
+    capnp::MallocMessageBuilder b(64);
+    auto sub = b.initRoot<wire::Subscribe>();
+    sub.setSubscription(impl_->next_subscription());
+    sub.setPattern(capnp::Text::Reader(pattern.data(), pattern.size()));
+    sub.setQueueGroup(options.queue_group);
+    return impl_->subscribe(sub.asReader(), std::move(handler));
+  }
+  Result<uint64_t> consume(std::string_view stream, std::string_view consumer, MessageHandler handler,
+                           const ConsumerOptions& options) override {
+    if (stream.empty() || consumer.empty())
+      return Error(Errc::invalid_argument, "a stream and a consumer name are required");
+    capnp::MallocMessageBuilder b(64);
+    auto sub = b.initRoot<wire::Subscribe>();
+    sub.setSubscription(impl_->next_subscription());
+    sub.setStream(capnp::Text::Reader(stream.data(), stream.size()));
+    sub.setConsumer(capnp::Text::Reader(consumer.data(), consumer.size()));
+    sub.setMaxInFlight(options.max_in_flight);
+    sub.setAckWaitMs(static_cast<uint32_t>(options.ack_wait.count()));
+    sub.setDeliverFrom(options.deliver_new_only ? wire::Subscribe::DeliverFrom::NEW
+                                                : wire::Subscribe::DeliverFrom::ALL);
+    return impl_->subscribe(sub.asReader(), std::move(handler));
+  }
+  Status unsubscribe(uint64_t subscription) override { return impl_->unsubscribe(subscription); }
+  Result<Message> request(std::string_view topic, std::string_view payload,
+                          std::chrono::milliseconds timeout, const PublishOptions& options) override {
+    return impl_->request(topic, payload, timeout, options);
+  }
+  Status reply(const Message& request, std::string_view payload,
+               const PublishOptions& options) override {
+    if (request.reply_to().empty())
+      return Error(Errc::invalid_argument, "message on '" + std::string(request.topic()) +
+                                               "' is not a request (no reply-to)");
+    return impl_->publish(request.reply_to(), payload, options, 0, nullptr);
+  }
+  Status flush(std::chrono::milliseconds timeout) override { return impl_->flush(timeout); }
+
+  Result<StreamInfo> stream_create(const StreamConfig& config) override {
+    capnp::MallocMessageBuilder b(128);
+    auto admin = start(b);
+    fill_stream_config(admin.initStreamCreate(), config);
+    auto r = run(b);
+    if (!r.ok()) return r.error();
+    return read_stream_info(reader(*r).getStream());
+  }
+  Result<std::vector<StreamInfo>> stream_list() override {
+    capnp::MallocMessageBuilder b(64);
+    start(b).setStreamList();
+    auto r = run(b);
+    if (!r.ok()) return r.error();
+    std::vector<StreamInfo> out;
+    for (auto s : reader(*r).getStreams()) out.push_back(read_stream_info(s));
+    return out;
+  }
+  Result<StreamInfo> stream_info(std::string_view name) override {
+    capnp::MallocMessageBuilder b(64);
+    start(b).setStreamInfo(capnp::Text::Reader(name.data(), name.size()));
+    auto r = run(b);
+    if (!r.ok()) return r.error();
+    return read_stream_info(reader(*r).getStream());
+  }
+  Result<BrokerStats> stats() override {
+    capnp::MallocMessageBuilder b(64);
+    start(b).setStats();
+    auto r = run(b);
+    if (!r.ok()) return r.error();
+    auto s = reader(*r).getStats();
+    BrokerStats out;
+    out.broker_name = s.getBrokerName().cStr();
+    out.uptime_ms = s.getUptimeMs();
+    out.clients = s.getClients();
+    out.subscriptions = s.getSubscriptions();
+    out.messages_in = s.getMessagesIn();
+    out.messages_out = s.getMessagesOut();
+    out.bytes_in = s.getBytesIn();
+    out.bytes_out = s.getBytesOut();
+    out.slow_consumer_drops = s.getSlowConsumerDrops();
+    out.malformed_frames = s.getMalformedFrames();
+    out.duplicates_dropped = s.getDuplicatesDropped();
+    out.auth_failures = s.getAuthFailures();
+    for (auto c : s.getClientStats())
+      out.client_stats.push_back({c.getName().cStr(), c.getMessagesOut(), c.getDrops(), c.getQueuedBytes()});
+    return out;
+  }
+  std::string broker_name() const override { return impl_->broker_name(); }
+  void close(std::chrono::milliseconds timeout) override { impl_->shutdown(timeout); }
+
+ private:
+  wire::AdminRequest::Builder start(capnp::MallocMessageBuilder& b) {
+    auto f = b.initRoot<wire::Frame>();
+    f.setVersion(wire::PROTOCOL_VERSION);
+    auto admin = f.initAdmin();
+    admin.setCorrelation(impl_->next_admin_correlation());
+    return admin;
+  }
+  // Runs an admin request; returns the reply frame (its error, if any, as an Error).
+  Result<std::shared_ptr<zmq::message_t>> run(capnp::MallocMessageBuilder& b) {
+    auto r = impl_->admin(b, std::chrono::seconds(10));
+    if (!r.ok()) return r;
+    auto reply = reader(*r);
+    if (reply.hasError() && reply.getError().getCode() != wire::ErrorCode::NONE)
+      return Error(codec::to_errc(reply.getError().getCode()), reply.getError().getMessage().cStr());
+    return r;
+  }
+  // Keeps the reader alive alongside the frame for the duration of a call.
+  wire::AdminReply::Reader reader(const std::shared_ptr<zmq::message_t>& msg) {
+    frame_ = std::make_unique<codec::FrameReader>(*msg);
+    return frame_->root().getAdminReply();
+  }
+
+  std::shared_ptr<ClientImpl> impl_;
+  std::unique_ptr<codec::FrameReader> frame_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
+  auto impl = std::make_shared<ClientImpl>(std::move(options));
+  if (auto s = impl->start(); !s.ok()) {
+    impl->shutdown(std::chrono::milliseconds(0));
+    return s.error();
+  }
+  return std::unique_ptr<Client>(new ClientHandle(std::move(impl)));
+}
+
+}  // namespace tracemesh

@@ -1,0 +1,257 @@
+#include "codec/envelope_codec.h"
+
+#include <sodium.h>
+
+#include <atomic>
+#include <chrono>
+#include <mutex>
+
+namespace tracemesh::codec {
+namespace {
+
+// Scratch first segment for building envelopes without a heap allocation.
+// Cap'n Proto requires it zeroed; we re-zero only what a build used.
+constexpr size_t kScratchWords = 2048;
+thread_local capnp::word scratch[kScratchWords];
+
+size_t estimate_words(const EnvelopeFields& f) {
+  size_t bytes = 256 + f.topic.size() + f.producer.size() + f.payload.size() +
+                 f.origin_broker.size() + f.reply_to.size() + f.parents.size() * 16;
+  if (f.labels) {
+    for (const auto& r : f.labels->regions) bytes += r.size() + 16;
+  }
+  return bytes / 8 + 16;
+}
+
+wire::DataClass to_wire(DataClass c) { return static_cast<wire::DataClass>(c); }
+wire::Sensitivity to_wire(Sensitivity s) { return static_cast<wire::Sensitivity>(s); }
+
+void fill(wire::Envelope::Builder env, const EnvelopeFields& f) {
+  set_id(env.initId(), f.id);
+  env.setTopic(capnp::Text::Reader(f.topic.data(), f.topic.size()));
+  if (!f.producer.empty()) env.setProducer(capnp::Text::Reader(f.producer.data(), f.producer.size()));
+  env.setSequence(f.sequence);
+  env.setPublishedAtNs(f.published_at_ns);
+  env.setFlags(f.flags);
+  if (f.labels && (f.labels->data_class != DataClass::unspecified ||
+                   f.labels->sensitivity != Sensitivity::internal || !f.labels->regions.empty())) {
+    auto labels = env.initLabels();
+    labels.setDataClass(to_wire(f.labels->data_class));
+    labels.setSensitivity(to_wire(f.labels->sensitivity));
+    if (!f.labels->regions.empty()) {
+      auto regions = labels.initRegions(f.labels->regions.size());
+      for (size_t i = 0; i < f.labels->regions.size(); ++i) regions.set(i, f.labels->regions[i]);
+    }
+  }
+  if (!f.parents.empty()) {
+    auto parents = env.initParents(f.parents.size());
+    for (size_t i = 0; i < f.parents.size(); ++i) set_id(parents[i], f.parents[i]);
+  }
+  if (!f.origin_broker.empty())
+    env.setOriginBroker(capnp::Text::Reader(f.origin_broker.data(), f.origin_broker.size()));
+  if (!f.reply_to.empty()) env.setReplyTo(capnp::Text::Reader(f.reply_to.data(), f.reply_to.size()));
+  env.setPayload(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(f.payload.data()),
+                                     f.payload.size()));
+}
+
+}  // namespace
+
+size_t append_envelope(WordBuffer& out, const EnvelopeFields& fields) {
+  const size_t estimate = estimate_words(fields);
+  if (estimate <= kScratchWords) {
+    capnp::MallocMessageBuilder builder(kj::arrayPtr(scratch, kScratchWords),
+                                        capnp::AllocationStrategy::FIXED_SIZE);
+    fill(builder.initRoot<wire::Envelope>(), fields);
+    auto segments = builder.getSegmentsForOutput();
+    if (segments.size() == 1 && segments[0].begin() == scratch) {
+      const size_t n = segments[0].size();
+      uint64_t* dst = out.grow(1 + n);
+      uint32_t table[2] = {0, static_cast<uint32_t>(n)};
+      std::memcpy(dst, table, 8);
+      std::memcpy(dst + 1, scratch, n * 8);
+      std::memset(scratch, 0, n * 8);
+      return (1 + n) * 8;
+    }
+    // Did not fit the scratch segment: fall through to the general path.
+    std::memset(scratch, 0, sizeof(scratch));
+  }
+  capnp::MallocMessageBuilder builder(static_cast<unsigned>(std::min<size_t>(estimate, 1u << 28)));
+  fill(builder.initRoot<wire::Envelope>(), fields);
+  auto flat = capnp::messageToFlatArray(builder);
+  out.append(flat.begin(), flat.size() * 8);
+  return flat.size() * 8;
+}
+
+Result<size_t> envelope_size(const uint8_t* data, size_t size) {
+  if (size < 8) return Error(Errc::protocol, "envelope truncated: segment table needs 8 bytes");
+  uint32_t first;
+  std::memcpy(&first, data, 4);
+  const uint64_t segments = uint64_t{first} + 1;
+  if (segments > 64) return Error(Errc::protocol, "envelope has too many segments");
+  const uint64_t table_words = (segments + 2) / 2;  // count + sizes, padded to a word
+  if (table_words * 8 > size) return Error(Errc::protocol, "envelope segment table truncated");
+  uint64_t total = table_words;
+  for (uint64_t i = 0; i < segments; ++i) {
+    uint32_t n;
+    std::memcpy(&n, data + 4 + 4 * i, 4);
+    total += n;
+  }
+  if (total * 8 > size) return Error(Errc::protocol, "envelope runs past the end of the frame");
+  if (total * 8 > kMaxEnvelopeBytes) return Error(Errc::too_large, "envelope larger than 64 MiB");
+  return static_cast<size_t>(total * 8);
+}
+
+capnp::ReaderOptions untrusted_options(size_t bytes) {
+  capnp::ReaderOptions options;
+  // Bound traversal by the input size (amplification limit) and nesting depth.
+  options.traversalLimitInWords = std::max<uint64_t>(bytes / 8 * 4, 1024);
+  options.nestingLimit = 16;
+  return options;
+}
+
+EnvelopeReader::EnvelopeReader(const uint8_t* data, size_t size)
+    : reader_(kj::arrayPtr(reinterpret_cast<const capnp::word*>(data), size / 8),
+              untrusted_options(size)),
+      root_(reader_.getRoot<wire::Envelope>()) {}
+
+Status for_each_envelope(const uint8_t* data, size_t size, uint32_t expected_count,
+                         const std::function<bool(const uint8_t*, size_t)>& fn) {
+  if (reinterpret_cast<uintptr_t>(data) % 8 != 0)
+    return Error(Errc::internal, "batch body is not 8-byte aligned");
+  size_t offset = 0;
+  uint32_t seen = 0;
+  while (offset < size) {
+    auto n = envelope_size(data + offset, size - offset);
+    if (!n.ok()) return Error(n.error().code(), "envelope " + std::to_string(seen) + ": " + n.error().message());
+    ++seen;
+    if (!fn(data + offset, *n)) return Status::Ok();
+    offset += *n;
+  }
+  if (seen != expected_count)
+    return Error(Errc::protocol, "batch announced " + std::to_string(expected_count) +
+                                     " envelopes but carried " + std::to_string(seen));
+  return Status::Ok();
+}
+
+zmq::message_t to_message(capnp::MessageBuilder& builder) {
+  auto segments = builder.getSegmentsForOutput();
+  if (segments.size() == 1) {
+    const size_t n = segments[0].size();
+    zmq::message_t msg((1 + n) * 8);
+    uint32_t table[2] = {0, static_cast<uint32_t>(n)};
+    std::memcpy(msg.data(), table, 8);
+    std::memcpy(static_cast<uint8_t*>(msg.data()) + 8, segments[0].begin(), n * 8);
+    return msg;
+  }
+  auto flat = capnp::messageToFlatArray(segments);
+  return zmq::message_t(flat.begin(), flat.size() * 8);
+}
+
+FrameReader::FrameReader(const zmq::message_t& msg) {
+  const auto* data = static_cast<const uint8_t*>(msg.data());
+  size_t size = msg.size();
+  if (size == 0 || size % 8 != 0) {
+    status_ = Error(Errc::protocol, "frame size " + std::to_string(size) + " is not a positive multiple of 8");
+    return;
+  }
+  if (reinterpret_cast<uintptr_t>(data) % 8 != 0) {
+    copy_ = kj::heapArray<capnp::word>(size / 8);
+    std::memcpy(copy_.begin(), data, size);
+    data = reinterpret_cast<const uint8_t*>(copy_.begin());
+  }
+  auto n = envelope_size(data, size);  // same stream framing as envelopes
+  if (!n.ok()) {
+    status_ = Error(Errc::protocol, "frame: " + n.error().message());
+    return;
+  }
+  try {
+    reader_ = kj::heap<capnp::FlatArrayMessageReader>(
+        kj::arrayPtr(reinterpret_cast<const capnp::word*>(data), *n / 8), untrusted_options(*n));
+    root_ = reader_->getRoot<wire::Frame>();
+    if (root_.getVersion() != wire::PROTOCOL_VERSION) {
+      status_ = Error(Errc::protocol, "peer speaks protocol version " +
+                                          std::to_string(root_.getVersion()) + ", this side speaks " +
+                                          std::to_string(wire::PROTOCOL_VERSION));
+      return;
+    }
+    (void)root_.which();  // validates the union tag is readable
+  } catch (const kj::Exception& e) {
+    status_ = Error(Errc::protocol, std::string("malformed frame: ") + e.getDescription().cStr());
+  }
+}
+
+Errc to_errc(wire::ErrorCode code) {
+  switch (code) {
+    case wire::ErrorCode::NONE: return Errc::ok;
+    case wire::ErrorCode::PROTOCOL_MISMATCH: return Errc::protocol;
+    case wire::ErrorCode::MALFORMED: return Errc::protocol;
+    case wire::ErrorCode::UNAUTHENTICATED: return Errc::unauthenticated;
+    case wire::ErrorCode::REVOKED: return Errc::revoked;
+    case wire::ErrorCode::PERMISSION_DENIED: return Errc::permission_denied;
+    case wire::ErrorCode::NO_RESPONDERS: return Errc::no_responders;
+    case wire::ErrorCode::NOT_FOUND: return Errc::not_found;
+    case wire::ErrorCode::STORAGE_FULL: return Errc::storage_full;
+    case wire::ErrorCode::OVERLOADED: return Errc::overloaded;
+    case wire::ErrorCode::INVALID_ARGUMENT: return Errc::invalid_argument;
+    case wire::ErrorCode::INTERNAL: return Errc::internal;
+    case wire::ErrorCode::EXISTS: return Errc::exists;
+    case wire::ErrorCode::TOO_LARGE: return Errc::too_large;
+  }
+  return Errc::protocol;
+}
+
+wire::ErrorCode to_wire(Errc code) {
+  switch (code) {
+    case Errc::ok: return wire::ErrorCode::NONE;
+    case Errc::protocol: return wire::ErrorCode::MALFORMED;
+    case Errc::unauthenticated: return wire::ErrorCode::UNAUTHENTICATED;
+    case Errc::revoked: return wire::ErrorCode::REVOKED;
+    case Errc::permission_denied: return wire::ErrorCode::PERMISSION_DENIED;
+    case Errc::no_responders: return wire::ErrorCode::NO_RESPONDERS;
+    case Errc::not_found: return wire::ErrorCode::NOT_FOUND;
+    case Errc::storage_full: return wire::ErrorCode::STORAGE_FULL;
+    case Errc::overloaded: return wire::ErrorCode::OVERLOADED;
+    case Errc::invalid_argument: return wire::ErrorCode::INVALID_ARGUMENT;
+    case Errc::exists: return wire::ErrorCode::EXISTS;
+    case Errc::too_large: return wire::ErrorCode::TOO_LARGE;
+    default: return wire::ErrorCode::INTERNAL;
+  }
+}
+
+zmq::message_t error_frame(wire::ErrorCode code, std::string_view message, uint64_t correlation,
+                           const MessageId* id) {
+  capnp::MallocMessageBuilder builder(256);
+  auto frame = builder.initRoot<wire::Frame>();
+  frame.setVersion(wire::PROTOCOL_VERSION);
+  auto err = frame.initError();
+  err.setCode(code);
+  err.setMessage(capnp::Text::Reader(message.data(), message.size()));
+  err.setCorrelation(correlation);
+  if (id) set_id(err.initMessageId(), *id);
+  return to_message(builder);
+}
+
+MessageId next_message_id() {
+  static const uint64_t process_random = [] {
+    if (sodium_init() < 0) std::abort();
+    uint64_t r;
+    randombytes_buf(&r, sizeof r);
+    return r | 1;  // never zero: a zero id means "none"
+  }();
+  static std::atomic<uint64_t> counter{[] {
+    uint64_t r;
+    randombytes_buf(&r, sizeof r);
+    return r >> 8;
+  }()};
+  return {process_random, counter.fetch_add(1, std::memory_order_relaxed)};
+}
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+int64_t now_ms() { return now_ns() / 1000000; }
+
+}  // namespace tracemesh::codec

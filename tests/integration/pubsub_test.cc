@@ -1,0 +1,150 @@
+// Pub/sub, wildcards, queue groups, request/reply and retained values
+// against a real tracemeshd.
+#include "harness.h"
+
+namespace tracemesh::testing {
+namespace {
+
+class PubSubTest : public MeshTest {
+ protected:
+  void SetUp() override {
+    MeshTest::SetUp();
+    auto s = spec();
+    s.listen_ipc = true;
+    broker_ = start_broker(s);
+    ASSERT_NE(broker_, nullptr);
+  }
+  std::unique_ptr<process::BrokerProcess> broker_;
+};
+
+TEST_F(PubSubTest, PublishedMessagesReachSubscriberInOrder) {
+  auto pub = connect(*broker_, "line-1");
+  auto sub = connect(*broker_, "dashboard");
+  ASSERT_TRUE(pub && sub);
+  Inbox inbox;
+  ASSERT_TRUE(sub->subscribe("plant/line1/temperature", inbox.handler()).ok());
+  for (int i = 0; i < 1000; ++i)
+    ASSERT_TRUE(pub->publish("plant/line1/temperature", std::to_string(i)).ok());
+  ASSERT_TRUE(inbox.wait_for(1000));
+  std::lock_guard lock(inbox.mu);
+  for (int i = 0; i < 1000; ++i) EXPECT_EQ(inbox.payloads[i], std::to_string(i));
+  EXPECT_EQ(inbox.messages[0].producer(), "line-1");
+  EXPECT_EQ(inbox.messages[999].sequence(), 1000u);
+}
+
+TEST_F(PubSubTest, WildcardsMatchLevels) {
+  auto pub = connect(*broker_);
+  auto sub = connect(*broker_);
+  Inbox plus, hash;
+  ASSERT_TRUE(sub->subscribe("plant/+/temperature", plus.handler()).ok());
+  ASSERT_TRUE(sub->subscribe("plant/#", hash.handler()).ok());
+  ASSERT_TRUE(pub->publish("plant/line1/temperature", "a").ok());
+  ASSERT_TRUE(pub->publish("plant/line2/temperature", "b").ok());
+  ASSERT_TRUE(pub->publish("plant/line2/vibration/x", "c").ok());
+  ASSERT_TRUE(pub->publish("other/line1/temperature", "d").ok());
+  ASSERT_TRUE(hash.wait_for(3));
+  ASSERT_TRUE(pub->flush().ok());
+  ASSERT_TRUE(sub->flush().ok());
+  EXPECT_EQ(plus.size(), 2u);
+  EXPECT_EQ(hash.size(), 3u);
+}
+
+TEST_F(PubSubTest, IpcEndpointWorksWithoutCurve) {
+  auto pub = connect(*broker_, "ipc-pub", true);
+  auto sub = connect(*broker_, "ipc-sub", true);
+  ASSERT_TRUE(pub && sub);
+  Inbox inbox;
+  ASSERT_TRUE(sub->subscribe("a/b", inbox.handler()).ok());
+  ASSERT_TRUE(pub->publish("a/b", "over ipc").ok());
+  ASSERT_TRUE(inbox.wait_for(1));
+}
+
+TEST_F(PubSubTest, QueueGroupDeliversEachMessageToOneMember) {
+  auto pub = connect(*broker_);
+  auto a = connect(*broker_, "worker-a");
+  auto b = connect(*broker_, "worker-b");
+  Inbox ia, ib;
+  ASSERT_TRUE(a->subscribe("jobs/#", ia.handler(), {"workers"}).ok());
+  ASSERT_TRUE(b->subscribe("jobs/#", ib.handler(), {"workers"}).ok());
+  for (int i = 0; i < 100; ++i) ASSERT_TRUE(pub->publish("jobs/x", std::to_string(i)).ok());
+  ASSERT_TRUE(wait_until([&] { return ia.size() + ib.size() >= 100; }));
+  ASSERT_TRUE(pub->flush().ok());
+  ASSERT_TRUE(a->flush().ok());
+  ASSERT_TRUE(b->flush().ok());
+  EXPECT_EQ(ia.size() + ib.size(), 100u);
+  EXPECT_GT(ia.size(), 0u);
+  EXPECT_GT(ib.size(), 0u);
+}
+
+TEST_F(PubSubTest, RequestReplyAndNoResponders) {
+  auto server = connect(*broker_, "server");
+  auto client = connect(*broker_, "client");
+  Client* s = server.get();
+  ASSERT_TRUE(server->subscribe("svc/echo", [s](const Message& m) {
+    (void)s->reply(m, "echo:" + std::string(m.payload()));
+  }).ok());
+  auto reply = client->request("svc/echo", "hi", 2s);
+  ASSERT_TRUE(reply.ok()) << reply.error().to_string();
+  EXPECT_EQ(reply->payload(), "echo:hi");
+
+  const auto start = std::chrono::steady_clock::now();
+  auto none = client->request("svc/nobody", "hi", 5s);
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.error().code(), Errc::no_responders);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 4s) << "no responders must not wait for the timeout";
+}
+
+TEST_F(PubSubTest, RequestTimesOutWhenResponderIsSilent) {
+  auto server = connect(*broker_, "silent");
+  auto client = connect(*broker_, "client");
+  ASSERT_TRUE(server->subscribe("svc/slow", [](const Message&) {}).ok());
+  auto reply = client->request("svc/slow", "hi", 300ms);
+  ASSERT_FALSE(reply.ok());
+  EXPECT_EQ(reply.error().code(), Errc::timeout);
+}
+
+TEST_F(PubSubTest, RetainedValueIsDeliveredToLateSubscribers) {
+  auto pub = connect(*broker_);
+  PublishOptions retain;
+  retain.retain = true;
+  ASSERT_TRUE(pub->publish("plant/line1/setpoint", "72.5", retain).ok());
+  ASSERT_TRUE(pub->flush().ok());
+  auto late = connect(*broker_);
+  Inbox inbox;
+  ASSERT_TRUE(late->subscribe("plant/+/setpoint", inbox.handler()).ok());
+  ASSERT_TRUE(inbox.wait_for(1));
+  std::lock_guard lock(inbox.mu);
+  EXPECT_EQ(inbox.payloads[0], "72.5");
+  EXPECT_TRUE(inbox.messages[0].retained());
+}
+
+TEST_F(PubSubTest, PublishInsideHandlerRecordsLineageParent) {
+  auto sensor = connect(*broker_, "sensor");
+  auto app = connect(*broker_, "alarm-app");
+  auto audit = connect(*broker_, "audit");
+  Client* a = app.get();
+  ASSERT_TRUE(app->subscribe("plant/line1/vibration", [a](const Message& m) {
+    (void)a->publish("alarms/line1", "high vibration");
+  }).ok());
+  Inbox alarms;
+  ASSERT_TRUE(audit->subscribe("alarms/#", alarms.handler()).ok());
+  MessageId reading_id;
+  Inbox readings;
+  ASSERT_TRUE(audit->subscribe("plant/line1/vibration", readings.handler()).ok());
+  ASSERT_TRUE(sensor->publish("plant/line1/vibration", "9.3").ok());
+  ASSERT_TRUE(alarms.wait_for(1));
+  ASSERT_TRUE(readings.wait_for(1));
+  std::lock_guard l1(alarms.mu), l2(readings.mu);
+  ASSERT_EQ(alarms.messages[0].parents().size(), 1u);
+  EXPECT_EQ(alarms.messages[0].parents()[0], readings.messages[0].id());
+}
+
+TEST_F(PubSubTest, BadTopicsAreRejectedLocally) {
+  auto c = connect(*broker_);
+  EXPECT_EQ(c->publish("a/+/b", "x").code(), Errc::invalid_argument);
+  EXPECT_EQ(c->publish("", "x").code(), Errc::invalid_argument);
+  EXPECT_EQ(c->subscribe("a/#/b", [](const Message&) {}).error().code(), Errc::invalid_argument);
+}
+
+}  // namespace
+}  // namespace tracemesh::testing

@@ -1,2 +1,442 @@
+// `tracemesh bench`: tracemesh against its peers, on loopback, in one run.
+//
+// Each workload starts a real tracemeshd (a child process), drives it with
+// SDK clients in this process, and with --peers runs the same workload against
+// nats-server, mosquitto and raw ZeroMQ, printing ratios measured in this run.
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdio>
+#include <filesystem>
+#include <mutex>
+#include <set>
+#include <thread>
+
 #include "commands.h"
-namespace tracemesh::cli { void add_bench_command(CLI::App&, Context&) {} }
+#include "peers.h"
+#include "process/broker_process.h"
+#include "tracemesh/client.h"
+
+namespace tracemesh::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+using bench::PeerResult;
+
+struct BenchFlags {
+  std::string workload;
+  size_t size = 128;
+  uint64_t count = 1000000;
+  std::string curve = "off";
+  bool json = false;
+  bool peers = false;
+  int runs = 1;
+  bool crash = false;
+  std::string tracemeshd;
+  bool show_log = false;
+};
+
+std::string self_dir() {
+  char buf[PATH_MAX];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) return ".";
+  buf[n] = 0;
+  return std::filesystem::path(buf).parent_path().string();
+}
+
+// A broker with an operator, plus credentials for bench clients.
+struct Rig {
+  std::shared_ptr<Identity> op = std::make_shared<Identity>(Identity::generate());
+  std::unique_ptr<process::BrokerProcess> broker;
+  std::string broker_key;
+  bool curve = false;
+  bool show_log = false;
+
+  ~Rig() {
+    if (!broker) return;
+    (void)broker->stop();  // SIGTERM: the broker drains and logs its totals
+    if (show_log) std::fprintf(stderr, "--- broker log ---\n%s", broker->log_tail(5).c_str());
+  }
+
+  Status start(const BenchFlags& f, bool with_stream) {
+    process::BrokerSpec spec;
+    spec.name = "bench";
+    spec.curve = f.curve == "on";
+    curve = spec.curve;
+    show_log = f.show_log;
+    spec.tracemeshd = !f.tracemeshd.empty() ? f.tracemeshd
+                      : std::filesystem::exists(self_dir() + "/tracemeshd") ? self_dir() + "/tracemeshd"
+                                                                             : "";
+    if (with_stream) spec.streams.push_back({"BENCH", {"bench/#"}});
+    spec.extra_toml = "[limits]\nsubscriber_queue_bytes = 268435456\nmax_in_flight = 100000\n";
+    auto b = process::BrokerProcess::start(spec, "", encode_key(op->public_key()));
+    if (!b.ok()) return b.error();
+    broker = std::move(*b);
+    auto id = Identity::load(broker->identity_path().string());
+    if (!id.ok()) return id.error();
+    broker_key = encode_key(id->public_key());
+    return Status::Ok();
+  }
+
+  Result<std::unique_ptr<Client>> client(const std::string& name) {
+    auto id = std::make_shared<Identity>(Identity::generate());
+    CredentialClaims claims;
+    claims.subject = id->public_key();
+    claims.name = name;
+    ClientOptions o;
+    o.url = broker->tcp_endpoint();
+    o.broker_key = broker_key;
+    o.curve = curve;
+    o.identity = id;
+    o.credential = std::make_shared<Credential>(Credential::issue(*op, claims));
+    return Client::connect(std::move(o));
+  }
+};
+
+double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+Result<PeerResult> run_fanin(const BenchFlags& f) {
+  Rig rig;
+  if (auto s = rig.start(f, false); !s.ok()) return s.error();
+  auto sub = rig.client("bench-sub");
+  if (!sub.ok()) return sub.error();
+  auto pub = rig.client("bench-pub");
+  if (!pub.ok()) return pub.error();
+  std::atomic<uint64_t> received{0};
+  Clock::time_point first{}, last{};
+  auto s = (*sub)->subscribe("bench/fanin", [&](const Message&) {
+    const uint64_t n = received.fetch_add(1, std::memory_order_relaxed) + 1;
+    if (n == 1) first = Clock::now();
+    last = Clock::now();
+  });
+  if (!s.ok()) return s.error();
+  const std::string payload(f.size, 'x');
+  const auto pub_start = Clock::now();
+  for (uint64_t i = 0; i < f.count; ++i) {
+    if (auto st = (*pub)->publish("bench/fanin", payload); !st.ok()) return st.error();
+  }
+  const auto pub_queued = Clock::now();
+  (void)(*pub)->flush(60s);
+  const auto pub_flushed = Clock::now();
+  // Wait until everything arrived or nothing more arrives for 2 s.
+  uint64_t seen = 0;
+  auto idle_since = Clock::now();
+  while (received < f.count) {
+    std::this_thread::sleep_for(5ms);
+    if (received != seen) {
+      seen = received;
+      idle_since = Clock::now();
+    } else if (Clock::now() - idle_since > 2s) {
+      break;
+    }
+  }
+  PeerResult r;
+  r.system = std::string("tracemesh") + (rig.curve ? " (CURVE)" : "");
+  r.workload = "fanin-1x1";
+  r.sent = f.count;
+  r.received = received;
+  const double secs = seconds(last - first);
+  r.msgs_per_sec = secs > 0 ? (received - 1) / secs : 0;
+  char note[160];
+  std::snprintf(note, sizeof note, "publisher: queued in %.0f ms, broker had all after %.0f ms",
+                seconds(pub_queued - pub_start) * 1e3, seconds(pub_flushed - pub_start) * 1e3);
+  r.note = note;
+  auto stats = (*pub)->stats();
+  if (stats.ok() && stats->slow_consumer_drops)
+    r.note += "; " + std::to_string(stats->slow_consumer_drops) + " dropped as slow consumer";
+  return r;
+}
+
+Result<PeerResult> run_rtt(const BenchFlags& f) {
+  Rig rig;
+  if (auto s = rig.start(f, false); !s.ok()) return s.error();
+  auto server = rig.client("bench-responder");
+  if (!server.ok()) return server.error();
+  auto client = rig.client("bench-requester");
+  if (!client.ok()) return client.error();
+  Client* srv = server->get();
+  auto s = srv->subscribe("bench/rtt", [srv](const Message& m) { (void)srv->reply(m, m.payload()); });
+  if (!s.ok()) return s.error();
+  const std::string payload(f.size, 'x');
+  const uint64_t warmup = 1000;
+  std::vector<double> us;
+  us.reserve(f.count);
+  for (uint64_t i = 0; i < warmup + f.count; ++i) {
+    const auto t0 = Clock::now();
+    auto reply = (*client)->request("bench/rtt", payload, 5s);
+    if (!reply.ok()) return reply.error();
+    if (i >= warmup) us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  std::sort(us.begin(), us.end());
+  PeerResult r;
+  r.system = std::string("tracemesh") + (rig.curve ? " (CURVE)" : "");
+  r.workload = "rtt";
+  r.sent = r.received = f.count;
+  r.p50_us = us[us.size() / 2];
+  r.p99_us = us[us.size() * 99 / 100];
+  double total = 0;
+  for (double v : us) total += v;
+  r.msgs_per_sec = us.size() / (total / 1e6);
+  return r;
+}
+
+Result<PeerResult> run_durable(const BenchFlags& f) {
+  Rig rig;
+  if (auto s = rig.start(f, true); !s.ok()) return s.error();
+  auto pub = rig.client("bench-durable");
+  if (!pub.ok()) return pub.error();
+  const std::string payload(f.size, 'x');
+  std::atomic<uint64_t> acked{0}, failed{0};
+  std::mutex mu;
+  std::set<std::string> acked_payloads;  // only with --crash
+  std::atomic<bool> crashed{false};
+  const auto t0 = Clock::now();
+  Clock::time_point last_ack = t0;
+  for (uint64_t i = 0; i < f.count; ++i) {
+    std::string body = f.crash ? std::to_string(i) + ":" + payload : payload;
+    auto st = (*pub)->publish_durable("bench/durable", body, {}, [&, body](Result<PublishAck> r) {
+      if (!r.ok()) {
+        ++failed;
+        return;
+      }
+      if (f.crash && !crashed) {
+        std::lock_guard lock(mu);
+        acked_payloads.insert(body.substr(0, body.find(':')));
+      }
+      last_ack = Clock::now();
+      ++acked;
+    });
+    if (!st.ok()) return st.error();
+    if (f.crash && i == f.count / 2) {
+      // Wait for some acks, then crash the broker mid-run.
+      while (acked < f.count / 4) std::this_thread::sleep_for(1ms);
+      {
+        std::lock_guard lock(mu);
+        crashed = true;
+      }
+      rig.broker->kill9();
+      break;
+    }
+  }
+  PeerResult r;
+  r.system = "tracemesh";
+  r.workload = f.crash ? "durable-crash" : "durable";
+  r.sent = f.count;
+  if (!f.crash) {
+    const auto deadline = Clock::now() + 120s;
+    while (acked + failed < f.count && Clock::now() < deadline) std::this_thread::sleep_for(2ms);
+    r.received = acked;
+    r.msgs_per_sec = acked / seconds(last_ack - t0);
+    r.note = "ack after fsync (LMDB group commit)";
+    if (failed) r.note += "; " + std::to_string(failed.load()) + " failed";
+    return r;
+  }
+  // Crash check: restart and read the stream back.
+  std::set<std::string> before;
+  {
+    std::lock_guard lock(mu);
+    before = acked_payloads;
+  }
+  pub->reset();
+  if (auto s = rig.broker->restart(); !s.ok()) return s.error();
+  auto reader = rig.client("bench-verify");
+  if (!reader.ok()) return reader.error();
+  auto info = (*reader)->stream_info("BENCH");
+  if (!info.ok()) return info.error();
+  std::mutex rmu;
+  std::set<std::string> found;
+  auto c = (*reader)->consume("BENCH", "verify", [&](const Message& m) {
+    std::string p(m.payload());
+    std::lock_guard lock(rmu);
+    found.insert(p.substr(0, p.find(':')));
+    m.ack();
+  });
+  if (!c.ok()) return c.error();
+  const auto deadline = Clock::now() + 60s;
+  while (Clock::now() < deadline) {
+    {
+      std::lock_guard lock(rmu);
+      if (found.size() >= info->messages) break;
+    }
+    std::this_thread::sleep_for(5ms);
+  }
+  uint64_t lost = 0;
+  for (const auto& p : before)
+    if (!found.count(p)) ++lost;
+  r.received = before.size();
+  r.note = "kill -9 mid-run: acked before crash " + std::to_string(before.size()) + ", stored after restart " +
+           std::to_string(found.size()) + ", acked but lost " + std::to_string(lost);
+  if (lost) return Error(Errc::internal, r.note);
+  return r;
+}
+
+Result<PeerResult> run_tracemesh(const BenchFlags& f) {
+  if (f.workload == "fanin") return run_fanin(f);
+  if (f.workload == "rtt") return run_rtt(f);
+  return run_durable(f);
+}
+
+std::vector<Result<PeerResult>> run_peers(const BenchFlags& f) {
+  std::vector<Result<PeerResult>> out;
+  bench::RunLimits limits;
+  limits.rtt_size = f.size;
+  if (f.workload == "fanin") {
+    out.push_back(bench::run_nats_fanin(f.size, f.count, limits));
+    out.push_back(bench::run_mosquitto_fanin(f.size, std::min<uint64_t>(f.count, 300000), 0, limits));
+    out.push_back(bench::run_zmq_pushpull(f.size, f.count, limits));
+    out.push_back(bench::run_zmq_proxy(f.size, f.count, f.curve == "on", limits));
+  } else if (f.workload == "rtt") {
+    out.push_back(bench::run_nats_rtt(f.count, limits));
+    out.push_back(bench::run_zmq_router_echo(f.count, limits));
+  } else {
+    out.push_back(bench::run_jetstream_durable(f.size, f.count, limits));
+    out.push_back(bench::run_mosquitto_fanin(f.size, std::min<uint64_t>(f.count, 100000), 1, limits));
+  }
+  return out;
+}
+
+// min / median / max of one figure over runs.
+struct Spread {
+  double min = 0, median = 0, max = 0;
+};
+Spread spread(std::vector<double> v) {
+  if (v.empty()) return {};
+  std::sort(v.begin(), v.end());
+  return {v.front(), v[v.size() / 2], v.back()};
+}
+
+struct Row {
+  std::string system, workload, note;
+  Spread rate, p50, p99;
+  uint64_t sent = 0, received = 0;
+  std::string error;
+};
+
+int run_bench(const BenchFlags& f) {
+  std::vector<std::vector<PeerResult>> runs;
+  std::map<std::string, Row> rows;
+  std::vector<std::string> order;
+  auto add = [&](const Result<PeerResult>& r, std::map<std::string, std::vector<PeerResult>>& acc,
+                 const std::string& fallback) {
+    if (!r.ok()) {
+      rows[fallback].system = fallback;
+      rows[fallback].error = r.error().to_string();
+      if (std::find(order.begin(), order.end(), fallback) == order.end()) order.push_back(fallback);
+      std::fprintf(stderr, "bench: %s: %s\n", fallback.c_str(), r.error().to_string().c_str());
+      return;
+    }
+    acc[r->system].push_back(*r);
+    if (std::find(order.begin(), order.end(), r->system) == order.end()) order.push_back(r->system);
+  };
+  std::map<std::string, std::vector<PeerResult>> acc;
+  for (int run = 0; run < f.runs; ++run) {
+    std::fprintf(stderr, "bench: run %d/%d: tracemesh %s...\n", run + 1, f.runs, f.workload.c_str());
+    add(run_tracemesh(f), acc, "tracemesh");
+    if (f.peers && !f.crash) {
+      std::fprintf(stderr, "bench: run %d/%d: peers...\n", run + 1, f.runs);
+      for (auto& r : run_peers(f)) add(r, acc, "peer");
+    }
+  }
+  for (auto& [system, results] : acc) {
+    Row& row = rows[system];
+    row.system = system;
+    row.workload = results[0].workload;
+    row.note = results.back().note;
+    std::vector<double> rate, p50, p99;
+    for (const auto& r : results) {
+      rate.push_back(r.msgs_per_sec);
+      p50.push_back(r.p50_us);
+      p99.push_back(r.p99_us);
+      row.sent += r.sent;
+      row.received += r.received;
+    }
+    row.rate = spread(rate);
+    row.p50 = spread(p50);
+    row.p99 = spread(p99);
+  }
+  const std::string self = order.empty() ? "" : order[0];
+  const Row* base = rows.count(self) ? &rows[self] : nullptr;
+  const bool rtt = f.workload == "rtt";
+  if (f.json) {
+    std::printf("{\"workload\":\"%s\",\"size\":%zu,\"count\":%llu,\"curve\":\"%s\",\"runs\":%d,\"cores\":%u,\"results\":[",
+                f.workload.c_str(), f.size, static_cast<unsigned long long>(f.count), f.curve.c_str(), f.runs,
+                std::thread::hardware_concurrency());
+    bool first = true;
+    for (const auto& name : order) {
+      const Row& r = rows[name];
+      std::printf("%s{\"system\":\"%s\",\"error\":\"%s\",\"msgs_per_sec\":{\"min\":%.0f,\"median\":%.0f,\"max\":%.0f},"
+                  "\"p50_us\":%.1f,\"p99_us\":%.1f,\"sent\":%llu,\"received\":%llu,\"note\":\"%s\"}",
+                  first ? "" : ",", r.system.c_str(), r.error.c_str(), r.rate.min, r.rate.median, r.rate.max,
+                  r.p50.median, r.p99.median, static_cast<unsigned long long>(r.sent),
+                  static_cast<unsigned long long>(r.received), r.note.c_str());
+      first = false;
+    }
+    std::printf("]}\n");
+  } else {
+    std::printf("workload %s, %zu B, %llu messages, CURVE %s, %d run(s), %u cores\n", f.workload.c_str(), f.size,
+                static_cast<unsigned long long>(f.count), f.curve.c_str(), f.runs,
+                std::thread::hardware_concurrency());
+    for (const auto& v : bench::peer_versions()) std::printf("  %s\n", v.c_str());
+    if (rtt)
+      std::printf("%-28s %10s %10s %10s %12s\n", "system", "p50 us", "p99 us", "min p50", "tracemesh/x");
+    else
+      std::printf("%-28s %12s %12s %12s %10s %12s\n", "system", "median/s", "min/s", "max/s", "loss", "tracemesh/x");
+    for (const auto& name : order) {
+      const Row& r = rows[name];
+      if (!r.error.empty()) {
+        std::printf("%-28s error: %s\n", r.system.c_str(), r.error.c_str());
+        continue;
+      }
+      if (rtt) {
+        const double ratio = base && r.p50.median > 0 ? base->p50.median / r.p50.median : 0;
+        std::printf("%-28s %10.1f %10.1f %10.1f %12.2f\n", r.system.c_str(), r.p50.median, r.p99.median, r.p50.min,
+                    ratio);
+      } else {
+        const double ratio = base && r.rate.median > 0 ? base->rate.median / r.rate.median : 0;
+        std::printf("%-28s %12.0f %12.0f %12.0f %10llu %12.2f\n", r.system.c_str(), r.rate.median, r.rate.min,
+                    r.rate.max, static_cast<unsigned long long>(r.sent - std::min(r.sent, r.received)), ratio);
+      }
+      if (!r.note.empty()) std::printf("  %s\n", r.note.c_str());
+    }
+    if (rtt) std::printf("(tracemesh/x for rtt is tracemesh p50 / x p50: lower is better for tracemesh)\n");
+  }
+  for (const auto& [name, r] : rows)
+    if (!r.error.empty() && name.rfind("tracemesh", 0) == 0) return 1;
+  return 0;
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app, Context& ctx) {
+  auto f = std::make_shared<BenchFlags>();
+  auto* cmd = app.add_subcommand(
+      "bench", "benchmark a workload on a local tracemeshd, optionally beside nats-server, mosquitto and ZeroMQ");
+  cmd->add_option("workload", f->workload, "fanin | rtt | durable (see docs/benchmarks.md)")
+      ->required()
+      ->check(CLI::IsMember({"fanin", "rtt", "durable"}));
+  cmd->add_option("-s,--size", f->size, "payload bytes")->capture_default_str()->check(CLI::Range(1, 16 << 20));
+  cmd->add_option("-n,--count", f->count, "messages (rtt: round trips)")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--curve", f->curve, "CURVE on the broker's tcp endpoint: on | off")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"on", "off"}));
+  cmd->add_flag("--json", f->json, "print one JSON object");
+  cmd->add_flag("--peers", f->peers, "also run nats-server, mosquitto and raw ZeroMQ in this run and print ratios");
+  cmd->add_option("--runs", f->runs, "repeat and report min/median/max")->capture_default_str()->check(CLI::Range(1, 20));
+  cmd->add_flag("--crash", f->crash, "durable only: kill -9 the broker mid-run, restart, check every acked message");
+  cmd->add_flag("--show-broker-log", f->show_log, "print the end of the broker's log after each run");
+  cmd->add_option("--tracemeshd", f->tracemeshd, "tracemeshd binary (default: beside this binary, or $TRACEMESHD, or PATH)");
+  cmd->callback([f, &ctx] {
+    if (f->crash && f->workload != "durable") {
+      std::fprintf(stderr, "tracemesh: bench: --crash applies to the durable workload\n");
+      ctx.exit_code = 2;
+      return;
+    }
+    if (f->workload == "rtt" && f->count == 1000000) f->count = 10000;
+    ctx.exit_code = run_bench(*f);
+  });
+}
+
+}  // namespace tracemesh::cli

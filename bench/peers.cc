@@ -10,8 +10,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cmath>
 #include <condition_variable>
 #include <csignal>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <filesystem>
@@ -77,7 +79,7 @@ std::string make_payload(size_t size) {
 // Nearest-rank percentile of sorted samples, in the samples' unit.
 double percentile(const std::vector<double>& sorted, double q) {
   if (sorted.empty()) return 0;
-  size_t rank = static_cast<size_t>(q * static_cast<double>(sorted.size()) + 0.999999);
+  const auto rank = static_cast<size_t>(std::ceil(q * static_cast<double>(sorted.size())));
   return sorted[std::clamp<size_t>(rank, 1, sorted.size()) - 1];
 }
 

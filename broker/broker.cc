@@ -28,6 +28,8 @@ namespace {
 
 using codec::WordBuffer;
 using Clock = std::chrono::steady_clock;
+
+constexpr size_t kOutBatchBytes = 256 * 1024;  // a deliver frame is flushed at this size
 namespace fs = std::filesystem;
 
 struct IdHash {
@@ -241,6 +243,7 @@ class BrokerImpl final : public Broker {
 
   Clock::time_point started_ = Clock::now();
   uint64_t messages_in_ = 0, messages_out_ = 0, bytes_in_ = 0, bytes_out_ = 0;
+  uint64_t frames_in_ = 0, frames_out_ = 0;
   uint64_t drops_ = 0, malformed_ = 0, duplicates_ = 0;
   uint32_t auth_failures_ = 0;
   bool draining_ = false;
@@ -473,7 +476,8 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
   writer_->drain();
   on_write_results();
   flush_sessions();
-  spdlog::info("broker '{}' stopped cleanly", config_.name);
+  spdlog::info("broker '{}' stopped cleanly: {} messages in ({} batches), {} out ({} batches)", config_.name,
+               messages_in_, frames_in_, messages_out_, frames_out_);
   return Status::Ok();
 }
 
@@ -682,9 +686,12 @@ const std::vector<Target>& BrokerImpl::targets_for(std::string_view topic) {
 }
 
 void BrokerImpl::deliver(Session& s, const uint8_t* data, size_t size, const Delivery& d, bool droppable) {
+  if (s.out_body.words() == 0) s.out_body.reserve(kOutBatchBytes / 8 + 1024);
   s.out_body.append(data, size);
   s.out_meta.push_back(d);
   if (!droppable) s.out_droppable = false;
+  // Bound a frame's size (and the latency of its first message).
+  if (s.out_body.size() >= kOutBatchBytes) flush_session(s);
   if (!s.dirty) {
     s.dirty = true;
     dirty_sessions_.push_back(&s);
@@ -714,6 +721,7 @@ StreamRt* BrokerImpl::stream_for(std::string_view topic) {
 
 void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::message_t* body) {
   if (!body) return;
+  ++frames_in_;
   const auto* base = static_cast<const uint8_t*>(body->data());
   WordBuffer aligned;
   if (reinterpret_cast<uintptr_t>(base) % 8 != 0) {
@@ -1211,6 +1219,7 @@ bool BrokerImpl::try_send(Session& s, OutFrame& f) {
   }
   messages_out_ += f.messages;
   bytes_out_ += f.bytes;
+  if (f.messages) ++frames_out_;
   s.messages_out += f.messages;
   return true;
 }

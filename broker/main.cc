@@ -1,4 +1,5 @@
 // tracemeshd: the tracemesh broker.
+#include <malloc.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sys/signalfd.h>
@@ -21,6 +22,11 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
   app.set_version_flag("--version", "tracemeshd 0.1.0");
   CLI11_PARSE(app, argc, argv);
+
+  // Batch buffers are a few hundred KiB: keep them on the heap for reuse rather
+  // than mapping and unmapping (and page-faulting) fresh memory per batch.
+  mallopt(M_MMAP_THRESHOLD, 64 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
 
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ tracemeshd: %v");
   spdlog::set_level(spdlog::level::from_str(log_level));

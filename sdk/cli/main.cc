@@ -1,4 +1,6 @@
 // tracemesh: the command-line client.
+#include <malloc.h>
+
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
@@ -22,6 +24,10 @@ int report(const std::string& what, const Error& error) {
 }  // namespace tracemesh::cli
 
 int main(int argc, char** argv) {
+  // Batch buffers are a few hundred KiB: keep them on the heap for reuse rather
+  // than mapping fresh (page-faulting) memory per batch. See docs/architecture.md.
+  mallopt(M_MMAP_THRESHOLD, 64 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
   CLI::App app{"tracemesh: publish, subscribe, manage credentials and streams, benchmark"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "tracemesh 0.1.0");

@@ -48,21 +48,26 @@ zmq::message_t take_buffer(WordBuffer&& buffer) {
 
 }  // namespace
 
-// Decodes envelopes of a deliver frame into Messages (views into the frame).
+// Decodes the envelopes of a deliver frame one at a time into a reused
+// Message whose views point into the frame (no per-message allocation).
 class MessageDecoder {
  public:
-  static Status decode(const uint8_t* data, size_t size, std::shared_ptr<const void> keep,
-                       wire::Deliver::Reader deliver, const std::weak_ptr<ClientImpl>& client,
-                       std::vector<Message>& out) {
+  template <class Fn>
+  static Status for_each(const uint8_t* data, size_t size, const std::shared_ptr<const void>& keep,
+                         wire::Deliver::Reader deliver, const std::weak_ptr<ClientImpl>& client,
+                         Fn&& fn) {
     auto deliveries = deliver.getDeliveries();
     uint32_t index = 0;
-    return codec::for_each_envelope(data, size, deliveries.size(),
-                                    [&](const uint8_t* p, size_t n) {
+    Message m;
+    m.frame_ = keep;
+    m.client_ = client;
+    return codec::for_each_envelope(data, size, deliveries.size(), [&](const uint8_t* p, size_t n) {
       if (index >= deliveries.size()) return false;
+      auto d = deliveries[index++];
+      m.subscription_ = d.getSubscription();
+      if (!fn.wants(m.subscription_)) return true;
       codec::EnvelopeReader reader(p, n);
       auto env = reader.root();
-      Message m;
-      m.frame_ = keep;
       m.id_ = codec::to_id(env.getId());
       auto view = [](capnp::Text::Reader t) { return std::string_view(t.cStr(), t.size()); };
       m.topic_ = view(env.getTopic());
@@ -74,21 +79,23 @@ class MessageDecoder {
       m.sequence_ = env.getSequence();
       m.published_at_ns_ = env.getPublishedAtNs();
       m.flags_ = env.getFlags();
+      m.parents_.clear();
       if (env.hasParents()) {
         for (auto p2 : env.getParents()) m.parents_.push_back(codec::to_id(p2));
       }
+      m.labels_.regions.clear();
       if (env.hasLabels()) {
         auto l = env.getLabels();
         m.labels_.data_class = static_cast<DataClass>(l.getDataClass());
         m.labels_.sensitivity = static_cast<Sensitivity>(l.getSensitivity());
         for (auto r : l.getRegions()) m.labels_.regions.emplace_back(r.cStr());
+      } else {
+        m.labels_.data_class = DataClass::unspecified;
+        m.labels_.sensitivity = Sensitivity::internal;
       }
-      auto d = deliveries[index++];
-      m.subscription_ = d.getSubscription();
       m.stream_seq_ = d.getStreamSeq();
       m.attempt_ = d.getAttempt();
-      m.client_ = client;
-      out.push_back(std::move(m));
+      fn(static_cast<const Message&>(m));
       return true;
     });
   }
@@ -131,9 +138,15 @@ class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
   };
   struct SubEntry {
     std::unique_ptr<capnp::MallocMessageBuilder> proto;  // Subscribe, for resubscribing
-    MessageHandler handler;
+    std::shared_ptr<MessageHandler> handler;
   };
-  using Batch = std::vector<Message>;
+  // A deliver frame handed from the I/O thread to the dispatcher.
+  struct RawDelivery {
+    std::shared_ptr<zmq::message_t> header;
+    std::shared_ptr<const void> keep;  // owns `data`
+    const uint8_t* data = nullptr;
+    size_t size = 0;
+  };
 
   void io_loop();
   void dispatch_loop();
@@ -147,6 +160,7 @@ class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
   void flush_outgoing();
   void fail_connect(Error error);
   void expire_durables(Clock::time_point now);
+  void complete_request(const Message& m);
 
   ClientOptions opts_;
   std::string producer_;
@@ -170,6 +184,7 @@ class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
   size_t pending_bytes_ = 0;
   size_t durable_bytes_ = 0;
   bool wake_pending_ = false;
+  bool io_idle_ = false;  // the I/O thread is (about to be) blocked in poll
   std::deque<zmq::message_t> control_;       // control frames, sent in order before publishes
   std::deque<zmq::message_t> tail_;          // pings, sent after the publishes queued before them
   std::map<uint64_t, Durable> durables_;     // by local order
@@ -194,7 +209,7 @@ class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
 
   std::mutex dispatch_mu_;
   std::condition_variable dispatch_cv_;
-  std::deque<Batch> dispatch_queue_;  // guarded by dispatch_mu_
+  std::deque<RawDelivery> dispatch_queue_;  // guarded by dispatch_mu_
 
   // I/O thread only.
   std::deque<std::pair<zmq::message_t, std::optional<zmq::message_t>>> outq_;
@@ -352,6 +367,8 @@ Status ClientImpl::publish(std::string_view topic, std::string_view payload,
   }
   if (pending_.empty() || pending_.back().size() >= opts_.max_batch_bytes) {
     pending_.emplace_back();
+    // Room for a full batch up front: no realloc copies while it fills.
+    pending_.back().reserve((opts_.max_batch_bytes + payload.size()) / 8 + 512);
     pending_counts_.push_back(0);
   }
   WordBuffer& buf = pending_.back();
@@ -370,7 +387,9 @@ Status ClientImpl::publish(std::string_view topic, std::string_view payload,
     durable_index_.emplace(f.id, order);
     durables_.emplace(order, std::move(d));
   }
-  if (!wake_pending_) {
+  // Wake the I/O thread only when it sleeps; a busy one picks this up before
+  // it sleeps again, so under load many publishes share one syscall and frame.
+  if (io_idle_ && !wake_pending_) {
     wake_pending_ = true;
     lock.unlock();
     wake();
@@ -387,11 +406,22 @@ void ClientImpl::io_loop() {
   next_ping_at_ = Clock::now() + kPingInterval;
   while (!stop_) {
     items[0].events = ZMQ_POLLIN | (outq_.empty() ? 0 : ZMQ_POLLOUT);
+    bool work_waiting;
+    {
+      std::lock_guard lock(mu_);
+      work_waiting = state_ == State::ready &&
+                     (!pending_.empty() || !control_.empty() || !acks_.empty() || !tail_.empty());
+      io_idle_ = !work_waiting;
+    }
     try {
-      zmq::poll(items, 3, std::chrono::milliseconds(outq_.empty() ? 100 : 10));
+      zmq::poll(items, 3, std::chrono::milliseconds(work_waiting ? 0 : outq_.empty() ? 100 : 10));
     } catch (const zmq::error_t& e) {
       if (e.num() == ETERM) break;
       continue;
+    }
+    {
+      std::lock_guard lock(mu_);
+      io_idle_ = false;
     }
     if (items[2].revents & ZMQ_POLLIN) {
       uint64_t v;
@@ -621,28 +651,30 @@ void ClientImpl::on_frame(zmq::message_t& header, std::shared_ptr<zmq::message_t
         data = aligned->data();
         keep = std::move(aligned);
       }
-      std::vector<Message> messages;
-      auto s = MessageDecoder::decode(data, size, std::move(keep), frame.getDeliver(), weak_from_this(),
-                                      messages);
-      if (!s.ok() && opts_.on_error) opts_.on_error(s.error());
-      Batch batch;
-      for (auto& m : messages) {
-        if (m.subscription_ == kInboxSubscription) {
-          auto topic = m.topic();
-          auto slash = topic.rfind('/');
-          uint64_t token = std::strtoull(std::string(topic.substr(slash + 1)).c_str(), nullptr, 10);
-          std::lock_guard lock(mu_);
-          if (auto it = request_waiters_.find(token); it != request_waiters_.end()) {
-            it->second.set_value(std::move(m));
-            request_waiters_.erase(it);
-          }
-        } else {
-          batch.push_back(std::move(m));
-        }
+      bool inbox = false, other = false;
+      for (auto d : frame.getDeliver().getDeliveries()) {
+        if (d.getSubscription() == kInboxSubscription) inbox = true;
+        else other = true;
       }
-      if (!batch.empty()) {
+      if (inbox) {
+        // Replies complete on this thread, so a request made inside a handler cannot deadlock.
+        struct OnlyInbox {
+          ClientImpl* self;
+          bool wants(uint64_t sub) const { return sub == kInboxSubscription; }
+          void operator()(const Message& m) const { self->complete_request(m); }
+        };
+        auto s = MessageDecoder::for_each(data, size, keep, frame.getDeliver(), weak_from_this(),
+                                          OnlyInbox{this});
+        if (!s.ok() && opts_.on_error) opts_.on_error(s.error());
+      }
+      if (other) {
+        RawDelivery raw;
+        raw.header = std::make_shared<zmq::message_t>(std::move(header));
+        raw.keep = std::move(keep);
+        raw.data = data;
+        raw.size = size;
         std::lock_guard lock(dispatch_mu_);
-        dispatch_queue_.push_back(std::move(batch));
+        dispatch_queue_.push_back(std::move(raw));
         dispatch_cv_.notify_one();
       }
       return;
@@ -815,7 +847,7 @@ Result<uint64_t> ClientImpl::subscribe(wire::Subscribe::Reader proto, MessageHan
   std::future<Status> confirmed;
   {
     std::unique_lock subs(subs_mu_);
-    subs_[id] = SubEntry{std::move(builder), std::move(handler)};
+    subs_[id] = SubEntry{std::move(builder), std::make_shared<MessageHandler>(std::move(handler))};
   }
   {
     std::lock_guard lock(mu_);
@@ -935,36 +967,64 @@ void ClientImpl::ack(uint64_t subscription, uint64_t seq) {
   {
     std::lock_guard lock(mu_);
     acks_[subscription].push_back(seq);
-    if (!wake_pending_) need_wake = wake_pending_ = true;
+    if (io_idle_ && !wake_pending_) need_wake = wake_pending_ = true;
   }
   if (need_wake) wake();
 }
 
+void ClientImpl::complete_request(const Message& m) {
+  auto topic = m.topic();
+  auto slash = topic.rfind('/');
+  if (slash == std::string_view::npos) return;
+  const uint64_t token = std::strtoull(std::string(topic.substr(slash + 1)).c_str(), nullptr, 10);
+  std::lock_guard lock(mu_);
+  if (auto it = request_waiters_.find(token); it != request_waiters_.end()) {
+    it->second.set_value(m);  // a copy shares the frame
+    request_waiters_.erase(it);
+  }
+}
+
 void ClientImpl::dispatch_loop() {
+  struct ToHandlers {
+    ClientImpl* self;
+    uint64_t cached_id = 0;
+    std::shared_ptr<MessageHandler> cached;
+    bool wants(uint64_t sub) {
+      if (sub == kInboxSubscription) return false;
+      if (sub != cached_id) {
+        std::shared_lock subs(self->subs_mu_);
+        auto it = self->subs_.find(sub);
+        cached = it == self->subs_.end() ? nullptr : it->second.handler;
+        cached_id = sub;
+      }
+      return cached != nullptr;  // unsubscribed meanwhile: skip
+    }
+    void operator()(const Message& m) {
+      current_message = &m;
+      try {
+        (*cached)(m);
+      } catch (const std::exception& e) {
+        if (self->opts_.on_error)
+          self->opts_.on_error(Error(Errc::internal, std::string("handler threw: ") + e.what()));
+      }
+      current_message = nullptr;
+    }
+  };
   while (true) {
-    Batch batch;
+    RawDelivery raw;
     {
       std::unique_lock lock(dispatch_mu_);
       dispatch_cv_.wait(lock, [&] { return stop_ || !dispatch_queue_.empty(); });
       if (dispatch_queue_.empty()) return;
-      batch = std::move(dispatch_queue_.front());
+      raw = std::move(dispatch_queue_.front());
       dispatch_queue_.pop_front();
     }
-    std::shared_lock subs(subs_mu_);
-    for (const Message& m : batch) {
-      auto it = subs_.find(m.subscription_);
-      if (it == subs_.end()) continue;  // unsubscribed meanwhile
-      MessageHandler& handler = it->second.handler;
-      current_message = &m;
-      subs.unlock();
-      try {
-        handler(m);
-      } catch (const std::exception& e) {
-        if (opts_.on_error) opts_.on_error(Error(Errc::internal, std::string("handler threw: ") + e.what()));
-      }
-      current_message = nullptr;
-      subs.lock();
-    }
+    codec::FrameReader reader(*raw.header);
+    if (!reader.status().ok()) continue;
+    ToHandlers to{this};
+    auto s = MessageDecoder::for_each(raw.data, raw.size, raw.keep, reader.root().getDeliver(),
+                                      weak_from_this(), to);
+    if (!s.ok() && opts_.on_error) opts_.on_error(s.error());
   }
 }
 

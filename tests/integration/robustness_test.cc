@@ -1,0 +1,373 @@
+// A real tracemeshd under hostile and unhealthy peers: garbage frames from raw
+// ZeroMQ sockets, a protocol version it does not speak, and a subscriber that
+// stops reading while others must keep being served.
+#include <array>
+#include <future>
+#include <optional>
+#include <random>
+#include <zmq.hpp>
+
+#include "codec/envelope_codec.h"
+#include "harness.h"
+
+namespace tracemesh::testing {
+namespace {
+
+// A bare DEALER socket speaking to the broker without the SDK.
+class RawPeer {
+ public:
+  explicit RawPeer(const std::string& endpoint) : socket_(ctx_, zmq::socket_type::dealer) {
+    socket_.set(zmq::sockopt::linger, 0);
+    socket_.connect(endpoint);
+  }
+  void send(const void* data, size_t size) {
+    socket_.send(zmq::const_buffer(data, size), zmq::send_flags::none);
+  }
+  void send(std::string_view bytes) { send(bytes.data(), bytes.size()); }
+  void send(zmq::message_t&& header) { socket_.send(header, zmq::send_flags::none); }
+  void send(zmq::message_t&& header, std::string_view body) {
+    socket_.send(header, zmq::send_flags::sndmore);
+    socket_.send(zmq::const_buffer(body.data(), body.size()), zmq::send_flags::none);
+  }
+  // The next frame's first part, or nullopt if none arrives within `timeout`.
+  std::optional<zmq::message_t> receive(std::chrono::milliseconds timeout = 5s) {
+    zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};
+    if (zmq::poll(&item, 1, timeout) <= 0) return std::nullopt;
+    zmq::message_t header;
+    if (!socket_.recv(header, zmq::recv_flags::none)) return std::nullopt;
+    while (socket_.get(zmq::sockopt::rcvmore)) {
+      zmq::message_t rest;
+      (void)socket_.recv(rest, zmq::recv_flags::none);
+    }
+    return header;
+  }
+
+ private:
+  zmq::context_t ctx_{1};
+  zmq::socket_t socket_;
+};
+
+// The error a reply frame carries: code and message. Fails the test if the
+// reply is not a well-formed error frame.
+struct ErrorReply {
+  wire::ErrorCode code = wire::ErrorCode::NONE;
+  std::string message;
+};
+std::optional<ErrorReply> as_error(const zmq::message_t& msg) {
+  codec::FrameReader reader(msg);
+  EXPECT_TRUE(reader.status().ok()) << "the broker's reply does not decode: "
+                                    << reader.status().error().to_string();
+  if (!reader.status().ok()) return std::nullopt;
+  auto frame = reader.root();
+  EXPECT_TRUE(frame.isError()) << "expected an error frame";
+  if (!frame.isError()) return std::nullopt;
+  return ErrorReply{frame.getError().getCode(), frame.getError().getMessage().cStr()};
+}
+
+zmq::message_t frame_with_version(uint16_t version) {
+  capnp::MallocMessageBuilder b;
+  auto f = b.initRoot<wire::Frame>();
+  f.setVersion(version);
+  f.setPing(42);
+  return codec::to_message(b);
+}
+
+std::string random_bytes(std::mt19937& rng, size_t n) {
+  std::string out(n, '\0');
+  for (char& c : out) c = static_cast<char>(rng() & 0xff);
+  return out;
+}
+
+class RobustnessTest : public MeshTest {
+ protected:
+  void SetUp() override {
+    MeshTest::SetUp();
+    auto s = spec();
+    s.listen_ipc = true;
+    s.extra_toml = "[limits]\nsubscriber_queue_bytes = 1048576\n";
+    broker_ = start_broker(s);
+    ASSERT_NE(broker_, nullptr);
+    admin_ = connect(*broker_, "admin");
+    ASSERT_NE(admin_, nullptr);
+  }
+
+  BrokerStats stats() {
+    auto s = admin_->stats();
+    EXPECT_TRUE(s.ok()) << s.error().to_string();
+    return s.ok() ? *s : BrokerStats{};
+  }
+
+  // A Hello a raw peer can send on ipc: signed by `p` for this broker, now.
+  zmq::message_t hello(const Principal& p) {
+    auto broker_identity = Identity::load(broker_->identity_path().string());
+    EXPECT_TRUE(broker_identity.ok());
+    std::array<uint8_t, 16> nonce{};
+    std::random_device rd;
+    for (auto& b : nonce) b = static_cast<uint8_t>(rd());
+    const int64_t ts = codec::now_ms();
+    std::string signed_bytes = "tracemesh-hello-v1";
+    signed_bytes.append(reinterpret_cast<const char*>(broker_identity->public_key().data()), 32);
+    signed_bytes.append(reinterpret_cast<const char*>(nonce.data()), nonce.size());
+    for (int i = 0; i < 8; ++i) signed_bytes.push_back(static_cast<char>((ts >> (8 * i)) & 0xff));
+    auto sig = p.identity->sign(reinterpret_cast<const uint8_t*>(signed_bytes.data()),
+                                signed_bytes.size());
+    capnp::MallocMessageBuilder b;
+    auto f = b.initRoot<wire::Frame>();
+    f.setVersion(wire::PROTOCOL_VERSION);
+    auto h = f.initHello();
+    const std::string& cred = p.credential->bytes();
+    h.setCredential(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(cred.data()), cred.size()));
+    h.setNonce(capnp::Data::Reader(nonce.data(), nonce.size()));
+    h.setTimestampMs(ts);
+    h.setSignature(capnp::Data::Reader(sig.data(), sig.size()));
+    h.setClientName(p.credential->claims().name);
+    return codec::to_message(b);
+  }
+
+  // A normal client can still publish and receive.
+  void expect_broker_serves() {
+    ASSERT_TRUE(broker_->running()) << broker_->log_tail();
+    auto pub = connect(*broker_, "after-pub");
+    auto sub = connect(*broker_, "after-sub", true);
+    ASSERT_TRUE(pub && sub);
+    Inbox inbox;
+    ASSERT_TRUE(sub->subscribe("still/alive", inbox.handler()).ok());
+    ASSERT_TRUE(pub->publish("still/alive", "yes").ok());
+    ASSERT_TRUE(inbox.wait_for(1));
+  }
+
+  std::unique_ptr<process::BrokerProcess> broker_;
+  std::unique_ptr<Client> admin_;
+};
+
+TEST_F(RobustnessTest, WrongProtocolVersionGetsAnErrorNamingBothVersions) {
+  const uint64_t before = stats().malformed_frames;
+  RawPeer peer(broker_->ipc_endpoint());
+  peer.send(frame_with_version(99));
+  auto reply = peer.receive();
+  ASSERT_TRUE(reply.has_value()) << "no answer to a frame of protocol version 99";
+  auto error = as_error(*reply);
+  ASSERT_TRUE(error.has_value());
+  EXPECT_EQ(error->code, wire::ErrorCode::PROTOCOL_MISMATCH);
+  EXPECT_NE(error->message.find("version"), std::string::npos) << error->message;
+  EXPECT_NE(error->message.find("99"), std::string::npos) << error->message;
+  EXPECT_NE(error->message.find(std::to_string(wire::PROTOCOL_VERSION)), std::string::npos)
+      << error->message;
+  ASSERT_TRUE(wait_until([&] { return stats().malformed_frames >= before + 1; }));
+  expect_broker_serves();
+}
+
+TEST_F(RobustnessTest, GarbageFromUnauthenticatedPeersIsCountedAndSurvived) {
+  const uint64_t before = stats().malformed_frames;
+  std::mt19937 rng(20240601);
+  std::vector<std::string> garbage = {
+      "",                                  // empty frame
+      random_bytes(rng, 37),               // not a whole number of words
+      random_bytes(rng, 64),               // words, but no valid segment table
+      std::string("\x00\x00\x00\x00\xff\xff\xff\x0f", 8),  // one segment, absurd length
+  };
+  {
+    // A real Hello, cut short: the segment table promises more than arrives.
+    zmq::message_t whole = hello(principal("truncated"));
+    const size_t cut = (whole.size() / 2) & ~size_t{7};
+    garbage.emplace_back(static_cast<const char*>(whole.data()), cut);
+  }
+  for (int i = 0; i < 20; ++i) garbage.push_back(random_bytes(rng, 8 * (1 + rng() % 64)));
+
+  size_t answered = 0;
+  for (const auto& bytes : garbage) {
+    RawPeer peer(broker_->ipc_endpoint());
+    peer.send(bytes);
+    // Either an error frame or silence is fine; a reply must decode as an error.
+    if (auto reply = peer.receive(500ms)) {
+      ++answered;
+      auto error = as_error(*reply);
+      ASSERT_TRUE(error.has_value());
+      EXPECT_NE(error->code, wire::ErrorCode::NONE);
+      EXPECT_FALSE(error->message.empty());
+    }
+  }
+  EXPECT_GT(answered, 0u);
+  ASSERT_TRUE(wait_until([&] { return stats().malformed_frames >= before + garbage.size(); }))
+      << "malformed_frames went from " << before << " to " << stats().malformed_frames << " after "
+      << garbage.size() << " garbage frames";
+  expect_broker_serves();
+}
+
+TEST_F(RobustnessTest, UnauthenticatedValidFrameIsToldToSayHello) {
+  RawPeer peer(broker_->ipc_endpoint());
+  peer.send(frame_with_version(wire::PROTOCOL_VERSION));  // a ping before any hello
+  auto reply = peer.receive();
+  ASSERT_TRUE(reply.has_value());
+  auto error = as_error(*reply);
+  ASSERT_TRUE(error.has_value());
+  EXPECT_EQ(error->code, wire::ErrorCode::UNAUTHENTICATED);
+  EXPECT_NE(error->message.find("hello"), std::string::npos) << error->message;
+}
+
+TEST_F(RobustnessTest, GarbageFromAnAuthenticatedSessionIsRejectedAndSessionSurvives) {
+  RawPeer peer(broker_->ipc_endpoint());
+  peer.send(hello(principal("raw-client")));
+  auto ok = peer.receive();
+  ASSERT_TRUE(ok.has_value());
+  {
+    codec::FrameReader reader(*ok);
+    ASSERT_TRUE(reader.status().ok());
+    ASSERT_TRUE(reader.root().isHelloOk())
+        << (reader.root().isError() ? reader.root().getError().getMessage().cStr() : "");
+  }
+  const uint64_t before = stats().malformed_frames;
+
+  // A publish whose batch body is not envelopes.
+  {
+    capnp::MallocMessageBuilder b;
+    auto f = b.initRoot<wire::Frame>();
+    f.setVersion(wire::PROTOCOL_VERSION);
+    f.initPublish().setCount(3);
+    std::mt19937 rng(7);
+    peer.send(codec::to_message(b), random_bytes(rng, 256));
+  }
+  auto reply = peer.receive();
+  ASSERT_TRUE(reply.has_value()) << "no answer to a malformed batch";
+  auto error = as_error(*reply);
+  ASSERT_TRUE(error.has_value());
+  EXPECT_EQ(error->code, wire::ErrorCode::MALFORMED);
+  EXPECT_NE(error->message.find("malformed"), std::string::npos) << error->message;
+
+  // A wrong version inside the session, then plain noise.
+  peer.send(frame_with_version(7));
+  reply = peer.receive();
+  ASSERT_TRUE(reply.has_value());
+  error = as_error(*reply);
+  ASSERT_TRUE(error.has_value());
+  EXPECT_NE(error->message.find("7"), std::string::npos) << error->message;
+  peer.send(std::string_view("\x01\x02\x03"));
+  reply = peer.receive();
+  ASSERT_TRUE(reply.has_value());
+  ASSERT_TRUE(as_error(*reply).has_value());
+
+  ASSERT_TRUE(wait_until([&] { return stats().malformed_frames >= before + 3; }));
+  // The session is still there: a ping is answered with its pong.
+  peer.send(frame_with_version(wire::PROTOCOL_VERSION));
+  reply = peer.receive();
+  ASSERT_TRUE(reply.has_value());
+  codec::FrameReader pong(*reply);
+  ASSERT_TRUE(pong.status().ok());
+  ASSERT_TRUE(pong.root().isPong());
+  EXPECT_EQ(pong.root().getPong(), 42u);
+  expect_broker_serves();
+}
+
+TEST_F(RobustnessTest, SlowConsumerIsDroppedWhileOthersAreServed) {
+  GTEST_SKIP() << "known bug: the SDK's I/O thread drains the socket into an unbounded dispatch "
+                  "queue, so a blocked handler never back-pressures the broker (no drops; client "
+                  "memory grows with everything sent)";
+  constexpr size_t kMessages = 200'000;
+  const std::string payload(1024, 'x');
+
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<uint64_t> slow_seen{0};
+  auto slow = connect(*broker_, "slow-dashboard");
+  ASSERT_NE(slow, nullptr);
+  ASSERT_TRUE(slow->subscribe("load/#", [&, released](const Message&) {
+    ++slow_seen;
+    released.wait();  // a handler stuck on something else
+  }).ok());
+
+  std::atomic<uint64_t> fast_seen{0};
+  std::atomic<bool> in_order{true};
+  auto fast = connect(*broker_, "fast-archiver");
+  ASSERT_NE(fast, nullptr);
+  ASSERT_TRUE(fast->subscribe("load/#", [&](const Message& m) {
+    if (m.sequence() != fast_seen + 1) in_order = false;
+    ++fast_seen;
+  }).ok());
+
+  auto pub = connect(*broker_, "load-generator");
+  ASSERT_NE(pub, nullptr);
+  for (size_t i = 0; i < kMessages; ++i) ASSERT_TRUE(pub->publish("load/line1", payload).ok());
+  ASSERT_TRUE(pub->flush(20s).ok());
+
+  const bool fast_got_all = wait_until([&] { return fast_seen >= kMessages; }, 20s);
+  BrokerStats s = stats();
+  release.set_value();
+  EXPECT_TRUE(fast_got_all) << "the fast subscriber got " << fast_seen << " of " << kMessages;
+  EXPECT_TRUE(in_order) << "the fast subscriber missed or reordered messages";
+  EXPECT_GT(s.slow_consumer_drops, 0u) << "nothing was dropped for the stuck subscriber";
+  for (const auto& c : s.client_stats) {
+    if (c.name == "fast-archiver") {
+      EXPECT_EQ(c.drops, 0u);
+    }
+    if (c.name == "slow-dashboard") {
+      EXPECT_GT(c.drops, 0u);
+    }
+  }
+  ASSERT_TRUE(broker_->running());
+  slow->close(0ms);
+  expect_broker_serves();
+}
+
+TEST_F(RobustnessTest, SubscriberThatStopsReadingIsDroppedWhileOthersAreServed) {
+  // The broker's side of slow-consumer handling, with a peer that really stops reading its
+  // socket: a raw DEALER that subscribes and then never calls recv again.
+  constexpr size_t kMessages = 200'000;
+  const std::string payload(1024, 'x');
+
+  RawPeer stuck(broker_->ipc_endpoint());
+  stuck.send(hello(principal("stuck-dashboard")));
+  auto ok = stuck.receive();
+  ASSERT_TRUE(ok.has_value());
+  {
+    capnp::MallocMessageBuilder b;
+    auto f = b.initRoot<wire::Frame>();
+    f.setVersion(wire::PROTOCOL_VERSION);
+    auto sub = f.initSubscribe();
+    sub.setSubscription(5);
+    sub.setPattern("load/#");
+    stuck.send(codec::to_message(b));
+  }
+  auto subscribed = stuck.receive();
+  ASSERT_TRUE(subscribed.has_value());
+  {
+    codec::FrameReader reader(*subscribed);
+    ASSERT_TRUE(reader.status().ok());
+    ASSERT_TRUE(reader.root().isSubscribed());
+  }
+
+  std::atomic<uint64_t> fast_seen{0};
+  std::atomic<bool> in_order{true};
+  auto fast = connect(*broker_, "fast-archiver");
+  ASSERT_NE(fast, nullptr);
+  ASSERT_TRUE(fast->subscribe("load/#", [&](const Message& m) {
+    if (m.sequence() != fast_seen + 1) in_order = false;
+    ++fast_seen;
+  }).ok());
+
+  auto pub = connect(*broker_, "load-generator");
+  ASSERT_NE(pub, nullptr);
+  for (size_t i = 0; i < kMessages; ++i) ASSERT_TRUE(pub->publish("load/line1", payload).ok());
+  ASSERT_TRUE(pub->flush(20s).ok());
+
+  EXPECT_TRUE(wait_until([&] { return fast_seen >= kMessages; }, 20s))
+      << "the fast subscriber got " << fast_seen << " of " << kMessages;
+  EXPECT_TRUE(in_order) << "the fast subscriber missed or reordered messages";
+  BrokerStats s = stats();
+  EXPECT_GT(s.slow_consumer_drops, 0u) << "nothing was dropped for the stuck subscriber";
+  bool found = false;
+  for (const auto& c : s.client_stats) {
+    if (c.name == "fast-archiver") {
+      EXPECT_EQ(c.drops, 0u);
+    }
+    if (c.name == "stuck-dashboard") {
+      found = true;
+      EXPECT_GT(c.drops, 0u);
+      EXPECT_LE(c.queued_bytes, 1048576u + 512u * 1024u) << "queue far above subscriber_queue_bytes";
+    }
+  }
+  EXPECT_TRUE(found) << "stats() does not list the stuck subscriber";
+  expect_broker_serves();
+}
+
+}  // namespace
+}  // namespace tracemesh::testing

@@ -335,8 +335,10 @@ Status BrokerImpl::init() {
       l.socket = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::router);
       l.socket->set(zmq::sockopt::router_mandatory, 1);
       l.socket->set(zmq::sockopt::linger, 0);
-      l.socket->set(zmq::sockopt::sndhwm, 1000);
-      l.socket->set(zmq::sockopt::rcvhwm, 1000);
+      // Frames are batches (up to 256 KiB): short pipes keep memory hot; beyond
+      // them, output waits in the session's own bounded queue.
+      l.socket->set(zmq::sockopt::sndhwm, 64);
+      l.socket->set(zmq::sockopt::rcvhwm, 64);
       l.socket->set(zmq::sockopt::maxmsgsize, static_cast<int64_t>(config_.max_message_bytes) * 64 + (1 << 20));
       if (l.curve) {
         auto pub = identity_->curve_public_key();
@@ -736,7 +738,7 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
     const uint32_t flags = env.getFlags();
     ++messages_in_;
     bytes_in_ += n;
-    MessageId id = codec::to_id(env.getId());
+    MessageId id{env.getIdHi(), env.getIdLo()};
     if (n > config_.max_message_bytes) {
       if (flags & wire::FLAG_DURABLE) {
         s.acks_out.push_back({id, {0, wire::ErrorCode::TOO_LARGE}});

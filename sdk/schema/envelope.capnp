@@ -45,20 +45,27 @@ struct Header {
 }
 
 struct Envelope {
-  id @0 :MessageId;
-  topic @1 :Text;
-  producer @2 :Text;          # principal name from the producer's credential
-  sequence @3 :UInt64;        # per-producer sequence, starts at 1
-  publishedAtNs @4 :Int64;    # producer wall clock, ns since the Unix epoch
-  flags @5 :UInt32;           # bit set of Envelope flags below
-  labels @6 :Labels;
-  parents @7 :List(MessageId);  # lineage: messages this one was derived from
-  originBroker @8 :Text;      # broker that first accepted the message
-  path @9 :List(Text);        # brokers visited, in order (federation loop prevention)
-  replyTo @10 :Text;          # request/reply: the requester's inbox topic
-  headers @11 :List(Header);
-  payload @12 :Data;          # plaintext, or ciphertext when sealed
-  signature @13 :Data;        # optional Ed25519 signature by the producer
+  # Hot fields first and inline; everything that is usually absent lives in
+  # `trace`, a null pointer when unused, so a plain message stays small.
+  idHi @0 :UInt64;            # 128-bit message id, unique across the mesh
+  idLo @1 :UInt64;
+  topic @2 :Text;
+  producer @3 :Text;          # principal name from the producer's credential
+  sequence @4 :UInt64;        # per-producer sequence, starts at 1
+  publishedAtNs @5 :Int64;    # producer wall clock, ns since the Unix epoch
+  flags @6 :UInt32;           # bit set of the flag constants below
+  payload @7 :Data;           # plaintext, or ciphertext when sealed
+  trace @8 :Trace;
+}
+
+struct Trace {
+  labels @0 :Labels;
+  parents @1 :List(MessageId);  # lineage: messages this one was derived from
+  originBroker @2 :Text;      # broker that first accepted the message
+  path @3 :List(Text);        # brokers visited, in order (federation loop prevention)
+  replyTo @4 :Text;           # request/reply: the requester's inbox topic
+  headers @5 :List(Header);
+  signature @6 :Data;         # optional Ed25519 signature by the producer
 }
 
 const flagDurable :UInt32 = 1;    # publisher wants a broker ack after the write is on disk

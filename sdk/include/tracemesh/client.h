@@ -161,7 +161,7 @@ struct ClientOptions {
   // bytes are queued.
   size_t max_batch_bytes = 256 * 1024;
   // publish() blocks (up to publish_block_timeout) once this much is queued.
-  size_t max_pending_bytes = 64 * 1024 * 1024;
+  size_t max_pending_bytes = 16 * 1024 * 1024;
   std::chrono::milliseconds publish_block_timeout{10000};
   // Durable publishes not acked by the broker within this time fail with timeout.
   std::chrono::milliseconds ack_timeout{30000};

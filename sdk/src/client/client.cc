@@ -29,6 +29,7 @@ namespace {
 constexpr uint64_t kInboxSubscription = 1;
 constexpr uint64_t kAdminCorrelationBase = uint64_t{1} << 62;
 constexpr auto kPingInterval = std::chrono::milliseconds(1000);
+constexpr size_t kMaxDispatchBacklog = 64;  // deliver frames queued for the dispatcher
 
 struct MessageIdHash {
   size_t operator()(const MessageId& id) const noexcept { return id.hi * 31 ^ id.lo; }
@@ -68,30 +69,34 @@ class MessageDecoder {
       if (!fn.wants(m.subscription_)) return true;
       codec::EnvelopeReader reader(p, n);
       auto env = reader.root();
-      m.id_ = codec::to_id(env.getId());
+      m.id_ = MessageId{env.getIdHi(), env.getIdLo()};
       auto view = [](capnp::Text::Reader t) { return std::string_view(t.cStr(), t.size()); };
       m.topic_ = view(env.getTopic());
       m.producer_ = view(env.getProducer());
-      m.reply_to_ = view(env.getReplyTo());
-      m.origin_broker_ = view(env.getOriginBroker());
       auto payload = env.getPayload();
       m.payload_ = std::string_view(reinterpret_cast<const char*>(payload.begin()), payload.size());
       m.sequence_ = env.getSequence();
       m.published_at_ns_ = env.getPublishedAtNs();
       m.flags_ = env.getFlags();
       m.parents_.clear();
-      if (env.hasParents()) {
-        for (auto p2 : env.getParents()) m.parents_.push_back(codec::to_id(p2));
-      }
       m.labels_.regions.clear();
-      if (env.hasLabels()) {
-        auto l = env.getLabels();
-        m.labels_.data_class = static_cast<DataClass>(l.getDataClass());
-        m.labels_.sensitivity = static_cast<Sensitivity>(l.getSensitivity());
-        for (auto r : l.getRegions()) m.labels_.regions.emplace_back(r.cStr());
-      } else {
-        m.labels_.data_class = DataClass::unspecified;
-        m.labels_.sensitivity = Sensitivity::internal;
+      m.labels_.data_class = DataClass::unspecified;
+      m.labels_.sensitivity = Sensitivity::internal;
+      m.reply_to_ = {};
+      m.origin_broker_ = {};
+      if (env.hasTrace()) {
+        auto trace = env.getTrace();
+        m.reply_to_ = view(trace.getReplyTo());
+        m.origin_broker_ = view(trace.getOriginBroker());
+        if (trace.hasParents()) {
+          for (auto p2 : trace.getParents()) m.parents_.push_back(codec::to_id(p2));
+        }
+        if (trace.hasLabels()) {
+          auto l = trace.getLabels();
+          m.labels_.data_class = static_cast<DataClass>(l.getDataClass());
+          m.labels_.sensitivity = static_cast<Sensitivity>(l.getSensitivity());
+          for (auto r : l.getRegions()) m.labels_.regions.emplace_back(r.cStr());
+        }
       }
       m.stream_seq_ = d.getStreamSeq();
       m.attempt_ = d.getAttempt();
@@ -214,6 +219,7 @@ class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
   // I/O thread only.
   std::deque<std::pair<zmq::message_t, std::optional<zmq::message_t>>> outq_;
   Clock::time_point next_ping_at_{};
+  bool dispatch_behind_ = false;
   Clock::time_point next_expiry_at_{};
 };
 
@@ -230,8 +236,10 @@ Status ClientImpl::start() {
     sock_ = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::dealer);
     sock_->set(zmq::sockopt::linger, 0);
     sock_->set(zmq::sockopt::immediate, 1);
-    sock_->set(zmq::sockopt::sndhwm, 10000);
-    sock_->set(zmq::sockopt::rcvhwm, 10000);
+    // Frames are batches of up to max_batch_bytes: a short pipe keeps the
+    // working set small and cache-hot, and pushes back on the publisher.
+    sock_->set(zmq::sockopt::sndhwm, 64);
+    sock_->set(zmq::sockopt::rcvhwm, 64);
     sock_->set(zmq::sockopt::reconnect_ivl, 100);
     sock_->set(zmq::sockopt::reconnect_ivl_max, 2000);
     sock_->set(zmq::sockopt::heartbeat_ivl, 1000);
@@ -414,7 +422,7 @@ void ClientImpl::io_loop() {
       io_idle_ = !work_waiting;
     }
     try {
-      zmq::poll(items, 3, std::chrono::milliseconds(work_waiting ? 0 : outq_.empty() ? 100 : 10));
+      zmq::poll(items, 3, std::chrono::milliseconds(work_waiting ? 0 : outq_.empty() && !dispatch_behind_ ? 100 : 2));
     } catch (const zmq::error_t& e) {
       if (e.num() == ETERM) break;
       continue;
@@ -428,8 +436,14 @@ void ClientImpl::io_loop() {
       [[maybe_unused]] auto n = ::read(wake_fd_, &v, sizeof v);
     }
     if (items[1].revents & ZMQ_POLLIN) on_monitor_event();
-    // Receive everything available.
-    for (int i = 0; i < 1024; ++i) {
+    // Receive everything available, unless the dispatcher is far behind:
+    // then leave frames in the socket so TCP pushes back on the broker.
+    size_t backlog;
+    {
+      std::lock_guard lock(dispatch_mu_);
+      backlog = dispatch_queue_.size();
+    }
+    for (int i = 0; i < 1024 && backlog < kMaxDispatchBacklog; ++i) {
       zmq::message_t header;
       if (!sock_->recv(header, zmq::recv_flags::dontwait)) break;
       std::shared_ptr<zmq::message_t> body;
@@ -444,6 +458,7 @@ void ClientImpl::io_loop() {
       }
       on_frame(header, std::move(body));
     }
+    dispatch_behind_ = backlog >= kMaxDispatchBacklog;
     flush_outgoing();
     const auto now = Clock::now();
     if (now >= next_ping_at_) {

@@ -26,32 +26,41 @@ size_t estimate_words(const EnvelopeFields& f) {
 wire::DataClass to_wire(DataClass c) { return static_cast<wire::DataClass>(c); }
 wire::Sensitivity to_wire(Sensitivity s) { return static_cast<wire::Sensitivity>(s); }
 
+bool has_labels(const Labels* l) {
+  return l && (l->data_class != DataClass::unspecified || l->sensitivity != Sensitivity::internal ||
+               !l->regions.empty());
+}
+
 void fill(wire::Envelope::Builder env, const EnvelopeFields& f) {
-  set_id(env.initId(), f.id);
+  env.setIdHi(f.id.hi);
+  env.setIdLo(f.id.lo);
   env.setTopic(capnp::Text::Reader(f.topic.data(), f.topic.size()));
   if (!f.producer.empty()) env.setProducer(capnp::Text::Reader(f.producer.data(), f.producer.size()));
   env.setSequence(f.sequence);
   env.setPublishedAtNs(f.published_at_ns);
   env.setFlags(f.flags);
-  if (f.labels && (f.labels->data_class != DataClass::unspecified ||
-                   f.labels->sensitivity != Sensitivity::internal || !f.labels->regions.empty())) {
-    auto labels = env.initLabels();
-    labels.setDataClass(to_wire(f.labels->data_class));
-    labels.setSensitivity(to_wire(f.labels->sensitivity));
+  env.setPayload(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(f.payload.data()),
+                                     f.payload.size()));
+  const bool labels = has_labels(f.labels);
+  if (!labels && f.parents.empty() && f.origin_broker.empty() && f.reply_to.empty()) return;
+  auto trace = env.initTrace();
+  if (labels) {
+    auto l = trace.initLabels();
+    l.setDataClass(to_wire(f.labels->data_class));
+    l.setSensitivity(to_wire(f.labels->sensitivity));
     if (!f.labels->regions.empty()) {
-      auto regions = labels.initRegions(f.labels->regions.size());
+      auto regions = l.initRegions(f.labels->regions.size());
       for (size_t i = 0; i < f.labels->regions.size(); ++i) regions.set(i, f.labels->regions[i]);
     }
   }
   if (!f.parents.empty()) {
-    auto parents = env.initParents(f.parents.size());
+    auto parents = trace.initParents(f.parents.size());
     for (size_t i = 0; i < f.parents.size(); ++i) set_id(parents[i], f.parents[i]);
   }
   if (!f.origin_broker.empty())
-    env.setOriginBroker(capnp::Text::Reader(f.origin_broker.data(), f.origin_broker.size()));
-  if (!f.reply_to.empty()) env.setReplyTo(capnp::Text::Reader(f.reply_to.data(), f.reply_to.size()));
-  env.setPayload(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(f.payload.data()),
-                                     f.payload.size()));
+    trace.setOriginBroker(capnp::Text::Reader(f.origin_broker.data(), f.origin_broker.size()));
+  if (!f.reply_to.empty())
+    trace.setReplyTo(capnp::Text::Reader(f.reply_to.data(), f.reply_to.size()));
 }
 
 }  // namespace

@@ -1,0 +1,68 @@
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include "config.h"
+#include "process/temp_dir.h"
+
+namespace tracemesh::broker {
+namespace {
+
+class ConfigTest : public ::testing::Test {
+ protected:
+  std::string write(const std::string& text) {
+    const auto path = (dir_.path() / "broker.toml").string();
+    std::ofstream(path) << text;
+    return path;
+  }
+  process::TempDir dir_ = process::TempDir::create("tm-config").value();
+  std::string op_ = encode_key(Identity::generate().public_key());
+};
+
+TEST_F(ConfigTest, LoadsAndResolvesPaths) {
+  auto c = load_config(write("[broker]\nname = \"edge-1\"\nidentity = \"b.key\"\ndata_dir = \"data\"\n"
+                             "listen = [\"tcp://127.0.0.1:0\"]\n[security]\noperators = [\"" + op_ +
+                             "\"]\n[[stream]]\nname = \"S\"\nsubjects = [\"a/#\"]\nmax_messages = 10\n"));
+  ASSERT_TRUE(c.ok()) << c.error().to_string();
+  EXPECT_EQ(c->name, "edge-1");
+  EXPECT_EQ(c->identity_path, (dir_.path() / "b.key").string());
+  EXPECT_EQ(c->data_dir, (dir_.path() / "data").string());
+  ASSERT_EQ(c->streams.size(), 1u);
+  EXPECT_EQ(c->streams[0].max_messages, 10u);
+  EXPECT_TRUE(c->curve);
+}
+
+TEST_F(ConfigTest, ErrorsNameFileLineAndField) {
+  auto c = load_config(write("[broker]\nidentity = \"b.key\"\ndata_dir = \"d\"\nlisten = \"tcp://x:1\"\n"));
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.error().message().find("broker.toml:4"), std::string::npos) << c.error().message();
+  EXPECT_NE(c.error().message().find("broker.listen"), std::string::npos);
+
+  auto unknown = load_config(write("[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"tcp://a:1\"]\n"
+                                   "colour = 1\n"));
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_NE(unknown.error().message().find("broker.colour: unknown setting"), std::string::npos);
+
+  auto syntax = load_config(write("[broker\n"));
+  ASSERT_FALSE(syntax.ok());
+  EXPECT_NE(syntax.error().message().find("broker.toml:1"), std::string::npos);
+
+  auto no_ops = load_config(write("[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"tcp://a:1\"]\n"));
+  ASSERT_FALSE(no_ops.ok());
+  EXPECT_NE(no_ops.error().message().find("security.operators"), std::string::npos);
+
+  auto bad_key = load_config(write("[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"tcp://a:1\"]\n"
+                                   "[security]\noperators = [\"nope\"]\n"));
+  ASSERT_FALSE(bad_key.ok());
+  EXPECT_NE(bad_key.error().message().find("security.operators"), std::string::npos);
+
+  auto bad_filter = load_config(write("[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"tcp://a:1\"]\n"
+                                      "[security]\noperators = [\"" + op_ +
+                                      "\"]\n[[stream]]\nname = \"S\"\nsubjects = [\"a/#/b\"]\n"));
+  ASSERT_FALSE(bad_filter.ok());
+  EXPECT_NE(bad_filter.error().message().find("stream.subjects"), std::string::npos);
+  EXPECT_EQ(load_config((dir_.path() / "missing.toml").string()).error().code(), Errc::not_found);
+}
+
+}  // namespace
+}  // namespace tracemesh::broker

@@ -4,6 +4,8 @@
 #include <sodium.h>
 #include <spdlog/spdlog.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 
 #include <csignal>
 #include <unistd.h>
@@ -51,6 +53,19 @@ std::string hex(const uint8_t* p, size_t n) {
 }
 
 std::string_view view(capnp::Text::Reader t) { return {t.cStr(), t.size()}; }
+
+// Whether something accepts connections on the unix socket at `path`.
+bool unix_socket_in_use(const std::string& path) {
+  sockaddr_un addr{};
+  if (path.size() >= sizeof addr.sun_path) return false;
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  const bool in_use = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+  ::close(fd);
+  return in_use;
+}
 
 void free_words(void* data, void*) { std::free(data); }
 
@@ -239,6 +254,7 @@ class BrokerImpl final : public Broker {
   std::unordered_map<uint64_t, PendingWrite> pending_writes_;
   uint64_t next_token_ = 1;
   std::set<Consumer*> dirty_consumers_;
+  std::set<std::string> touched_streams_;  // appended to since the last counter refresh
   Clock::time_point next_consumer_save_{};
 
   Clock::time_point started_ = Clock::now();
@@ -353,8 +369,13 @@ Status BrokerImpl::init() {
       if (bind.rfind("tcp://", 0) == 0 && bind.size() > 2 && bind.substr(bind.size() - 2) == ":0")
         bind = bind.substr(0, bind.size() - 1) + "*";
       if (bind.rfind("ipc://", 0) == 0) {
-        fs::path p(bind.substr(6));
-        fs::remove(p, ec);  // a stale socket file from a crash
+        const std::string path = bind.substr(6);
+        if (fs::exists(path, ec)) {
+          if (unix_socket_in_use(path))
+            return Error(Errc::io, config_.path + ": broker.listen: '" + endpoint +
+                                       "' is in use by another running process");
+          fs::remove(path, ec);  // a stale socket file from a crash
+        }
       }
       l.socket->bind(bind);
       l.endpoint = l.socket->get(zmq::sockopt::last_endpoint);
@@ -570,7 +591,7 @@ void BrokerImpl::on_frame(size_t listener, zmq::message_t& rid, zmq::message_t& 
       if (frame.isHello()) {
         on_hello(s, header, frame.getHello());
       } else if (!frame.isError() && !frame.isPong()) {
-        send_control(s, codec::error_frame(wire::ErrorCode::UNAUTHENTICATED,
+        send_control(s, codec::error_frame(wire::ErrorCode::NO_SESSION,
                                            "no session on this broker: send hello first"));
         flush_session(s);
         sessions_.erase(key);
@@ -604,6 +625,9 @@ void BrokerImpl::on_frame(size_t listener, zmq::message_t& rid, zmq::message_t& 
       case wire::Frame::HELLO:
         on_hello(s, header, frame.getHello());
         break;
+      case wire::Frame::BYE:
+        drop_session(key, "disconnected");
+        return;
       default:
         break;
     }
@@ -649,10 +673,18 @@ void BrokerImpl::on_hello(Session& s, zmq::message_t& header, wire::Hello::Reade
   const int64_t ts = hello.getTimestampMs();
   for (int i = 0; i < 8; ++i) signed_bytes.push_back(static_cast<char>((ts >> (8 * i)) & 0xff));
   if (!verify_signature(claims.subject, reinterpret_cast<const uint8_t*>(signed_bytes.data()),
-                        signed_bytes.size(), sig.begin()))
+                        signed_bytes.size(), sig.begin())) {
+    std::string unbound = signed_bytes;
+    std::fill(unbound.begin() + 18, unbound.begin() + 50, '\0');
+    if (verify_signature(claims.subject, reinterpret_cast<const uint8_t*>(unbound.data()), unbound.size(),
+                         sig.begin()))
+      return refuse(wire::ErrorCode::UNAUTHENTICATED,
+                    "the client signed its hello without this broker's key: give the client the "
+                    "broker's public key (--broker-key), on ipc too");
     return refuse(wire::ErrorCode::UNAUTHENTICATED,
                   "hello signature does not match the credential's key: the client does not hold "
                   "the private key of '" + claims.name + "'");
+  }
   const std::string nonce_key(reinterpret_cast<const char*>(nonce.begin()), 16);
   if (!hello_nonces_.insert(nonce_key).second)
     return refuse(wire::ErrorCode::UNAUTHENTICATED, "hello replayed (nonce seen before)");
@@ -1140,6 +1172,7 @@ void BrokerImpl::on_write_results() {
           d->second.seq = r.seq;
           waiting = std::move(d->second.waiting);
         }
+        touched_streams_.insert(w.stream);
         auto st = streams_.find(w.stream);
         if (st != streams_.end()) {
           auto& state = st->second->state;
@@ -1180,9 +1213,9 @@ void BrokerImpl::on_write_results() {
       send_control(*s, codec::to_message(b));
     }
   }
-  // Refresh counters that trimming may have changed, then feed consumers.
+  // Refresh counters (bytes, trimming) from the store, then feed consumers.
   for (auto& [name, rt] : streams_) {
-    if (rt->consumers.empty()) continue;
+    if (rt->consumers.empty() && !touched_streams_.count(name)) continue;
     if (auto st = store_->stream(name); st.ok()) {
       rt->state.first_seq = st->first_seq;
       rt->state.messages = st->messages;
@@ -1191,6 +1224,7 @@ void BrokerImpl::on_write_results() {
     }
     for (auto& [cn, c] : rt->consumers) pump(*c);
   }
+  touched_streams_.clear();
 }
 
 void BrokerImpl::send_control(Session& s, zmq::message_t&& frame) {

@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <toml++/toml.h>
 
 #include "topic/topic_trie.h"
@@ -39,6 +40,8 @@ class Loader {
       if (!node->is_integer()) return error(node, field, "expected an integer");
       int64_t v = node->as_integer()->get();
       if (v < 0) return error(node, field, "must not be negative");
+      if (static_cast<uint64_t>(v) > std::numeric_limits<T>::max())
+        return error(node, field, "must be at most " + std::to_string(std::numeric_limits<T>::max()));
       out = static_cast<T>(v);
     } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
       const toml::array* arr = node->as_array();
@@ -110,6 +113,9 @@ class Loader {
       TM_GET(sec, "security", "revoked", c.revoked);
       TM_GET(sec, "security", "revoked_file", c.revoked_file);
       c.revoked_file = resolve(c.revoked_file);
+      if (!c.revoked_file.empty() && !fs::exists(c.revoked_file))
+        return error(sec->get("revoked_file"), "security.revoked_file",
+                     "'" + c.revoked_file + "' does not exist");
     }
     if (c.operators.empty())
       return error(nullptr, "security.operators", "at least one trusted operator key is required");
@@ -125,6 +131,12 @@ class Loader {
       TM_GET(lim, "limits", "ack_wait_ms", c.default_ack_wait_ms);
       TM_GET(lim, "limits", "dedup_window_ms", c.dedup_window_ms);
       TM_GET(lim, "limits", "session_timeout_ms", c.session_timeout_ms);
+      for (const char* k : {"subscriber_queue_bytes", "max_in_flight", "ack_wait_ms", "dedup_window_ms",
+                            "session_timeout_ms"}) {
+        const toml::node* n = lim->get(k);
+        if (n && n->is_integer() && n->as_integer()->get() == 0)
+          return error(n, std::string("limits.") + k, "must be greater than 0");
+      }
     }
 
     if (const toml::node* streams = root_.get("stream")) {

@@ -30,6 +30,7 @@ enum ErrorCode {
   internal @11;
   exists @12;
   tooLarge @13;           # message exceeds the broker's max_message_bytes
+  noSession @14;          # the broker has no session for this connection: send hello
 }
 
 struct Hello {
@@ -187,5 +188,6 @@ struct Frame {
     ping @12 :UInt64;
     pong @13 :UInt64;
     subscribed @14 :UInt64;   # broker confirms a subscription is active
+    bye @15 :Void;            # the client is closing: the broker ends the session now
   }
 }

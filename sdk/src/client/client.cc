@@ -217,7 +217,13 @@ class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
   std::deque<RawDelivery> dispatch_queue_;  // guarded by dispatch_mu_
 
   // I/O thread only.
-  std::deque<std::pair<zmq::message_t, std::optional<zmq::message_t>>> outq_;
+  // Frames handed over for sending. Until the session is ready only a hello may go.
+  struct Outgoing {
+    zmq::message_t header;
+    std::optional<zmq::message_t> body;
+    bool hello = false;
+  };
+  std::deque<Outgoing> outq_;
   Clock::time_point next_ping_at_{};
   bool dispatch_behind_ = false;
   Clock::time_point next_expiry_at_{};
@@ -291,9 +297,18 @@ void ClientImpl::shutdown(std::chrono::milliseconds timeout) {
   if (stop_.exchange(true)) return;
   if (io_thread_.joinable()) {
     if (timeout.count() > 0) {
-      // Let the I/O thread send what is queued.
+      // Let the I/O thread send what is queued, then say goodbye so the broker
+      // ends the session at once instead of timing it out.
       stop_ = false;
       (void)flush(timeout);
+      {
+        std::lock_guard lock(mu_);
+        capnp::MallocMessageBuilder b(16);
+        auto f = b.initRoot<wire::Frame>();
+        f.setVersion(wire::PROTOCOL_VERSION);
+        f.setBye();
+        tail_.push_back(codec::to_message(b));
+      }
       stop_ = true;
     }
     wake();
@@ -518,6 +533,9 @@ void ClientImpl::on_monitor_event() {
       const bool was_ready = state_ == State::ready;
       state_ = State::connecting;
       lock.unlock();
+      // Frames for the lost session: durable publishes and subscriptions are
+      // sent again after the next hello; best-effort data is gone with it.
+      outq_.clear();
       if (was_ready && opts_.on_error)
         opts_.on_error(Error(Errc::disconnected, "connection to " + opts_.url + " lost; reconnecting"));
     } else {
@@ -557,7 +575,7 @@ void ClientImpl::send_hello() {
   hello.setSignature(capnp::Data::Reader(sig.data(), sig.size()));
   hello.setClientName(producer_);
   // Hello jumps the queue: nothing else may precede it on a new connection.
-  outq_.emplace_front(codec::to_message(b), std::nullopt);
+  outq_.push_front(Outgoing{codec::to_message(b), std::nullopt, true});
 }
 
 void ClientImpl::fail_connect(Error error) {
@@ -645,6 +663,17 @@ void ClientImpl::on_frame(zmq::message_t& header, std::shared_ptr<zmq::message_t
   {
     std::lock_guard lock(mu_);
     state = state_;
+  }
+  if (frame.isError() && frame.getError().getCode() == wire::ErrorCode::NO_SESSION) {
+    // The broker does not know this connection (it restarted, or our hello is
+    // still on its way): authenticate again unless a hello is already out.
+    std::unique_lock lock(mu_);
+    if (state_ == State::ready) {
+      state_ = State::handshaking;
+      lock.unlock();
+      send_hello();
+    }
+    return;
   }
   if (state == State::handshaking || state == State::connecting) {
     if (frame.isHelloOk() || (frame.isError() && frame.getError().getCorrelation() == 0 &&
@@ -774,13 +803,6 @@ void ClientImpl::on_frame(zmq::message_t& header, std::shared_ptr<zmq::message_t
         admin_waiters_.erase(it);
         return;
       }
-      if (error.code() == Errc::unauthenticated && state_ == State::ready) {
-        // The broker lost our session (it restarted): authenticate again.
-        state_ = State::handshaking;
-        lock.unlock();
-        send_hello();
-        return;
-      }
       lock.unlock();
       if (opts_.on_error) opts_.on_error(error);
       return;
@@ -792,15 +814,17 @@ void ClientImpl::on_frame(zmq::message_t& header, std::shared_ptr<zmq::message_t
 
 void ClientImpl::send_frame(zmq::message_t&& header, zmq::message_t&& body, bool has_body) {
   if (has_body)
-    outq_.emplace_back(std::move(header), std::move(body));
+    outq_.push_back(Outgoing{std::move(header), std::move(body), false});
   else
-    outq_.emplace_back(std::move(header), std::nullopt);
+    outq_.push_back(Outgoing{std::move(header), std::nullopt, false});
 }
 
 void ClientImpl::flush_outgoing() {
+  bool ready;
   {
     std::lock_guard lock(mu_);
     wake_pending_ = false;
+    ready = state_ == State::ready;
     if (state_ == State::ready) {
       while (!control_.empty()) {
         send_frame(std::move(control_.front()));
@@ -836,7 +860,8 @@ void ClientImpl::flush_outgoing() {
     }
   }
   while (!outq_.empty()) {
-    auto& [header, body] = outq_.front();
+    auto& [header, body, hello] = outq_.front();
+    if (!ready && !hello) return;  // data waits for the new session
     try {
       if (body) {
         if (!sock_->send(header, zmq::send_flags::sndmore | zmq::send_flags::dontwait)) return;
@@ -1036,7 +1061,7 @@ void ClientImpl::dispatch_loop() {
     }
     codec::FrameReader reader(*raw.header);
     if (!reader.status().ok()) continue;
-    ToHandlers to{this};
+    ToHandlers to{this, 0, nullptr};
     auto s = MessageDecoder::for_each(raw.data, raw.size, raw.keep, reader.root().getDeliver(),
                                       weak_from_this(), to);
     if (!s.ok() && opts_.on_error) opts_.on_error(s.error());

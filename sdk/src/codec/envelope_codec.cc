@@ -205,6 +205,7 @@ Errc to_errc(wire::ErrorCode code) {
     case wire::ErrorCode::INTERNAL: return Errc::internal;
     case wire::ErrorCode::EXISTS: return Errc::exists;
     case wire::ErrorCode::TOO_LARGE: return Errc::too_large;
+    case wire::ErrorCode::NO_SESSION: return Errc::disconnected;
   }
   return Errc::protocol;
 }

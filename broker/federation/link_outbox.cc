@@ -1,0 +1,209 @@
+#include "federation/link_outbox.h"
+
+#include <endian.h>
+
+#include <cstring>
+#include <filesystem>
+
+namespace tracemesh::broker {
+namespace {
+
+Error mdb_error(const char* what, int rc, const std::string& dir) {
+  const Errc code = (rc == MDB_MAP_FULL || rc == ENOSPC) ? Errc::storage_full : Errc::io;
+  return Error(code, "link outbox " + dir + ": " + what + ": " + mdb_strerror(rc));
+}
+
+uint64_t key_seq(const MDB_val& k) {
+  uint64_t be;
+  std::memcpy(&be, k.mv_data, 8);
+  return be64toh(be);
+}
+
+}  // namespace
+
+Result<std::unique_ptr<LinkOutbox>> LinkOutbox::open(const Options& options) {
+  std::unique_ptr<LinkOutbox> box(new LinkOutbox(options));
+  if (auto s = box->open_env(); !s.ok()) return s.error();
+  return box;
+}
+
+LinkOutbox::~LinkOutbox() {
+  if (env_) mdb_env_close(env_);
+}
+
+Status LinkOutbox::open_env() {
+  std::error_code ec;
+  std::filesystem::create_directories(options_.dir, ec);
+  if (ec) return Error(Errc::io, options_.dir + ": " + ec.message());
+  int rc = mdb_env_create(&env_);
+  if (rc) return mdb_error("create", rc, options_.dir);
+  mdb_env_set_mapsize(env_, options_.map_bytes);
+  rc = mdb_env_open(env_, options_.dir.c_str(), MDB_NOSYNC | MDB_NOTLS, 0640);
+  if (rc) return mdb_error("open", rc, options_.dir);
+  MDB_txn* txn;
+  rc = mdb_txn_begin(env_, nullptr, 0, &txn);
+  if (rc) return mdb_error("begin", rc, options_.dir);
+  rc = mdb_dbi_open(txn, nullptr, 0, &db_);
+  if (rc) {
+    mdb_txn_abort(txn);
+    return mdb_error("dbi", rc, options_.dir);
+  }
+  // Rebuild the counters from what survived.
+  MDB_cursor* cur;
+  mdb_cursor_open(txn, db_, &cur);
+  MDB_val k, v;
+  bool first = true;
+  for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+    if (k.mv_size != 8 || v.mv_size < 1) continue;
+    const uint64_t seq = key_seq(k);
+    if (first) {
+      stats_.acked_seq = seq - 1;
+      first = false;
+    }
+    stats_.last_seq = seq;
+    stats_.messages++;
+    stats_.bytes += v.mv_size - 1;
+  }
+  mdb_cursor_close(cur);
+  // An empty outbox keeps its numbering in a meta key so seqs never repeat.
+  MDB_val mk{5, const_cast<char*>("\xffmeta")}, mv;
+  if (mdb_get(txn, db_, &mk, &mv) == 0 && mv.mv_size == 8) {
+    uint64_t last;
+    std::memcpy(&last, mv.mv_data, 8);
+    if (first) stats_.acked_seq = last;
+    stats_.last_seq = std::max(stats_.last_seq, last);
+  }
+  rc = mdb_txn_commit(txn);
+  if (rc) return mdb_error("commit", rc, options_.dir);
+  return Status::Ok();
+}
+
+Status LinkOutbox::append(std::string_view envelope, bool durable) {
+  uint64_t queued = 0;
+  for (const auto& p : pending_) queued += p.envelope.size();
+  if (stats_.bytes + queued + envelope.size() > options_.budget_bytes) {
+    if (durable)
+      return Error(Errc::overloaded, "link outbox full (" + std::to_string(options_.budget_bytes) +
+                                         " bytes): durable publishes wait for the link to drain");
+    if (!options_.drop_oldest) {
+      stats_.dropped++;
+      return Error(Errc::overloaded, "link outbox full: best-effort message dropped (overflow = reject)");
+    }
+  }
+  pending_.push_back({std::string(envelope), durable});
+  return Status::Ok();
+}
+
+Status LinkOutbox::drop_best_effort(MDB_txn* txn, uint64_t need_bytes) {
+  // Drop the oldest best-effort entries until `need_bytes` fit in the budget.
+  MDB_cursor* cur;
+  int rc = mdb_cursor_open(txn, db_, &cur);
+  if (rc) return mdb_error("cursor", rc, options_.dir);
+  MDB_val k, v;
+  for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+       rc == 0 && stats_.bytes + need_bytes > options_.budget_bytes;
+       rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+    if (k.mv_size != 8 || v.mv_size < 1) continue;
+    if (static_cast<const uint8_t*>(v.mv_data)[0] != 0) continue;  // durable: never dropped
+    stats_.bytes -= v.mv_size - 1;
+    stats_.messages--;
+    stats_.dropped++;
+    mdb_cursor_del(cur, 0);
+  }
+  mdb_cursor_close(cur);
+  return Status::Ok();
+}
+
+Status LinkOutbox::commit() {
+  if (pending_.empty()) return Status::Ok();
+  MDB_txn* txn;
+  int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
+  if (rc) return mdb_error("begin", rc, options_.dir);
+  uint64_t incoming = 0;
+  for (const auto& p : pending_) incoming += p.envelope.size();
+  if (stats_.bytes + incoming > options_.budget_bytes && options_.drop_oldest) {
+    if (auto s = drop_best_effort(txn, incoming); !s.ok()) {
+      mdb_txn_abort(txn);
+      return s;
+    }
+  }
+  Stats next = stats_;
+  for (const auto& p : pending_) {
+    const uint64_t seq = ++next.last_seq;
+    const uint64_t be = htobe64(seq);
+    MDB_val k{8, const_cast<uint64_t*>(&be)};
+    MDB_val v{p.envelope.size() + 1, nullptr};
+    rc = mdb_put(txn, db_, &k, &v, MDB_RESERVE | MDB_APPEND);
+    if (rc) {
+      mdb_txn_abort(txn);
+      pending_.clear();
+      return mdb_error("put", rc, options_.dir);
+    }
+    auto* out = static_cast<uint8_t*>(v.mv_data);
+    out[0] = p.durable ? 1 : 0;
+    std::memcpy(out + 1, p.envelope.data(), p.envelope.size());
+    next.messages++;
+    next.bytes += p.envelope.size();
+  }
+  MDB_val mk{5, const_cast<char*>("\xffmeta")};
+  MDB_val mv{8, &next.last_seq};
+  mdb_put(txn, db_, &mk, &mv, 0);
+  rc = mdb_txn_commit(txn);
+  pending_.clear();
+  if (rc) return mdb_error("commit", rc, options_.dir);
+  next.dropped = stats_.dropped;
+  stats_ = next;
+  return Status::Ok();
+}
+
+Status LinkOutbox::sync() {
+  int rc = mdb_env_sync(env_, 1);
+  return rc ? Status(mdb_error("sync", rc, options_.dir)) : Status::Ok();
+}
+
+Status LinkOutbox::read(uint64_t after, size_t max_count, const std::function<bool(const Entry&)>& fn) {
+  MDB_txn* txn;
+  int rc = mdb_txn_begin(env_, nullptr, MDB_RDONLY, &txn);
+  if (rc) return mdb_error("begin read", rc, options_.dir);
+  MDB_cursor* cur;
+  mdb_cursor_open(txn, db_, &cur);
+  const uint64_t be = htobe64(after + 1);
+  MDB_val k{8, const_cast<uint64_t*>(&be)}, v;
+  size_t n = 0;
+  for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && n < max_count;
+       rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+    if (k.mv_size != 8 || v.mv_size < 1) continue;
+    ++n;
+    const auto* p = static_cast<const char*>(v.mv_data);
+    if (!fn(Entry{key_seq(k), p[0] != 0, std::string_view(p + 1, v.mv_size - 1)})) break;
+  }
+  mdb_cursor_close(cur);
+  mdb_txn_abort(txn);
+  return Status::Ok();
+}
+
+Status LinkOutbox::ack(uint64_t upto) {
+  if (upto <= stats_.acked_seq) return Status::Ok();
+  MDB_txn* txn;
+  int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
+  if (rc) return mdb_error("begin", rc, options_.dir);
+  MDB_cursor* cur;
+  mdb_cursor_open(txn, db_, &cur);
+  MDB_val k, v;
+  Stats next = stats_;
+  for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+    if (k.mv_size != 8) break;  // the meta key sorts last
+    if (key_seq(k) > upto) break;
+    next.messages--;
+    next.bytes -= v.mv_size - 1;
+    mdb_cursor_del(cur, 0);
+  }
+  mdb_cursor_close(cur);
+  rc = mdb_txn_commit(txn);
+  if (rc) return mdb_error("commit", rc, options_.dir);
+  next.acked_seq = upto;
+  stats_ = next;
+  return Status::Ok();
+}
+
+}  // namespace tracemesh::broker

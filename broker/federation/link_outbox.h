@@ -1,0 +1,83 @@
+// LinkOutbox: the durable store-and-forward queue of one federation link.
+//
+// Everything a broker forwards over a link goes through its outbox: appended
+// in the broker's loop (one LMDB transaction per loop iteration), sent from
+// there while the link is up, and deleted once the remote broker acked it. While
+// the link is down the outbox keeps accepting up to its byte budget, then
+// applies the overflow policy to best-effort messages; durable messages are
+// never dropped (the broker refuses new durable publishes for the link instead).
+//
+// The environment is opened with MDB_NOSYNC: a commit survives a crash of the
+// broker process (the pages are in the kernel's cache) but not of the machine.
+// sync() forces the data to disk; the broker calls it before acking a durable
+// publish that is bound for a link.
+//
+// Threading: one thread (the broker loop) uses an outbox.
+#pragma once
+
+#include <lmdb.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tracemesh/status.h"
+
+namespace tracemesh::broker {
+
+class LinkOutbox {
+ public:
+  struct Options {
+    std::string dir;                    // created if missing
+    uint64_t budget_bytes = 256u << 20; // accepted backlog before overflow applies
+    bool drop_oldest = true;            // best-effort overflow: drop oldest (else refuse newest)
+    uint64_t map_bytes = 8ull << 30;    // LMDB map size (sparse)
+  };
+  struct Entry {
+    uint64_t seq;
+    bool durable;
+    std::string_view envelope;  // valid only inside the callback
+  };
+  struct Stats {
+    uint64_t messages = 0, bytes = 0;      // backlog (not yet acked by the remote)
+    uint64_t dropped = 0;                  // best-effort messages dropped by overflow
+    uint64_t last_seq = 0, acked_seq = 0;
+  };
+
+  static Result<std::unique_ptr<LinkOutbox>> open(const Options& options);
+  ~LinkOutbox();
+
+  // Queues one message; committed by commit(). Errors: overloaded when the budget
+  // is full and the message is durable (or overflow policy refuses the newest).
+  Status append(std::string_view envelope, bool durable);
+  // Commits what append() queued since the last commit (one transaction).
+  Status commit();
+  // Forces committed data to disk (fsync).
+  Status sync();
+  // Calls fn for unacked entries with seq > after, in order, until it returns false.
+  Status read(uint64_t after, size_t max_count, const std::function<bool(const Entry&)>& fn);
+  // The remote has every entry with seq <= upto: delete them.
+  Status ack(uint64_t upto);
+  const Stats& stats() const { return stats_; }
+  bool full() const { return stats_.bytes >= options_.budget_bytes; }
+
+ private:
+  explicit LinkOutbox(Options options) : options_(std::move(options)) {}
+  Status open_env();
+  Status drop_best_effort(MDB_txn* txn, uint64_t need_bytes);
+
+  Options options_;
+  MDB_env* env_ = nullptr;
+  MDB_dbi db_ = 0;  // u64 seq (big-endian) -> [u8 durable][envelope]
+  struct Pending {
+    std::string envelope;
+    bool durable;
+  };
+  std::vector<Pending> pending_;
+  Stats stats_;
+};
+
+}  // namespace tracemesh::broker

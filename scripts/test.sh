@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CI entry point (.ci/run): installs the dependencies, builds everything with warnings as
-# errors, and runs the unit and integration tests.
+# errors, runs the unit and integration tests, then fuzzes the decoders for a bounded time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,5 +10,7 @@ ninja -C build -j"$(nproc)"
 ctest --test-dir build --output-on-failure -j2
 
 # ------------------------------------------------------------------------------------------
-# Fuzzing (libFuzzer targets, -DTRACEMESH_FUZZ=ON, see scripts/fuzz.sh): the fuzz step goes here.
+# Fuzzing: the frame/envelope/credential decoders under libFuzzer with ASan and UBSan, for a
+# bounded time (TRACEMESH_FUZZ_SECONDS, default 60). A crash fails the run.
 # ------------------------------------------------------------------------------------------
+bash scripts/fuzz.sh "${TRACEMESH_FUZZ_SECONDS:-60}"

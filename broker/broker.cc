@@ -22,6 +22,7 @@
 #include <zmq.hpp>
 
 #include "codec/envelope_codec.h"
+#include "federation/link_outbox.h"
 #include "store/store.h"
 #include "topic/topic_trie.h"
 
@@ -84,13 +85,73 @@ struct Session;
 struct Consumer;
 struct Group;
 
+struct Link;
+
 struct Subscription {
   uint64_t id = 0;
   Session* session = nullptr;
+  Link* link = nullptr;  // interest a linked broker advertised (session is null then)
   std::string pattern;
   std::string group;
   Consumer* consumer = nullptr;  // durable consumer bound to this subscription
 };
+
+
+// A federation link to another broker: dialed by us ([[link]] in the config)
+// or accepted (a broker that dialed us). Everything forwarded over it goes
+// through its LinkOutbox.
+struct Link {
+  enum class State { connecting, handshaking, up, down, refused };
+  uint32_t id = 0;
+  std::string name;
+  bool dialed = false;
+  LinkConfig config;                        // dialed links
+  std::unique_ptr<zmq::socket_t> dealer;    // dialed links
+  std::unique_ptr<zmq::socket_t> monitor;   // dialed links
+  std::string session_key;                  // accepted links, while up
+  State state = State::connecting;
+  std::string peer, peer_tier, peer_site, last_error;
+  std::unique_ptr<LinkOutbox> outbox;
+  uint64_t sent_seq = 0;                    // highest outbox seq handed to the wire
+  uint64_t recv_seq = 0;                    // highest forward seq received from the peer
+  std::multiset<uint64_t> held;             // received seqs whose stream write is pending
+  uint64_t acked_to_peer = 0;
+  bool durable_pending = false;             // a durable message awaits sync()
+  std::set<std::string> advertised;         // interest keys told to the peer
+  bool interest_reset = true;               // send the full set next time
+  std::vector<std::string> add_q, remove_q;
+  std::map<std::string, std::unique_ptr<Subscription>> remote;  // the peer's interest
+  uint64_t forwarded = 0, forwarded_bytes = 0, received = 0;
+  uint64_t rtt_us = 0;
+  Clock::time_point ping_at{};
+  uint64_t ping_token = 0;
+  double msgs_per_sec = 0, bytes_per_sec = 0;
+  uint64_t window_msgs = 0, window_bytes = 0;
+  Clock::time_point window_start = Clock::now();
+
+  bool up() const { return state == State::up; }
+  static const char* state_name(State s) {
+    switch (s) {
+      case State::connecting: return "connecting";
+      case State::handshaking: return "handshaking";
+      case State::up: return "up";
+      case State::down: return "down";
+      case State::refused: return "refused";
+    }
+    return "?";
+  }
+};
+
+std::string interest_key(std::string_view filter, std::string_view group) {
+  std::string k(filter);
+  k.push_back('\0');
+  k.append(group);
+  return k;
+}
+std::pair<std::string, std::string> split_key(const std::string& k) {
+  auto z = k.find('\0');
+  return {k.substr(0, z), k.substr(z + 1)};
+}
 
 struct Group {
   std::string pattern, name;
@@ -120,6 +181,7 @@ struct OutFrame {
 };
 
 struct Session {
+  Link* link = nullptr;  // set when the peer is a broker that dialed us over a link
   size_t listener = 0;
   std::string routing_id;
   std::string key;
@@ -174,11 +236,13 @@ struct DedupEntry {
 };
 
 struct PendingWrite {
-  enum class Kind { append, admin_create, other } kind = Kind::other;
+  enum class Kind { append, admin_create, forward_capture, other } kind = Kind::other;
   std::string session;
   MessageId id;
   std::string stream;
   uint64_t correlation = 0;
+  uint32_t link = 0;        // forward_capture: the link it came over
+  uint64_t link_seq = 0;    // forward_capture: its forward seq
 };
 
 class BrokerImpl final : public Broker {
@@ -201,7 +265,28 @@ class BrokerImpl final : public Broker {
   void on_admin(Session& s, wire::AdminRequest::Reader req);
   void on_zap();
   // Routing
-  void route(const uint8_t* data, size_t size, std::string_view topic, size_t& targets);
+  // Delivers to local subscribers and forwards to links with interest (never
+  // back to `source`). Returns the number of targets; *to_link says whether a
+  // link took it.
+  size_t route(const uint8_t* data, size_t size, std::string_view topic, Link* source, bool durable,
+               bool* to_link = nullptr);
+  // Federation
+  Status init_links();
+  Link& accepted_link(const std::string& peer);
+  void send_link_hello(Link& l);
+  void on_link_socket(Link& l);
+  void on_link_monitor(Link& l);
+  bool on_link_frame(Link& l, wire::Frame::Reader frame, zmq::message_t* body);
+  void on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* body);
+  void on_interest(Link& l, wire::Interest::Reader interest);
+  void add_interest(const std::string& key, uint32_t origin, int delta);
+  void link_up(Link& l);
+  void link_down(Link& l, const std::string& why);
+  bool link_send(Link& l, zmq::message_t&& header, std::optional<zmq::message_t> body = std::nullopt);
+  void service_links();
+  void forward_to(Link& l, const uint8_t* data, size_t size, bool durable);
+  bool mesh_seen(const MessageId& id);
+  void fill_mesh_status(wire::MeshStatus::Builder b);
   const std::vector<Target>& targets_for(std::string_view topic);
   void deliver(Session& s, const uint8_t* data, size_t size, const Delivery& d, bool droppable);
   // Streams
@@ -249,6 +334,15 @@ class BrokerImpl final : public Broker {
   std::unordered_set<std::string> revoked_;
   std::unordered_set<std::string> hello_nonces_;
   std::deque<std::pair<int64_t, std::string>> hello_nonce_order_;
+
+  std::vector<std::unique_ptr<Link>> links_;             // dialed and accepted
+  std::map<std::string, Link*> accepted_links_;          // by peer broker name
+  std::unique_ptr<Credential> credential_;                // presented on dialed links
+  std::map<std::string, std::map<uint32_t, int>> interest_;  // key -> origin (0 = local) -> count
+  std::unordered_set<MessageId, IdHash> seen_;            // mesh dedup window (only with links)
+  std::deque<std::pair<int64_t, MessageId>> seen_order_;
+  uint64_t mesh_duplicates_ = 0;
+  std::vector<std::pair<std::string, MessageId>> link_acks_;  // durable acks after outbox sync
 
   std::vector<WriteOp> writes_;
   std::unordered_map<uint64_t, PendingWrite> pending_writes_;
@@ -304,6 +398,7 @@ Status BrokerImpl::init() {
       if (!r.status.ok()) return Error(r.status.error().code(), "creating configured stream: " + r.status.error().message());
     streams_.clear();
     stream_trie_ = {};
+    interest_.clear();  // only streams have registered interest this early
     for (const auto& st : store_->streams()) add_stream(st);
   }
   // Consumers and their positions.
@@ -384,7 +479,7 @@ Status BrokerImpl::init() {
     }
     listeners_.push_back(std::move(l));
   }
-  return Status::Ok();
+  return init_links();
 }
 
 void BrokerImpl::load_revocations() {
@@ -404,11 +499,18 @@ void BrokerImpl::add_stream(const StreamState& st) {
   rt->state = st;
   StreamRt* p = rt.get();
   if (auto old = streams_.find(st.config.name); old != streams_.end()) {
-    for (const auto& s : old->second->state.config.subjects) stream_trie_.erase(s, old->second.get());
+    for (const auto& s : old->second->state.config.subjects) {
+      stream_trie_.erase(s, old->second.get());
+      add_interest(interest_key(s, ""), 0, -1);
+    }
     rt->consumers = std::move(old->second->consumers);
     for (auto& [n, c] : rt->consumers) c->rt = p;
   }
-  for (const auto& s : st.config.subjects) stream_trie_.insert(s, p);
+  for (const auto& s : st.config.subjects) {
+    stream_trie_.insert(s, p);
+    // A stream wants its subjects from the whole mesh: durable data flows to where it is stored.
+    add_interest(interest_key(s, ""), 0, +1);
+  }
   streams_[st.config.name] = std::move(rt);
 }
 
@@ -435,6 +537,14 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
   items.push_back({nullptr, writer_->notify_fd(), ZMQ_POLLIN, 0});
   const size_t signal_index = items.size();
   items.push_back({nullptr, signal_fd, signal_fd >= 0 ? short(ZMQ_POLLIN) : short(0), 0});
+  const size_t links_index = items.size();
+  std::vector<Link*> dialed;
+  for (auto& l : links_) {
+    if (!l->dialed) continue;
+    dialed.push_back(l.get());
+    items.push_back({l->dealer->handle(), 0, ZMQ_POLLIN, 0});
+    items.push_back({l->monitor->handle(), 0, ZMQ_POLLIN, 0});
+  }
 
   if (auto s = write_ready_file(ready_file); !s.ok()) return s;
   spdlog::info("broker '{}' ready; key {}", config_.name, encode_key(identity_->public_key()));
@@ -447,6 +557,8 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     bool queued_output = false;
     for (auto& [k, s] : sessions_)
       if (!s->queued.empty()) queued_output = true;
+    for (auto& l : links_)  // backlog to send while the link is up: come back soon
+      if (l->up() && l->outbox && l->sent_seq < l->outbox->stats().last_seq) queued_output = true;
     const auto timeout = queued_output ? std::chrono::milliseconds(1) : std::chrono::milliseconds(50);
     try {
       zmq::poll(items.data(), items.size(), timeout);
@@ -471,6 +583,10 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     for (size_t i = 0; i < listeners_.size(); ++i)
       if (items[i].revents & ZMQ_POLLIN) on_readable(i);
     if (items[writer_index].revents & ZMQ_POLLIN) on_write_results();
+    for (size_t i = 0; i < dialed.size(); ++i) {
+      if (items[links_index + 2 * i + 1].revents & ZMQ_POLLIN) on_link_monitor(*dialed[i]);
+      if (items[links_index + 2 * i].revents & ZMQ_POLLIN) on_link_socket(*dialed[i]);
+    }
 
     const auto now = Clock::now();
     if (now >= next_sweep) {
@@ -484,6 +600,7 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     }
     if (!writes_.empty()) writer_->submit(std::move(writes_));
     writes_.clear();
+    service_links();
     flush_sessions();
 
     if (draining_) {
@@ -498,6 +615,9 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
   if (!writes_.empty()) writer_->submit(std::move(writes_));
   writer_->drain();
   on_write_results();
+  service_links();
+  for (auto& l : links_)
+    if (l->outbox) (void)l->outbox->sync();
   flush_sessions();
   spdlog::info("broker '{}' stopped cleanly: {} messages in ({} batches), {} out ({} batches)", config_.name,
                messages_in_, frames_in_, messages_out_, frames_out_);
@@ -600,6 +720,7 @@ void BrokerImpl::on_frame(size_t listener, zmq::message_t& rid, zmq::message_t& 
       }
       return;
     }
+    if (s.link && on_link_frame(*s.link, frame, body)) return;
     switch (frame.which()) {
       case wire::Frame::PUBLISH:
         on_publish(s, frame.getPublish(), body);
@@ -676,14 +797,18 @@ void BrokerImpl::on_hello(Session& s, zmq::message_t& header, wire::Hello::Reade
                         signed_bytes.size(), sig.begin())) {
     std::string unbound = signed_bytes;
     std::fill(unbound.begin() + 18, unbound.begin() + 50, '\0');
-    if (verify_signature(claims.subject, reinterpret_cast<const uint8_t*>(unbound.data()), unbound.size(),
-                         sig.begin()))
+    const bool unbound_ok = verify_signature(claims.subject, reinterpret_cast<const uint8_t*>(unbound.data()),
+                                             unbound.size(), sig.begin());
+    if (unbound_ok && listeners_[s.listener].curve)
       return refuse(wire::ErrorCode::UNAUTHENTICATED,
-                    "the client signed its hello without this broker's key: give the client the "
-                    "broker's public key (--broker-key), on ipc too");
-    return refuse(wire::ErrorCode::UNAUTHENTICATED,
-                  "hello signature does not match the credential's key: the client does not hold "
-                  "the private key of '" + claims.name + "'");
+                    "the client signed its hello without this broker's key: give it the broker's "
+                    "public key (--broker-key)");
+    // On ipc (local, no CURVE) a client may connect without knowing the broker's key.
+    if (!unbound_ok)
+      return refuse(wire::ErrorCode::UNAUTHENTICATED,
+                    "hello signature does not verify: either the client was given another broker key "
+                    "than this broker's (" + encode_key(identity_->public_key()) +
+                        "), or it does not hold the private key of '" + claims.name + "'");
   }
   const std::string nonce_key(reinterpret_cast<const char*>(nonce.begin()), 16);
   if (!hello_nonces_.insert(nonce_key).second)
@@ -695,6 +820,21 @@ void BrokerImpl::on_hello(Session& s, zmq::message_t& header, wire::Hello::Reade
     if (!user || hex(curve.data(), 32) != user)
       return refuse(wire::ErrorCode::UNAUTHENTICATED,
                     "credential for '" + claims.name + "' belongs to another key than the one used for CURVE");
+  }
+  if (hello.getLink()) {
+    if (!claims.has_role("broker"))
+      return refuse(wire::ErrorCode::PERMISSION_DENIED,
+                    "credential for '" + claims.name + "' lacks the role 'broker' required to open a link");
+    Link& l = accepted_link(claims.name);
+    if (!l.session_key.empty() && l.session_key != s.key) {
+      if (auto old = sessions_.find(l.session_key); old != sessions_.end()) old->second->link = nullptr;
+    }
+    s.link = &l;
+    l.session_key = s.key;
+    l.peer = claims.name;
+    l.peer_tier = hello.getTier().cStr();
+    l.peer_site = hello.getSite().cStr();
+    link_up(l);
   }
   s.authenticated = true;
   s.claims = claims;
@@ -708,6 +848,9 @@ void BrokerImpl::on_hello(Session& s, zmq::message_t& header, wire::Hello::Reade
   ok.setBrokerKey(capnp::Data::Reader(identity_->public_key().data(), 32));
   ok.setMaxMessageBytes(config_.max_message_bytes);
   ok.setInbox(s.inbox);
+  ok.setTier(config_.tier);
+  ok.setSite(config_.site);
+  ok.setRegion(config_.region);
   send_control(s, codec::to_message(b));
 }
 
@@ -732,17 +875,36 @@ void BrokerImpl::deliver(Session& s, const uint8_t* data, size_t size, const Del
   }
 }
 
-void BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topic, size_t& targets) {
+size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topic, Link* source,
+                         bool durable, bool* to_link) {
+  size_t targets = 0;
   for (const Target& t : targets_for(topic)) {
     Subscription* sub = t.sub;
     if (t.group) {
+      // A queue group prefers its local members; linked brokers get a message
+      // only when no local member exists.
       Group& g = *t.group;
-      if (g.members.empty()) continue;
-      sub = g.members[g.next++ % g.members.size()];
+      sub = nullptr;
+      for (size_t i = 0; i < g.members.size() && !sub; ++i) {
+        Subscription* m = g.members[g.next++ % g.members.size()];
+        if (!m->link) sub = m;
+      }
+      for (size_t i = 0; i < g.members.size() && !sub; ++i) {
+        Subscription* m = g.members[g.next++ % g.members.size()];
+        if (m->link != source) sub = m;
+      }
+      if (!sub) continue;
     }
-    deliver(*sub->session, data, size, Delivery{sub->id, 0, 0}, true);
+    if (sub->link) {
+      if (sub->link == source) continue;  // never back where it came from
+      forward_to(*sub->link, data, size, durable);
+      if (to_link) *to_link = true;
+    } else {
+      deliver(*sub->session, data, size, Delivery{sub->id, 0, 0}, true);
+    }
     ++targets;
   }
+  return targets;
 }
 
 StreamRt* BrokerImpl::stream_for(std::string_view topic) {
@@ -789,14 +951,33 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
                                          "cannot publish to '" + std::string(topic) + "': empty or wildcard topic", 0, &id));
       return true;
     }
-    if (flags & wire::FLAG_DURABLE) {
-      StreamRt* rt = stream_for(topic);
-      if (!rt) {
+    const bool durable = flags & wire::FLAG_DURABLE;
+    if (!links_.empty() && mesh_seen(id)) {
+      // Already routed here (a resend after a reconnect): never twice.
+      ++duplicates_;
+      if (!durable) return true;
+      if (!stream_for(topic)) {
+        link_acks_.emplace_back(s.key, id);
+        return true;
+      }
+      // With a stream, its dedup window below answers the resend.
+    }
+    StreamRt* rt = durable ? stream_for(topic) : nullptr;
+    if (durable && !rt) {
+      // No local stream: the message is durable if a link's outbox takes it.
+      bool to_link = false;
+      const size_t targets = route(p, n, topic, nullptr, true, &to_link);
+      if (to_link) {
+        link_acks_.emplace_back(s.key, id);  // acked once the outbox is on disk
+      } else {
         s.acks_out.push_back({id, {0, wire::ErrorCode::NOT_FOUND}});
         s.acks_dup.push_back(false);
         if (!s.dirty) { s.dirty = true; dirty_sessions_.push_back(&s); }
-        return true;
       }
+      (void)targets;
+      return true;
+    }
+    if (durable) {
       auto [it, inserted] = dedup_.try_emplace(id);
       if (!inserted) {
         ++duplicates_;
@@ -835,8 +1016,7 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
       op.token = next_token_++;
       writes_.push_back(std::move(op));
     }
-    size_t targets = 0;
-    route(p, n, topic, targets);
+    const size_t targets = route(p, n, topic, nullptr, durable);
     if ((flags & wire::FLAG_REQUEST) && targets == 0)
       send_control(s, codec::error_frame(wire::ErrorCode::NO_RESPONDERS,
                                          "no responders on '" + std::string(topic) + "'", 0, &id));
@@ -916,6 +1096,7 @@ void BrokerImpl::on_subscribe(Session& s, wire::Subscribe::Reader req) {
     g->members.push_back(raw);
   }
   route_cache_.clear();
+  add_interest(interest_key(raw->pattern, raw->group), 0, +1);
   s.subs[id] = std::move(sub);
   capnp::MallocMessageBuilder b(16);
   start_frame(b).getRoot<wire::Frame>().setSubscribed(id);
@@ -936,6 +1117,7 @@ void BrokerImpl::detach_subscription(Subscription* sub) {
     return;
   }
   if (sub->pattern.empty()) return;
+  if (!sub->link) add_interest(interest_key(sub->pattern, sub->group), 0, -1);
   if (sub->group.empty()) {
     trie_.erase(sub->pattern, Target{sub, nullptr});
   } else {
@@ -1131,6 +1313,9 @@ void BrokerImpl::on_admin(Session& s, wire::AdminRequest::Reader req) {
       }
       break;
     }
+    case wire::AdminRequest::MESH_STATUS:
+      fill_mesh_status(reply.initMesh());
+      break;
     case wire::AdminRequest::STREAM_DELETE: {
       const std::string name = req.getStreamDelete().cStr();
       auto it = streams_.find(name);
@@ -1139,7 +1324,10 @@ void BrokerImpl::on_admin(Session& s, wire::AdminRequest::Reader req) {
         if (c->sub) c->sub->consumer = nullptr;
         dirty_consumers_.erase(c.get());
       }
-      for (const auto& subj : it->second->state.config.subjects) stream_trie_.erase(subj, it->second.get());
+      for (const auto& subj : it->second->state.config.subjects) {
+        stream_trie_.erase(subj, it->second.get());
+        add_interest(interest_key(subj, ""), 0, -1);
+      }
       streams_.erase(it);
       WriteOp op;
       op.kind = WriteOp::Kind::delete_stream;
@@ -1196,6 +1384,22 @@ void BrokerImpl::on_write_results() {
       if (s) ack_to(*s, false);
       for (const auto& key : waiting)
         if (auto other = sessions_.find(key); other != sessions_.end()) ack_to(*other->second, true);
+    } else if (w.kind == PendingWrite::Kind::forward_capture) {
+      if (auto d = dedup_.find(w.id); d != dedup_.end() && r.status.ok()) d->second.seq = r.seq;
+      if (r.status.ok()) {
+        touched_streams_.insert(w.stream);
+        auto st = streams_.find(w.stream);
+        if (st != streams_.end()) {
+          st->second->state.last_seq = std::max(st->second->state.last_seq, r.seq);
+          if (st->second->state.first_seq == 0) st->second->state.first_seq = r.seq;
+        }
+      } else {
+        spdlog::error("forwarded durable message not stored: {}", r.status.error().message());
+      }
+      for (auto& l : links_) {
+        if (l->id != w.link) continue;
+        if (auto h = l->held.find(w.link_seq); h != l->held.end()) l->held.erase(h);
+      }
     } else if (w.kind == PendingWrite::Kind::admin_create) {
       if (!s) continue;
       capnp::MallocMessageBuilder b(256);
@@ -1330,6 +1534,7 @@ void BrokerImpl::drop_session(const std::string& key, const char* why) {
   if (it == sessions_.end()) return;
   Session* s = it->second.get();
   if (why && s->authenticated) spdlog::info("client '{}' {}", s->claims.name, why);
+  if (s->link && s->link->session_key == key) link_down(*s->link, why ? why : "session closed");
   for (auto& [id, sub] : s->subs) detach_subscription(sub.get());
   dirty_sessions_.erase(std::remove(dirty_sessions_.begin(), dirty_sessions_.end(), s), dirty_sessions_.end());
   sessions_.erase(it);
@@ -1347,6 +1552,10 @@ void BrokerImpl::expire(Clock::time_point now) {
     if (it != dedup_.end() && it->second.seq != 0) dedup_.erase(it);
     dedup_order_.pop_front();
   }
+  while (!seen_order_.empty() && seen_order_.front().first < horizon) {
+    seen_.erase(seen_order_.front().second);
+    seen_order_.pop_front();
+  }
   const int64_t nonce_horizon = now_ns / 1000000 - 600000;
   while (!hello_nonce_order_.empty() && hello_nonce_order_.front().first < nonce_horizon) {
     hello_nonces_.erase(hello_nonce_order_.front().second);
@@ -1355,6 +1564,567 @@ void BrokerImpl::expire(Clock::time_point now) {
   for (auto& [name, rt] : streams_)
     for (auto& [cn, c] : rt->consumers)
       if (!c->in_flight.empty()) pump(*c);
+}
+
+
+// ----------------------------------------------------------------------------
+// Federation
+
+bool BrokerImpl::mesh_seen(const MessageId& id) {
+  if (!seen_.insert(id).second) return true;
+  seen_order_.emplace_back(codec::now_ns(), id);
+  return false;
+}
+
+Status BrokerImpl::init_links() {
+  if (config_.links.empty()) return Status::Ok();
+  auto cred = Credential::load(config_.credential_path);
+  if (!cred.ok()) return Error(cred.error().code(), "broker.credential: " + cred.error().message());
+  if (cred->claims().subject != identity_->public_key())
+    return Error(Errc::invalid_argument, config_.path + ": broker.credential: '" + config_.credential_path +
+                                             "' was issued for another key than the broker's identity");
+  credential_ = std::make_unique<Credential>(std::move(*cred));
+  for (const auto& lc : config_.links) {
+    auto l = std::make_unique<Link>();
+    l->id = static_cast<uint32_t>(links_.size() + 1);
+    l->name = lc.name;
+    l->dialed = true;
+    l->config = lc;
+    LinkOutbox::Options o;
+    o.dir = config_.data_dir + "/links/" + lc.name;
+    o.budget_bytes = lc.outbox_bytes;
+    o.drop_oldest = lc.drop_oldest;
+    auto box = LinkOutbox::open(o);
+    if (!box.ok()) return box.error();
+    l->outbox = std::move(*box);
+    l->sent_seq = l->outbox->stats().acked_seq;
+    try {
+      l->dealer = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::dealer);
+      l->dealer->set(zmq::sockopt::linger, 0);
+      l->dealer->set(zmq::sockopt::immediate, 1);
+      l->dealer->set(zmq::sockopt::sndhwm, 64);
+      l->dealer->set(zmq::sockopt::rcvhwm, 64);
+      l->dealer->set(zmq::sockopt::reconnect_ivl, 100);
+      l->dealer->set(zmq::sockopt::reconnect_ivl_max, 5000);  // backoff while the peer is away
+      l->dealer->set(zmq::sockopt::heartbeat_ivl, 1000);
+      l->dealer->set(zmq::sockopt::heartbeat_timeout, 5000);
+      if (lc.curve && lc.endpoint.rfind("tcp://", 0) == 0) {
+        auto server = curve_public_key_of(*decode_key(lc.broker_key));
+        auto pub = identity_->curve_public_key();
+        auto sec = identity_->curve_secret_key();
+        l->dealer->set(zmq::sockopt::curve_serverkey, zmq::const_buffer(server.data(), 32));
+        l->dealer->set(zmq::sockopt::curve_publickey, zmq::const_buffer(pub.data(), 32));
+        l->dealer->set(zmq::sockopt::curve_secretkey, zmq::const_buffer(sec.data(), 32));
+        sodium_memzero(sec.data(), 32);
+      }
+      const std::string monitor_url = "inproc://tm-link-" + std::to_string(l->id);
+      zmq_socket_monitor(l->dealer->handle(), monitor_url.c_str(),
+                         ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED |
+                             ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                             ZMQ_EVENT_HANDSHAKE_FAILED_AUTH);
+      l->monitor = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::pair);
+      l->monitor->connect(monitor_url);
+      l->dealer->connect(lc.endpoint);
+    } catch (const zmq::error_t& e) {
+      return Error(Errc::invalid_argument, config_.path + ": link '" + lc.name + "': " + e.what());
+    }
+    spdlog::info("link '{}' dialing {} ({})", lc.name, lc.endpoint, lc.kind);
+    links_.push_back(std::move(l));
+  }
+  return Status::Ok();
+}
+
+Link& BrokerImpl::accepted_link(const std::string& peer) {
+  if (auto it = accepted_links_.find(peer); it != accepted_links_.end()) return *it->second;
+  auto l = std::make_unique<Link>();
+  l->id = static_cast<uint32_t>(links_.size() + 1);
+  l->name = peer;
+  l->dialed = false;
+  LinkOutbox::Options o;
+  o.dir = config_.data_dir + "/links/accepted-" + peer;
+  auto box = LinkOutbox::open(o);
+  if (!box.ok()) {
+    spdlog::error("link from '{}': {}", peer, box.error().message());
+  } else {
+    l->outbox = std::move(*box);
+    l->sent_seq = l->outbox->stats().acked_seq;
+  }
+  Link& ref = *l;
+  accepted_links_[peer] = l.get();
+  links_.push_back(std::move(l));
+  return ref;
+}
+
+void BrokerImpl::send_link_hello(Link& l) {
+  capnp::MallocMessageBuilder b(512);
+  auto hello = start_frame(b).getRoot<wire::Frame>().initHello();
+  const auto& bytes = credential_->bytes();
+  hello.setCredential(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(bytes.data()), bytes.size()));
+  uint8_t nonce[16];
+  randombytes_buf(nonce, sizeof nonce);
+  hello.setNonce(capnp::Data::Reader(nonce, sizeof nonce));
+  const int64_t ts = codec::now_ms();
+  hello.setTimestampMs(ts);
+  PublicKey remote{};
+  if (auto k = decode_key(l.config.broker_key); k.ok()) remote = *k;
+  std::string signed_bytes = "tracemesh-hello-v1";
+  signed_bytes.append(reinterpret_cast<const char*>(remote.data()), 32);
+  signed_bytes.append(reinterpret_cast<const char*>(nonce), 16);
+  for (int i = 0; i < 8; ++i) signed_bytes.push_back(static_cast<char>((ts >> (8 * i)) & 0xff));
+  auto sig = identity_->sign(reinterpret_cast<const uint8_t*>(signed_bytes.data()), signed_bytes.size());
+  hello.setSignature(capnp::Data::Reader(sig.data(), sig.size()));
+  hello.setClientName(config_.name);
+  hello.setLink(true);
+  hello.setTier(config_.tier);
+  hello.setSite(config_.site);
+  hello.setRegion(config_.region);
+  l.state = Link::State::handshaking;
+  try {
+    l.dealer->send(codec::to_message(b), zmq::send_flags::dontwait);
+  } catch (const zmq::error_t&) {
+  }
+}
+
+void BrokerImpl::on_link_monitor(Link& l) {
+  while (true) {
+    zmq::message_t event, address;
+    if (!l.monitor->recv(event, zmq::recv_flags::dontwait)) return;
+    if (event.more()) (void)l.monitor->recv(address, zmq::recv_flags::none);
+    uint16_t kind;
+    std::memcpy(&kind, event.data(), 2);
+    if (kind == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
+      send_link_hello(l);
+    } else if (kind == ZMQ_EVENT_DISCONNECTED) {
+      if (l.state != Link::State::refused) link_down(l, "connection lost");
+    } else {
+      l.last_error = "CURVE handshake failed: check link.broker_key and that the peer uses CURVE";
+      if (l.state != Link::State::refused) spdlog::warn("link '{}': {}", l.name, l.last_error);
+      l.state = Link::State::refused;
+    }
+  }
+}
+
+void BrokerImpl::on_link_socket(Link& l) {
+  for (int i = 0; i < 256; ++i) {
+    zmq::message_t header, body;
+    if (!l.dealer->recv(header, zmq::recv_flags::dontwait)) return;
+    bool has_body = false;
+    if (header.more()) {
+      (void)l.dealer->recv(body, zmq::recv_flags::none);
+      has_body = true;
+    }
+    codec::FrameReader reader(header);
+    if (!reader.status().ok()) {
+      ++malformed_;
+      spdlog::warn("link '{}': {}", l.name, reader.status().error().message());
+      continue;
+    }
+    try {
+      auto frame = reader.root();
+      if (frame.isHelloOk()) {
+        auto ok = frame.getHelloOk();
+        l.peer = ok.getBrokerName().cStr();
+        l.peer_tier = ok.getTier().cStr();
+        l.peer_site = ok.getSite().cStr();
+        l.last_error.clear();
+        link_up(l);
+      } else if (frame.isError() && l.state != Link::State::up) {
+        l.last_error = std::string("refused by peer: ") + frame.getError().getMessage().cStr();
+        spdlog::warn("link '{}': {}", l.name, l.last_error);
+        l.state = Link::State::refused;
+      } else if (frame.isError() && frame.getError().getCode() == wire::ErrorCode::NO_SESSION) {
+        send_link_hello(l);
+      } else if (frame.isPing()) {
+        capnp::MallocMessageBuilder b(16);
+        start_frame(b).getRoot<wire::Frame>().setPong(frame.getPing());
+        link_send(l, codec::to_message(b));
+      } else {
+        on_link_frame(l, frame, has_body ? &body : nullptr);
+      }
+    } catch (const kj::Exception& e) {
+      ++malformed_;
+      spdlog::warn("link '{}': malformed frame: {}", l.name, e.getDescription().cStr());
+    }
+  }
+}
+
+bool BrokerImpl::on_link_frame(Link& l, wire::Frame::Reader frame, zmq::message_t* body) {
+  switch (frame.which()) {
+    case wire::Frame::FORWARD:
+      on_forward(l, frame.getForward(), body);
+      return true;
+    case wire::Frame::FORWARD_ACK:
+      if (l.outbox) {
+        const uint64_t upto = std::min(frame.getForwardAck(), l.outbox->stats().last_seq);
+        if (auto st = l.outbox->ack(upto); !st.ok()) spdlog::error("link '{}': {}", l.name, st.error().message());
+      }
+      return true;
+    case wire::Frame::INTEREST:
+      on_interest(l, frame.getInterest());
+      return true;
+    case wire::Frame::PONG:
+      if (frame.getPong() == l.ping_token && l.ping_token)
+        l.rtt_us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - l.ping_at).count();
+      return true;
+    default:
+      return false;
+  }
+}
+
+void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* body) {
+  if (!body) return;
+  const auto* base = static_cast<const uint8_t*>(body->data());
+  WordBuffer aligned;
+  if (reinterpret_cast<uintptr_t>(base) % 8 != 0) {
+    aligned.append(base, body->size() & ~size_t{7});
+    base = aligned.data();
+  }
+  const uint64_t first = fwd.getFirstSeq();
+  uint64_t seq = first;
+  auto status = codec::for_each_envelope(base, body->size() & ~size_t{7}, fwd.getCount(),
+                                         [&](const uint8_t* p, size_t n) {
+    const uint64_t this_seq = seq++;
+    if (this_seq <= l.recv_seq) return true;  // a resend of what we already took
+    codec::EnvelopeReader reader(p, n);
+    auto env = reader.root();
+    const std::string_view topic = view(env.getTopic());
+    const MessageId id{env.getIdHi(), env.getIdLo()};
+    const uint32_t flags = env.getFlags();
+    ++messages_in_;
+    bytes_in_ += n;
+    ++l.received;
+    if (topic.empty() || topic.find_first_of("+#") != std::string_view::npos) {
+      ++malformed_;
+      return true;
+    }
+    if (mesh_seen(id)) {  // came around a loop, or was resent: exactly once
+      ++mesh_duplicates_;
+      return true;
+    }
+    const bool durable = flags & wire::FLAG_DURABLE;
+    if (durable) {
+      if (StreamRt* rt = stream_for(topic)) {
+        auto [it, inserted] = dedup_.try_emplace(id);
+        if (inserted) {
+          const int64_t now = codec::now_ns();
+          it->second.at_ns = now;
+          dedup_order_.emplace_back(now, id);
+          WriteOp op;
+          op.kind = WriteOp::Kind::append;
+          op.append.stream = rt->state.config.name;
+          op.append.envelope.assign(reinterpret_cast<const char*>(p), n);
+          op.append.id = id;
+          op.append.received_ns = now;
+          op.token = next_token_++;
+          PendingWrite w{PendingWrite::Kind::forward_capture, "", id, rt->state.config.name, 0};
+          w.link = l.id;
+          w.link_seq = this_seq;
+          pending_writes_[op.token] = w;
+          l.held.insert(this_seq);  // not acked upstream until it is on our disk
+          writes_.push_back(std::move(op));
+        }
+      }
+    }
+    if (flags & wire::FLAG_RETAIN) {
+      WriteOp op;
+      op.kind = WriteOp::Kind::put_retained;
+      op.put_retained.topic = std::string(topic);
+      if (env.getPayload().size() == 0) {
+        retained_.erase(op.put_retained.topic);
+      } else {
+        op.put_retained.envelope.assign(reinterpret_cast<const char*>(p), n);
+        retained_[op.put_retained.topic] = op.put_retained.envelope;
+      }
+      op.token = next_token_++;
+      writes_.push_back(std::move(op));
+    }
+    route(p, n, topic, &l, durable);
+    return true;
+  });
+  if (!status.ok()) {
+    ++malformed_;
+    spdlog::warn("link '{}': malformed forward batch: {}", l.name, status.error().message());
+    return;
+  }
+  if (seq > 0) l.recv_seq = std::max(l.recv_seq, seq - 1);
+}
+
+void BrokerImpl::on_interest(Link& l, wire::Interest::Reader interest) {
+  auto remove = [&](const std::string& key) {
+    auto it = l.remote.find(key);
+    if (it == l.remote.end()) return;
+    detach_subscription(it->second.get());
+    l.remote.erase(it);
+    add_interest(key, l.id, -1);
+  };
+  if (interest.getReset()) {
+    std::vector<std::string> keys;
+    for (const auto& [k, sub] : l.remote) keys.push_back(k);
+    for (const auto& k : keys) remove(k);
+  }
+  for (auto e : interest.getRemove()) remove(interest_key(view(e.getFilter()), view(e.getQueueGroup())));
+  for (auto e : interest.getAdd()) {
+    const std::string filter = e.getFilter().cStr();
+    const std::string group = e.getQueueGroup().cStr();
+    if (!validate_filter(filter).ok()) continue;
+    const std::string key = interest_key(filter, group);
+    if (l.remote.count(key)) continue;
+    auto sub = std::make_unique<Subscription>();
+    sub->link = &l;
+    sub->pattern = filter;
+    sub->group = group;
+    Subscription* raw = sub.get();
+    if (group.empty()) {
+      trie_.insert(filter, Target{raw, nullptr});
+      // Retained values travel to a newly interested broker.
+      for (const auto& [topic, env] : retained_)
+        if (topic::matches(filter, topic))
+          forward_to(l, reinterpret_cast<const uint8_t*>(env.data()), env.size(), false);
+    } else {
+      auto& g = groups_[{filter, group}];
+      if (!g) {
+        g = std::make_unique<Group>();
+        g->pattern = filter;
+        g->name = group;
+        trie_.insert(filter, Target{nullptr, g.get()});
+      }
+      g->members.push_back(raw);
+    }
+    route_cache_.clear();
+    l.remote[key] = std::move(sub);
+    spdlog::debug("link '{}': peer is interested in '{}'", l.name, filter);
+    add_interest(key, l.id, +1);
+  }
+}
+
+void BrokerImpl::add_interest(const std::string& key, uint32_t origin, int delta) {
+  auto& origins = interest_[key];
+  origins[origin] += delta;
+  if (origins[origin] <= 0) origins.erase(origin);
+  // Split horizon: a link hears of a key when some other origin wants it.
+  for (auto& l : links_) {
+    bool wanted = false;
+    for (const auto& [o, n] : origins)
+      if (o != l->id && n > 0) wanted = true;
+    const bool told = l->advertised.count(key) > 0;
+    if (wanted && !told) {
+      l->advertised.insert(key);
+      l->add_q.push_back(key);
+    } else if (!wanted && told) {
+      l->advertised.erase(key);
+      l->remove_q.push_back(key);
+    }
+  }
+  if (origins.empty()) interest_.erase(key);
+}
+
+void BrokerImpl::link_up(Link& l) {
+  l.state = Link::State::up;
+  // What this link should hear of: every key some other origin wants.
+  l.advertised.clear();
+  for (const auto& [key, origins] : interest_)
+    for (const auto& [o, n] : origins)
+      if (o != l.id && n > 0) {
+        l.advertised.insert(key);
+        break;
+      }
+  if (l.outbox) l.sent_seq = l.outbox->stats().acked_seq;  // resend whatever is unacked
+  l.interest_reset = true;
+  l.add_q.clear();
+  l.remove_q.clear();
+  spdlog::info("link '{}' up: peer '{}' ({} {}), backlog {} messages", l.name, l.peer, l.peer_tier, l.peer_site,
+               l.outbox ? l.outbox->stats().messages : 0);
+}
+
+void BrokerImpl::link_down(Link& l, const std::string& why) {
+  if (l.state == Link::State::up) spdlog::warn("link '{}' down: {}", l.name, why);
+  l.state = l.dialed ? Link::State::connecting : Link::State::down;
+  l.session_key.clear();
+  if (l.outbox) l.sent_seq = l.outbox->stats().acked_seq;
+}
+
+bool BrokerImpl::link_send(Link& l, zmq::message_t&& header, std::optional<zmq::message_t> body) {
+  if (l.dialed) {
+    try {
+      if (body) {
+        if (!l.dealer->send(header, zmq::send_flags::sndmore | zmq::send_flags::dontwait)) return false;
+        l.dealer->send(*body, zmq::send_flags::none);
+      } else if (!l.dealer->send(header, zmq::send_flags::dontwait)) {
+        return false;
+      }
+    } catch (const zmq::error_t&) {
+      return false;
+    }
+    return true;
+  }
+  auto it = sessions_.find(l.session_key);
+  if (it == sessions_.end()) return false;
+  Session& s = *it->second;
+  if (!s.queued.empty()) return false;  // back-pressure: the outbox keeps it
+  OutFrame f;
+  f.header = std::move(header);
+  f.body = std::move(body);
+  f.bytes = f.header.size() + (f.body ? f.body->size() : 0);
+  if (!s.out_meta.empty() || !s.acks_out.empty()) flush_session(s);
+  if (try_send(s, f)) return true;
+  s.queued_bytes += f.bytes;
+  s.queued.push_back(std::move(f));
+  return true;
+}
+
+void BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool durable) {
+  if (!l.outbox) return;
+  auto st = l.outbox->append(std::string_view(reinterpret_cast<const char*>(data), size), durable);
+  if (!st.ok()) {
+    ++drops_;
+    return;
+  }
+  if (durable) l.durable_pending = true;
+}
+
+void BrokerImpl::service_links() {
+  if (links_.empty()) return;
+  const auto now = Clock::now();
+  for (auto& lp : links_) {
+    Link& l = *lp;
+    if (!l.outbox) continue;
+    if (auto st = l.outbox->commit(); !st.ok()) spdlog::error("link '{}': {}", l.name, st.error().message());
+    if (l.durable_pending) {
+      if (auto st = l.outbox->sync(); !st.ok()) spdlog::error("link '{}': {}", l.name, st.error().message());
+      l.durable_pending = false;
+    }
+  }
+  // Durable publishes that only links took: now on disk, so ack them.
+  for (const auto& [key, id] : link_acks_) {
+    auto it = sessions_.find(key);
+    if (it == sessions_.end()) continue;
+    Session& s = *it->second;
+    s.acks_out.push_back({id, {0, wire::ErrorCode::NONE}});
+    s.acks_dup.push_back(false);
+    if (!s.dirty) { s.dirty = true; dirty_sessions_.push_back(&s); }
+  }
+  link_acks_.clear();
+  for (auto& lp : links_) {
+    Link& l = *lp;
+    if (!l.up()) continue;
+    // Interest.
+    if (l.interest_reset || !l.add_q.empty() || !l.remove_q.empty()) {
+      capnp::MallocMessageBuilder b(256);
+      auto in = start_frame(b).getRoot<wire::Frame>().initInterest();
+      std::vector<std::string> adds = l.interest_reset
+                                          ? std::vector<std::string>(l.advertised.begin(), l.advertised.end())
+                                          : l.add_q;
+      in.setReset(l.interest_reset);
+      auto add = in.initAdd(adds.size());
+      for (size_t i = 0; i < adds.size(); ++i) {
+        auto [f, g] = split_key(adds[i]);
+        add[i].setFilter(f);
+        add[i].setQueueGroup(g);
+      }
+      if (!l.interest_reset) {
+        auto rem = in.initRemove(l.remove_q.size());
+        for (size_t i = 0; i < l.remove_q.size(); ++i) {
+          auto [f, g] = split_key(l.remove_q[i]);
+          rem[i].setFilter(f);
+          rem[i].setQueueGroup(g);
+        }
+      }
+      if (link_send(l, codec::to_message(b))) {
+        l.interest_reset = false;
+        l.add_q.clear();
+        l.remove_q.clear();
+      }
+    }
+    // Acks for what the peer forwarded to us (held back while our own stream write is pending).
+    const uint64_t ackable = l.held.empty() ? l.recv_seq : std::min(l.recv_seq, *l.held.begin() - 1);
+    if (ackable > l.acked_to_peer) {
+      capnp::MallocMessageBuilder b(16);
+      start_frame(b).getRoot<wire::Frame>().setForwardAck(ackable);
+      if (link_send(l, codec::to_message(b))) l.acked_to_peer = ackable;
+    }
+    // Data: from the outbox, flow-controlled by the unacked window.
+    constexpr uint64_t kWindow = 200000;
+    for (int frames = 0; frames < 16; ++frames) {
+      const uint64_t acked = l.outbox->stats().acked_seq;
+      if (l.sent_seq < acked) l.sent_seq = acked;
+      if (l.sent_seq >= l.outbox->stats().last_seq || l.sent_seq - acked >= kWindow) break;
+      WordBuffer body;
+      body.reserve(kOutBatchBytes / 8 + 1024);
+      uint64_t first = 0, last = 0;
+      uint32_t count = 0;
+      (void)l.outbox->read(l.sent_seq, 4096, [&](const LinkOutbox::Entry& e) {
+        if (!first) first = e.seq;
+        last = e.seq;
+        // Envelope bytes are a multiple of 8 (Cap'n Proto words).
+        body.append(e.envelope.data(), e.envelope.size() & ~size_t{7});
+        ++count;
+        return body.size() < kOutBatchBytes;
+      });
+      if (!count) break;
+      if (first != l.sent_seq + 1) first = l.sent_seq + 1;  // entries dropped by overflow leave gaps
+      capnp::MallocMessageBuilder b(16);
+      auto fwd = start_frame(b).getRoot<wire::Frame>().initForward();
+      // The receiver numbers envelopes from firstSeq; gaps (drops) are closed by
+      // numbering the batch so it ends at `last`.
+      fwd.setFirstSeq(last - count + 1);
+      fwd.setCount(count);
+      const size_t bytes = body.size();
+      if (!link_send(l, codec::to_message(b), take_buffer(std::move(body)))) break;
+      l.sent_seq = last;
+      l.forwarded += count;
+      l.forwarded_bytes += bytes;
+      l.window_msgs += count;
+      l.window_bytes += bytes;
+      messages_out_ += count;
+      bytes_out_ += bytes;
+    }
+    // RTT probe and throughput window, once a second.
+    if (now - l.ping_at > std::chrono::seconds(1)) {
+      const double secs = std::chrono::duration<double>(now - l.window_start).count();
+      if (secs > 0) {
+        l.msgs_per_sec = l.window_msgs / secs;
+        l.bytes_per_sec = l.window_bytes / secs;
+      }
+      l.window_msgs = l.window_bytes = 0;
+      l.window_start = now;
+      l.ping_at = now;
+      l.ping_token = ++next_token_;
+      capnp::MallocMessageBuilder b(16);
+      start_frame(b).getRoot<wire::Frame>().setPing(l.ping_token);
+      link_send(l, codec::to_message(b));
+    }
+  }
+}
+
+void BrokerImpl::fill_mesh_status(wire::MeshStatus::Builder b) {
+  b.setBroker(config_.name);
+  b.setTier(config_.tier);
+  b.setSite(config_.site);
+  b.setRegion(config_.region);
+  b.setDuplicatesDropped(mesh_duplicates_);
+  auto list = b.initLinks(links_.size());
+  for (size_t i = 0; i < links_.size(); ++i) {
+    const Link& l = *links_[i];
+    auto e = list[i];
+    e.setName(l.name);
+    e.setPeer(l.peer);
+    e.setPeerTier(l.peer_tier);
+    e.setPeerSite(l.peer_site);
+    e.setDirection(l.dialed ? "dialed" : "accepted");
+    e.setEndpoint(l.dialed ? l.config.endpoint : "");
+    e.setState(Link::state_name(l.state));
+    if (l.outbox) {
+      e.setBacklogMessages(l.outbox->stats().messages);
+      e.setBacklogBytes(l.outbox->stats().bytes);
+      e.setDropped(l.outbox->stats().dropped);
+    }
+    e.setRttUs(l.rtt_us);
+    e.setMsgsPerSec(l.msgs_per_sec);
+    e.setBytesPerSec(l.bytes_per_sec);
+    e.setForwarded(l.forwarded);
+    e.setReceived(l.received);
+    e.setLastError(l.last_error);
+  }
 }
 
 }  // namespace

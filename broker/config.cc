@@ -73,7 +73,7 @@ class Loader {
       if (p.empty() || fs::path(p).is_absolute()) return p;
       return (base / p).lexically_normal().string();
     };
-    if (auto s = check_keys(root_, "", {"broker", "security", "limits", "stream"}); !s.ok())
+    if (auto s = check_keys(root_, "", {"broker", "security", "limits", "stream", "link"}); !s.ok())
       return s.error();
     const toml::table* broker = root_["broker"].as_table();
     if (!broker) return error(nullptr, "[broker]", "missing section");
@@ -81,7 +81,7 @@ class Loader {
   if (auto s = get(*t, n, k, v); !s.ok()) return s.error()
     if (auto s = check_keys(*broker, "broker",
                             {"name", "identity", "data_dir", "listen", "curve", "max_message_bytes",
-                             "store_map_bytes"});
+                             "store_map_bytes", "tier", "site", "region", "credential"});
         !s.ok())
       return s.error();
     TM_GET(broker, "broker", "name", c.name);
@@ -91,6 +91,13 @@ class Loader {
     TM_GET(broker, "broker", "curve", c.curve);
     TM_GET(broker, "broker", "max_message_bytes", c.max_message_bytes);
     TM_GET(broker, "broker", "store_map_bytes", c.store_map_bytes);
+    TM_GET(broker, "broker", "tier", c.tier);
+    TM_GET(broker, "broker", "site", c.site);
+    TM_GET(broker, "broker", "region", c.region);
+    TM_GET(broker, "broker", "credential", c.credential_path);
+    if (!c.tier.empty() && c.tier != "device" && c.tier != "edge" && c.tier != "regional" && c.tier != "centre")
+      return error(broker->get("tier"), "broker.tier", "'" + c.tier + "' is not one of device, edge, regional, centre");
+    c.credential_path = resolve(c.credential_path);
     if (c.identity_path.empty()) return error(broker, "broker.identity", "required (path of the broker's key file)");
     if (c.data_dir.empty()) return error(broker, "broker.data_dir", "required");
     if (c.listen.empty()) return error(broker, "broker.listen", "at least one endpoint is required");
@@ -161,6 +168,48 @@ class Loader {
             return error(t->get("subjects"), "stream.subjects", s.error().message());
         c.streams.push_back(std::move(sc));
       }
+    }
+    if (const toml::node* links = root_.get("link")) {
+      const toml::array* arr = links->as_array();
+      if (!arr) return error(links, "link", "use [[link]] tables");
+      for (const auto& item : *arr) {
+        const toml::table* t = item.as_table();
+        if (!t) return error(&item, "link", "expected a table");
+        if (auto s = check_keys(*t, "link", {"name", "endpoint", "broker_key", "kind", "curve", "outbox_bytes",
+                                             "overflow"});
+            !s.ok())
+          return s.error();
+        LinkConfig l;
+        std::string overflow = "drop-oldest";
+        TM_GET(t, "link", "name", l.name);
+        TM_GET(t, "link", "endpoint", l.endpoint);
+        TM_GET(t, "link", "broker_key", l.broker_key);
+        TM_GET(t, "link", "kind", l.kind);
+        TM_GET(t, "link", "curve", l.curve);
+        TM_GET(t, "link", "outbox_bytes", l.outbox_bytes);
+        TM_GET(t, "link", "overflow", overflow);
+        if (l.name.empty()) return error(t, "link.name", "required");
+        if (l.name.find_first_of("/ \t") != std::string::npos)
+          return error(t->get("name"), "link.name", "must not contain '/' or spaces");
+        if (l.endpoint.rfind("tcp://", 0) != 0 && l.endpoint.rfind("ipc://", 0) != 0)
+          return error(t->get("endpoint"), "link.endpoint", "'" + l.endpoint + "' must start with tcp:// or ipc://");
+        if (l.curve && l.endpoint.rfind("tcp://", 0) == 0) {
+          if (auto k = decode_key(l.broker_key); !k.ok())
+            return error(t->get("broker_key") ? t->get("broker_key") : t, "link.broker_key", k.error().message());
+        }
+        if (l.kind != "upstream" && l.kind != "peer")
+          return error(t->get("kind"), "link.kind", "'" + l.kind + "' is not upstream or peer");
+        if (overflow != "drop-oldest" && overflow != "reject")
+          return error(t->get("overflow"), "link.overflow", "'" + overflow + "' is not drop-oldest or reject");
+        l.drop_oldest = overflow == "drop-oldest";
+        if (l.outbox_bytes == 0) return error(t->get("outbox_bytes"), "link.outbox_bytes", "must be greater than 0");
+        for (const auto& other : c.links)
+          if (other.name == l.name) return error(t->get("name"), "link.name", "'" + l.name + "' is used twice");
+        c.links.push_back(std::move(l));
+      }
+      if (!c.links.empty() && c.credential_path.empty())
+        return error(broker, "broker.credential",
+                     "required when [[link]]s are configured (the credential this broker presents)");
     }
 #undef TM_GET
     return c;

@@ -11,6 +11,17 @@
 
 namespace tracemesh::broker {
 
+// One federation link this broker dials (see docs/federation.md).
+struct LinkConfig {
+  std::string name;          // local name of the link, e.g. "regional"
+  std::string endpoint;      // tcp://host:port of the remote broker
+  std::string broker_key;    // the remote broker's public key (base64url)
+  std::string kind = "upstream";  // upstream | peer
+  bool curve = true;
+  uint64_t outbox_bytes = 256u << 20;  // store-and-forward budget
+  bool drop_oldest = true;   // best-effort overflow policy: drop-oldest (else reject newest)
+};
+
 struct BrokerConfig {
   std::string path;                   // the config file (for messages)
   std::string name = "tracemesh";
@@ -29,6 +40,12 @@ struct BrokerConfig {
   uint64_t dedup_window_ms = 120000;
   uint32_t session_timeout_ms = 10000;
   std::vector<StreamConfig> streams;
+  // Federation.
+  std::string tier;                   // device | edge | regional | centre ("" = standalone)
+  std::string site;
+  std::string region;
+  std::string credential_path;        // this broker's credential, presented on links it dials
+  std::vector<LinkConfig> links;
 };
 
 // Parses and validates a config file. Errors name the file, line and field:

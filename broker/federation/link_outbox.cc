@@ -133,7 +133,7 @@ Status LinkOutbox::commit() {
     const uint64_t be = htobe64(seq);
     MDB_val k{8, const_cast<uint64_t*>(&be)};
     MDB_val v{p.envelope.size() + 1, nullptr};
-    rc = mdb_put(txn, db_, &k, &v, MDB_RESERVE | MDB_APPEND);
+    rc = mdb_put(txn, db_, &k, &v, MDB_RESERVE);
     if (rc) {
       mdb_txn_abort(txn);
       pending_.clear();

@@ -278,6 +278,62 @@ void add_messaging_commands(CLI::App& app, Context& ctx) {
       print_stream(*s, *json);
     });
   }
+  // mesh status
+  {
+    auto* mesh = app.add_subcommand("mesh", "the federated mesh as one broker sees it");
+    mesh->require_subcommand(1);
+    auto* status = mesh->add_subcommand("status", "tier, site, links, link state, backlog, RTT and throughput");
+    auto flags = std::make_shared<ConnectionFlags>();
+    flags->add_to(*status);
+    auto json = std::make_shared<bool>(false);
+    status->add_flag("--json", *json, "print one JSON object");
+    status->callback([=, &ctx] {
+      auto client = flags->connect();
+      if (!client.ok()) { ctx.exit_code = report("mesh status: connect", client.error()); return; }
+      auto m = (*client)->mesh_status();
+      if (!m.ok()) { ctx.exit_code = report("mesh status", m.error()); return; }
+      if (*json) {
+        std::string links;
+        for (const auto& l : m->links) {
+          char buf[1024];
+          std::snprintf(buf, sizeof buf,
+                        "%s{\"name\":\"%s\",\"peer\":\"%s\",\"peer_tier\":\"%s\",\"peer_site\":\"%s\","
+                        "\"direction\":\"%s\",\"endpoint\":\"%s\",\"state\":\"%s\",\"backlog_messages\":%llu,"
+                        "\"backlog_bytes\":%llu,\"dropped\":%llu,\"rtt_us\":%llu,\"msgs_per_sec\":%.1f,"
+                        "\"bytes_per_sec\":%.1f,\"forwarded\":%llu,\"received\":%llu,\"last_error\":\"%s\"}",
+                        links.empty() ? "" : ",", json_escape(l.name).c_str(), json_escape(l.peer).c_str(),
+                        json_escape(l.peer_tier).c_str(), json_escape(l.peer_site).c_str(), l.direction.c_str(),
+                        json_escape(l.endpoint).c_str(), l.state.c_str(),
+                        static_cast<unsigned long long>(l.backlog_messages),
+                        static_cast<unsigned long long>(l.backlog_bytes), static_cast<unsigned long long>(l.dropped),
+                        static_cast<unsigned long long>(l.rtt_us), l.msgs_per_sec, l.bytes_per_sec,
+                        static_cast<unsigned long long>(l.forwarded), static_cast<unsigned long long>(l.received),
+                        json_escape(l.last_error).c_str());
+          links += buf;
+        }
+        std::printf("{\"broker\":\"%s\",\"tier\":\"%s\",\"site\":\"%s\",\"region\":\"%s\","
+                    "\"duplicates_dropped\":%llu,\"links\":[%s]}\n",
+                    json_escape(m->broker).c_str(), json_escape(m->tier).c_str(), json_escape(m->site).c_str(),
+                    json_escape(m->region).c_str(), static_cast<unsigned long long>(m->duplicates_dropped),
+                    links.c_str());
+        return;
+      }
+      std::printf("broker %s: tier %s, site %s, region %s\n", m->broker.c_str(),
+                  m->tier.empty() ? "-" : m->tier.c_str(), m->site.empty() ? "-" : m->site.c_str(),
+                  m->region.empty() ? "-" : m->region.c_str());
+      std::printf("%-14s %-9s %-14s %-10s %-11s %10s %12s %9s %12s\n", "LINK", "DIR", "PEER", "PEER TIER", "STATE",
+                  "BACKLOG", "BACKLOG B", "RTT us", "MSG/S");
+      for (const auto& l : m->links) {
+        std::printf("%-14s %-9s %-14s %-10s %-11s %10llu %12llu %9llu %12.0f\n", l.name.c_str(),
+                    l.direction.c_str(), l.peer.empty() ? "-" : l.peer.c_str(),
+                    l.peer_tier.empty() ? "-" : l.peer_tier.c_str(), l.state.c_str(),
+                    static_cast<unsigned long long>(l.backlog_messages),
+                    static_cast<unsigned long long>(l.backlog_bytes), static_cast<unsigned long long>(l.rtt_us),
+                    l.msgs_per_sec);
+        if (!l.last_error.empty()) std::printf("  last error: %s\n", l.last_error.c_str());
+      }
+    });
+  }
   // stats
   {
     auto* cmd = app.add_subcommand("stats", "broker counters: messages, drops of slow consumers, malformed frames");

@@ -39,6 +39,11 @@ struct Hello {
   timestampMs @2 :Int64;   # client wall clock
   signature @3 :Data;      # Ed25519 over "tracemesh-hello-v1" | brokerKey | nonce | timestampMs(le64)
   clientName @4 :Text;
+  # Federation: set when a broker dials another broker over a [[link]].
+  link @5 :Bool;
+  tier @6 :Text;
+  site @7 :Text;
+  region @8 :Text;
 }
 
 struct HelloOk {
@@ -46,6 +51,57 @@ struct HelloOk {
   brokerKey @1 :Data;      # the broker's Ed25519 public key
   maxMessageBytes @2 :UInt32;
   inbox @3 :Text;          # the inbox prefix this client may subscribe to for replies
+  tier @4 :Text;
+  site @5 :Text;
+  region @6 :Text;
+}
+
+struct Forward {
+  # Envelopes a broker forwards over a link (part 2, as for publish). Link
+  # sequence numbers are per link and direction; the receiver acks with
+  # forwardAck = the highest sequence it has taken responsibility for.
+  firstSeq @0 :UInt64;
+  count @1 :UInt32;
+}
+
+struct InterestEntry {
+  filter @0 :Text;
+  queueGroup @1 :Text;
+}
+
+struct Interest {
+  # Subscription interest a broker advertises to a linked broker.
+  add @0 :List(InterestEntry);
+  remove @1 :List(InterestEntry);
+  reset @2 :Bool;          # forget everything advertised before, then apply `add`
+}
+
+struct LinkStatus {
+  name @0 :Text;
+  peer @1 :Text;           # the remote broker's name
+  peerTier @2 :Text;
+  peerSite @3 :Text;
+  direction @4 :Text;      # "dialed" (this broker connects) or "accepted"
+  endpoint @5 :Text;
+  state @6 :Text;          # connecting | handshaking | up | down | refused
+  backlogMessages @7 :UInt64;
+  backlogBytes @8 :UInt64;
+  dropped @9 :UInt64;
+  rttUs @10 :UInt64;       # last measured round trip; 0 = not measured yet
+  msgsPerSec @11 :Float64; # forwarded, over the last seconds
+  bytesPerSec @12 :Float64;
+  forwarded @13 :UInt64;
+  received @14 :UInt64;
+  lastError @15 :Text;
+}
+
+struct MeshStatus {
+  broker @0 :Text;
+  tier @1 :Text;
+  site @2 :Text;
+  region @3 :Text;
+  links @4 :List(LinkStatus);
+  duplicatesDropped @5 :UInt64;
 }
 
 struct Error {
@@ -134,6 +190,7 @@ struct AdminRequest {
     streamInfo @3 :Text;
     stats @4 :Void;
     streamDelete @5 :Text;
+    meshStatus @6 :Void;
   }
 }
 
@@ -168,6 +225,7 @@ struct AdminReply {
     streams @3 :List(StreamInfo);
     stream @4 :StreamInfo;
     stats @5 :BrokerStats;
+    mesh @6 :MeshStatus;
   }
 }
 
@@ -189,5 +247,8 @@ struct Frame {
     pong @13 :UInt64;
     subscribed @14 :UInt64;   # broker confirms a subscription is active
     bye @15 :Void;            # the client is closing: the broker ends the session now
+    forward @16 :Forward;     # broker <-> broker data over a link
+    forwardAck @17 :UInt64;
+    interest @18 :Interest;   # broker <-> broker subscription interest
   }
 }

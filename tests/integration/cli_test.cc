@@ -1,9 +1,12 @@
 // The `tracemesh` CLI binary, driven as a user would: exit codes, what it
 // prints, and end-to-end messaging against a real tracemeshd.
+#include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <regex>
 #include <set>
 #include <sstream>
+#include <stdexcept>
 
 #include "harness.h"
 #include "process/subprocess.h"
@@ -74,7 +77,9 @@ class CliTest : public MeshTest {
     process::SpawnOptions o;
     o.argv = {TRACEMESH_CLI_PATH};
     o.argv.insert(o.argv.end(), args.begin(), args.end());
-    o.env = {{"TRACEMESH_URL", ""}, {"TRACEMESH_IDENTITY", ""}, {"TRACEMESH_CREDENTIAL", ""},
+    o.env = {{"TRACEMESH_URL", ""},
+             {"TRACEMESH_IDENTITY", ""},
+             {"TRACEMESH_CREDENTIAL", ""},
              {"TRACEMESH_BROKER_KEY", ""}};
     fs::path out = work_->path() / ("cli-" + std::to_string(n) + ".out");
     fs::path err = work_->path() / ("cli-" + std::to_string(n) + ".err");
@@ -116,13 +121,28 @@ class CliTest : public MeshTest {
     return f;
   }
 
-  // Connection flags for `broker`: tcp with CURVE.
+  // Connection flags for `broker` at `url`.
+  std::vector<std::string> flags(const Files& f, const std::string& url,
+                                 const process::BrokerProcess& b) {
+    // clang-format off
+    return {"--url", url,
+            "--identity", f.identity,
+            "--cred", f.credential,
+            "--broker-key", broker_key(b),
+            "--connect-timeout", "3000"};
+    // clang-format on
+  }
+  // Over tcp with CURVE.
   std::vector<std::string> conn(const Files& f, const process::BrokerProcess& b) {
-    return {"--url", b.tcp_endpoint(), "--identity", f.identity, "--cred", f.credential,
-            "--broker-key", broker_key(b), "--connect-timeout", "3000"};
+    return flags(f, b.tcp_endpoint(), b);
+  }
+  // Over the broker's ipc endpoint.
+  std::vector<std::string> conn_ipc(const Files& f, const process::BrokerProcess& b) {
+    return flags(f, b.ipc_endpoint(), b);
   }
 
-  static std::vector<std::string> cat(std::vector<std::string> a, const std::vector<std::string>& b) {
+  static std::vector<std::string> cat(std::vector<std::string> a,
+                                      const std::vector<std::string>& b) {
     a.insert(a.end(), b.begin(), b.end());
     return a;
   }
@@ -154,7 +174,8 @@ TEST_F(CliTest, KeygenWritesKeyPrintsItAndRefusesOverwrite) {
   EXPECT_TRUE(again.out.empty());
   auto unchanged = Identity::load(file);
   ASSERT_TRUE(unchanged.ok());
-  EXPECT_EQ(unchanged->public_key(), id->public_key()) << "a refused keygen must not touch the file";
+  EXPECT_EQ(unchanged->public_key(), id->public_key())
+      << "a refused keygen must not touch the file";
 
   Run forced = cli({"keygen", "--out", file, "--force"});
   ASSERT_EQ(forced.exit_code, 0) << forced.err;
@@ -173,9 +194,9 @@ TEST_F(CliTest, CredIssueAndShow) {
   ASSERT_EQ(dev_key.exit_code, 0);
   const std::string dev_public = dev_key.out.substr(0, dev_key.out.find('\n'));
 
-  Run issued = cli({"cred", "issue", "--operator", op, "--subject", dev, "--name", "press-7",
-                    "--role", "publisher", "--role", "reader", "--site", "plant-a", "--expires",
-                    "12h", "-o", cred});
+  Run issued =
+      cli({"cred", "issue", "--operator", op, "--subject", dev, "--name", "press-7", "--role",
+           "publisher", "--role", "reader", "--site", "plant-a", "--expires", "12h", "-o", cred});
   ASSERT_EQ(issued.exit_code, 0) << issued.err;
   auto loaded = Credential::load(cred);
   ASSERT_TRUE(loaded.ok()) << loaded.error().to_string();
@@ -219,12 +240,14 @@ TEST_F(CliTest, PubAndSubEndToEnd) {
   Files sub_files = files("dashboard");
   Files pub_files = files("line-1");
   const uint32_t before = subscriptions(*admin);
+  // The subscriber on ipc, the publisher on tcp with CURVE.
   auto sub = spawn(cat({"sub", "plant/+/temperature", "-n", "3", "--timeout", "8000"},
-                       conn(sub_files, *broker_)));
+                       conn_ipc(sub_files, *broker_)));
   // Subscribed once the broker counts its inbox and its pattern subscription.
   ASSERT_TRUE(wait_until([&] { return subscriptions(*admin) >= before + 2; }))
       << "tracemesh sub never subscribed";
-  Run pub = cli(cat({"pub", "plant/line1/temperature", "21.5", "-n", "3"}, conn(pub_files, *broker_)));
+  Run pub =
+      cli(cat({"pub", "plant/line1/temperature", "21.5", "-n", "3"}, conn(pub_files, *broker_)));
   EXPECT_EQ(pub.exit_code, 0) << pub.err;
   Run got = finish(sub);
   EXPECT_EQ(got.exit_code, 0) << got.err;
@@ -260,7 +283,8 @@ TEST_F(CliTest, RequestWithoutResponderExitsFour) {
   Run r = cli(cat({"req", "svc/nobody", "hi", "--timeout", "5000"}, conn(f, *broker_)));
   EXPECT_EQ(r.exit_code, 4) << r.err;
   EXPECT_NE(r.err.find("no_responders"), std::string::npos) << r.err;
-  EXPECT_LT(std::chrono::steady_clock::now() - start, 4s) << "no responders must not wait for --timeout";
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 4s)
+      << "no responders must not wait for --timeout";
 }
 
 TEST_F(CliTest, RefusedCredentialsExitFive) {
@@ -282,13 +306,15 @@ TEST_F(CliTest, RefusedCredentialsExitFive) {
 
 TEST_F(CliTest, StreamCreateListInfoJson) {
   Files f = files("ops");
-  Run created = cli(cat({"stream", "create", "ORDERS", "-s", "orders/#", "--json"}, conn(f, *broker_)));
+  Run created =
+      cli(cat({"stream", "create", "ORDERS", "-s", "orders/#", "--json"}, conn(f, *broker_)));
   ASSERT_EQ(created.exit_code, 0) << created.err;
   EXPECT_NE(created.out.find("\"name\":\"ORDERS\""), std::string::npos) << created.out;
   EXPECT_NE(created.out.find("\"subjects\":[\"orders/#\"]"), std::string::npos) << created.out;
   EXPECT_NE(created.out.find("\"messages\":0"), std::string::npos) << created.out;
 
-  Run stored = cli(cat({"pub", "--durable", "orders/eu/1", "widget", "-n", "2"}, conn(f, *broker_)));
+  Run stored =
+      cli(cat({"pub", "--durable", "orders/eu/1", "widget", "-n", "2"}, conn(f, *broker_)));
   EXPECT_EQ(stored.exit_code, 0) << stored.err;
   EXPECT_EQ(stored.out, "stored as seq 1\nstored as seq 2\n");
 
@@ -343,7 +369,8 @@ TEST_F(CliTest, HelpOnEverySubcommandExitsZero) {
       todo.push_back(deeper);
     }
   }
-  for (const char* nested : {"cred issue ", "cred show ", "stream create ", "stream ls ", "stream info "})
+  for (const char* nested :
+       {"cred issue ", "cred show ", "stream create ", "stream ls ", "stream info "})
     EXPECT_TRUE(seen.count(nested)) << "never reached `tracemesh " << nested << "--help`";
   EXPECT_EQ(cli({"--version"}).exit_code, 0);
 }
@@ -369,7 +396,8 @@ TEST_F(CliTest, BadUsageExitsTwo) {
     Run r = cli(args);
     std::string joined;
     for (const auto& a : args) joined += a + " ";
-    EXPECT_EQ(r.exit_code, 2) << "tracemesh " << joined << "\nstdout: " << r.out << "\nstderr: " << r.err;
+    EXPECT_EQ(r.exit_code, 2) << "tracemesh " << joined << "\nstdout: " << r.out
+                              << "\nstderr: " << r.err;
     EXPECT_FALSE(r.err.empty() && r.out.empty()) << "tracemesh " << joined << " printed nothing";
   }
 }

@@ -61,6 +61,10 @@ class MeshTest : public ::testing::Test {
   void SetUp() override {
     operator_ = std::make_shared<Identity>(Identity::generate());
     work_ = std::make_unique<process::TempDir>(process::TempDir::create("tm-it").value());
+    if (std::getenv("TM_KEEP")) {  // keep configs and broker logs for a post-mortem
+      work_->keep();
+      std::fprintf(stderr, "keeping %s\n", work_->path().c_str());
+    }
   }
 
   process::BrokerSpec spec(const std::string& name = "broker") {

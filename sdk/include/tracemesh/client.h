@@ -146,6 +146,25 @@ struct BrokerStats {
   std::vector<ClientStatsEntry> client_stats;
 };
 
+// One federation link as a broker reports it.
+struct LinkStatus {
+  std::string name, peer, peer_tier, peer_site;
+  std::string direction;  // dialed | accepted
+  std::string endpoint;
+  std::string state;      // connecting | handshaking | up | down | refused
+  uint64_t backlog_messages = 0, backlog_bytes = 0, dropped = 0;
+  uint64_t rtt_us = 0;
+  double msgs_per_sec = 0, bytes_per_sec = 0;
+  uint64_t forwarded = 0, received = 0;
+  std::string last_error;
+};
+
+struct MeshStatus {
+  std::string broker, tier, site, region;
+  std::vector<LinkStatus> links;
+  uint64_t duplicates_dropped = 0;  // copies that arrived over more than one path
+};
+
 struct ClientOptions {
   // tcp://host:port (CURVE) or ipc:///path. Required.
   std::string url;
@@ -215,6 +234,8 @@ class Client {
   virtual Result<std::vector<StreamInfo>> stream_list() = 0;
   virtual Result<StreamInfo> stream_info(std::string_view name) = 0;
   virtual Result<BrokerStats> stats() = 0;
+  // The broker's place in the mesh: tier, site, links with state, backlog, RTT, throughput.
+  virtual Result<MeshStatus> mesh_status() = 0;
 
   // Name and key of the broker, from its Hello reply.
   virtual std::string broker_name() const = 0;

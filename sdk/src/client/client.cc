@@ -1211,6 +1211,40 @@ class ClientHandle final : public Client {
       out.client_stats.push_back({c.getName().cStr(), c.getMessagesOut(), c.getDrops(), c.getQueuedBytes()});
     return out;
   }
+  Result<MeshStatus> mesh_status() override {
+    capnp::MallocMessageBuilder b(64);
+    start(b).setMeshStatus();
+    auto r = run(b);
+    if (!r.ok()) return r.error();
+    auto m = reader(*r).getMesh();
+    MeshStatus out;
+    out.broker = m.getBroker().cStr();
+    out.tier = m.getTier().cStr();
+    out.site = m.getSite().cStr();
+    out.region = m.getRegion().cStr();
+    out.duplicates_dropped = m.getDuplicatesDropped();
+    for (auto l : m.getLinks()) {
+      LinkStatus s;
+      s.name = l.getName().cStr();
+      s.peer = l.getPeer().cStr();
+      s.peer_tier = l.getPeerTier().cStr();
+      s.peer_site = l.getPeerSite().cStr();
+      s.direction = l.getDirection().cStr();
+      s.endpoint = l.getEndpoint().cStr();
+      s.state = l.getState().cStr();
+      s.backlog_messages = l.getBacklogMessages();
+      s.backlog_bytes = l.getBacklogBytes();
+      s.dropped = l.getDropped();
+      s.rtt_us = l.getRttUs();
+      s.msgs_per_sec = l.getMsgsPerSec();
+      s.bytes_per_sec = l.getBytesPerSec();
+      s.forwarded = l.getForwarded();
+      s.received = l.getReceived();
+      s.last_error = l.getLastError().cStr();
+      out.links.push_back(std::move(s));
+    }
+    return out;
+  }
   std::string broker_name() const override { return impl_->broker_name(); }
   void close(std::chrono::milliseconds timeout) override { impl_->shutdown(timeout); }
 

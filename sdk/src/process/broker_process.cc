@@ -139,7 +139,13 @@ Status BrokerProcess::write_config() const {
   if (spec_.listen_tcp) listen.push_back(tcp_listen_);
   if (spec_.listen_ipc) listen.push_back("ipc://" + (dir_ / "broker.sock").string());
   toml << "listen = " << toml_array(listen) << "\n"
-       << "curve = " << (spec_.curve ? "true" : "false") << "\n\n"
+       << "curve = " << (spec_.curve ? "true" : "false") << "\n";
+  if (!spec_.tier.empty()) toml << "tier = " << toml_string(spec_.tier) << "\n";
+  if (!spec_.site.empty()) toml << "site = " << toml_string(spec_.site) << "\n";
+  if (!spec_.region.empty()) toml << "region = " << toml_string(spec_.region) << "\n";
+  if (!spec_.credential_path.empty()) toml << "credential = " << toml_string(spec_.credential_path) << "\n";
+  if (!spec_.broker_extra.empty()) toml << spec_.broker_extra << "\n";
+  toml << "\n"
        << "[security]\n"
        << "operators = "
        << toml_array(operator_public_key_.empty() ? std::vector<std::string>{}
@@ -150,6 +156,15 @@ Status BrokerProcess::write_config() const {
     toml << "\n[[stream]]\n"
          << "name = " << toml_string(stream.name) << "\n"
          << "subjects = " << toml_array(stream.subjects) << "\n";
+  }
+  for (const LinkSpec& link : spec_.links) {
+    toml << "\n[[link]]\n"
+         << "name = " << toml_string(link.name) << "\n"
+         << "endpoint = " << toml_string(link.endpoint) << "\n"
+         << "broker_key = " << toml_string(link.broker_key) << "\n"
+         << "kind = " << toml_string(link.kind) << "\n";
+    if (link.outbox_bytes) toml << "outbox_bytes = " << link.outbox_bytes << "\n";
+    if (!link.overflow.empty()) toml << "overflow = " << toml_string(link.overflow) << "\n";
   }
   if (!spec_.extra_toml.empty()) toml << "\n" << spec_.extra_toml << "\n";
 

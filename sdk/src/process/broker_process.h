@@ -26,6 +26,16 @@ struct StreamSpec {
   std::vector<std::string> subjects;  // e.g. {"plant/+/vibration/#"}
 };
 
+// A [[link]] this broker dials (federation).
+struct LinkSpec {
+  std::string name;
+  std::string endpoint;    // tcp://127.0.0.1:PORT of the remote broker
+  std::string broker_key;  // the remote broker's public key (encode_key)
+  std::string kind = "upstream";
+  uint64_t outbox_bytes = 0;  // 0 = broker default
+  std::string overflow;       // "" = broker default (drop-oldest)
+};
+
 struct BrokerSpec {
   std::string name = "broker";
   // Holds the config, data, log and ready file. Created if missing and kept afterwards.
@@ -36,6 +46,12 @@ struct BrokerSpec {
   bool listen_ipc = false;  // ipc://<dir>/broker.sock
   std::vector<StreamSpec> streams;
   std::vector<std::string> revoked;  // credential ids (hex)
+  // Federation: tier/site/region and the credential this broker presents on its links.
+  std::string tier, site, region;
+  std::string credential_path;
+  std::vector<LinkSpec> links;
+  // Extra lines inside the [broker] table, e.g. "max_message_bytes = 1024".
+  std::string broker_extra;
   // Appended verbatim after the generated config. Must begin with a table header
   // ("[limits]"), or its keys would land in the last [[stream]] table.
   std::string extra_toml;

@@ -10,13 +10,16 @@
 #include <climits>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <mutex>
 #include <set>
 #include <thread>
 
 #include "commands.h"
 #include "peers.h"
+#include "codec/envelope_codec.h"
 #include "process/broker_process.h"
+#include "process/temp_dir.h"
 #include "tracemesh/client.h"
 
 namespace tracemesh::cli {
@@ -37,6 +40,8 @@ struct BenchFlags {
   bool crash = false;
   std::string tracemeshd;
   bool show_log = false;
+  double rate = 2000;      // outage: steady publish rate
+  int outage_s = 60;       // outage: how long the regional broker is away
 };
 
 std::string self_dir() {
@@ -97,6 +102,7 @@ struct Rig {
 };
 
 double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+int64_t codec_now_ns() { return codec::now_ns(); }
 
 Result<PeerResult> run_fanin(const BenchFlags& f) {
   Rig rig;
@@ -278,7 +284,295 @@ Result<PeerResult> run_durable(const BenchFlags& f) {
   return r;
 }
 
+
+// A chain of brokers on loopback, each dialing the next: names[0] is the top.
+struct MeshRig {
+  std::shared_ptr<Identity> op = std::make_shared<Identity>(Identity::generate());
+  std::unique_ptr<process::TempDir> dir;
+  std::vector<std::string> names;
+  std::map<std::string, std::unique_ptr<process::BrokerProcess>> brokers;
+  std::map<std::string, std::string> keys;
+
+  // Starts `chain` (top first, e.g. {"centre","regional","edge","device"}).
+  Status start(const BenchFlags& f, const std::vector<std::string>& chain,
+               const std::vector<process::StreamSpec>& top_streams = {}) {
+    auto d = process::TempDir::create("tm-bench-mesh");
+    if (!d.ok()) return d.error();
+    dir = std::make_unique<process::TempDir>(std::move(*d));
+    show_log = f.show_log;
+    const std::string bin = !f.tracemeshd.empty() ? f.tracemeshd
+                            : std::filesystem::exists(self_dir() + "/tracemeshd") ? self_dir() + "/tracemeshd"
+                                                                                   : "";
+    static const char* tiers[] = {"centre", "regional", "edge", "device"};
+    for (size_t i = 0; i < chain.size(); ++i) {
+      const std::string& name = chain[i];
+      const auto bdir = dir->path() / name;
+      std::filesystem::create_directories(bdir);
+      Identity id = Identity::generate();
+      const std::string id_path = (bdir / "broker.key").string();
+      if (auto st = id.save(id_path); !st.ok()) return st;
+      CredentialClaims claims;
+      claims.subject = id.public_key();
+      claims.name = name;
+      claims.roles = {"broker"};
+      claims.tier = tiers[std::min<size_t>(i, 3)];
+      const std::string cred_path = (bdir / "broker.cred").string();
+      if (auto st = Credential::issue(*op, claims).save(cred_path); !st.ok()) return st;
+      process::BrokerSpec spec;
+      spec.name = name;
+      spec.dir = bdir;
+      spec.curve = f.curve == "on";
+      spec.tracemeshd = bin;
+      spec.tier = claims.tier;
+      spec.credential_path = cred_path;
+      if (i == 0) spec.streams = top_streams;
+      spec.extra_toml = "[limits]\nsubscriber_queue_bytes = 268435456\nmax_in_flight = 100000\n";
+      if (i > 0) {
+        process::LinkSpec l;
+        l.name = chain[i - 1];
+        l.endpoint = brokers[chain[i - 1]]->tcp_endpoint();
+        l.broker_key = keys[chain[i - 1]];
+        l.outbox_bytes = 1ull << 30;
+        l.curve = spec.curve;
+        spec.links.push_back(l);
+      }
+      auto b = process::BrokerProcess::start(spec, id_path, encode_key(op->public_key()));
+      if (!b.ok()) return b.error();
+      brokers[name] = std::move(*b);
+      keys[name] = encode_key(id.public_key());
+      names.push_back(name);
+    }
+    return Status::Ok();
+  }
+
+  Result<std::unique_ptr<Client>> client(const std::string& broker, const std::string& name) {
+    auto id = std::make_shared<Identity>(Identity::generate());
+    CredentialClaims claims;
+    claims.subject = id->public_key();
+    claims.name = name;
+    ClientOptions o;
+    o.url = brokers[broker]->tcp_endpoint();
+    o.broker_key = keys[broker];
+    o.curve = brokers[broker]->spec().curve;
+    o.identity = id;
+    o.credential = std::make_shared<Credential>(Credential::issue(*op, claims));
+    return Client::connect(std::move(o));
+  }
+
+  bool show_log = false;
+  ~MeshRig() {
+    for (auto& [n, b] : brokers) {
+      (void)b->stop();
+      if (show_log) std::fprintf(stderr, "--- %s ---\n%s", n.c_str(), b->log_tail(6).c_str());
+    }
+  }
+};
+
+// Publishes probes until the subscriber's counter moves: interest has propagated.
+bool await_route(Client& pub, const std::string& topic, std::atomic<uint64_t>& counter) {
+  const auto deadline = Clock::now() + 20s;
+  while (Clock::now() < deadline) {
+    const uint64_t before = counter;
+    (void)pub.publish(topic, "probe");
+    (void)pub.flush(2s);
+    const auto until = Clock::now() + 100ms;
+    while (Clock::now() < until)
+      if (counter != before) return true;
+  }
+  return false;
+}
+
+// One-way latency p50 (µs) of `samples` paced messages from pub to sub.
+Result<double> one_way_p50(Client& pub, Client& sub, const std::string& topic, int samples) {
+  std::mutex mu;
+  std::vector<double> lat;
+  std::atomic<uint64_t> got{0};
+  auto s = sub.subscribe(topic, [&](const Message& m) {
+    const double us = (codec_now_ns() - m.published_at_ns()) / 1000.0;
+    std::lock_guard lock(mu);
+    lat.push_back(us);
+    ++got;
+  });
+  if (!s.ok()) return s.error();
+  if (!await_route(pub, topic, got)) return Error(Errc::timeout, "no route for " + topic);
+  {
+    std::lock_guard lock(mu);
+    lat.clear();
+  }
+  for (int i = 0; i < samples; ++i) {
+    const uint64_t before = got;
+    (void)pub.publish(topic, "latency");
+    const auto until = Clock::now() + 1s;
+    while (got == before && Clock::now() < until) std::this_thread::yield();
+  }
+  (void)sub.unsubscribe(*s);
+  std::lock_guard lock(mu);
+  if (lat.empty()) return Error(Errc::timeout, "no latency samples");
+  std::sort(lat.begin(), lat.end());
+  return lat[lat.size() / 2];
+}
+
+// fanin through device -> edge -> regional -> centre, beside the single-broker figure.
+Result<PeerResult> run_chain(const BenchFlags& f) {
+  MeshRig mesh;
+  if (auto st = mesh.start(f, {"centre", "regional", "edge", "device"}); !st.ok()) return st.error();
+  auto sub = mesh.client("centre", "chain-sub");
+  if (!sub.ok()) return sub.error();
+  auto pub = mesh.client("device", "chain-pub");
+  if (!pub.ok()) return pub.error();
+  std::atomic<uint64_t> received{0};
+  Clock::time_point first{}, last{};
+  auto s = (*sub)->subscribe("bench/chain", [&](const Message&) {
+    const uint64_t n = received.fetch_add(1, std::memory_order_relaxed) + 1;
+    if (n == 1) first = Clock::now();
+    last = Clock::now();
+  });
+  if (!s.ok()) return s.error();
+  if (!await_route(**pub, "bench/chain", received)) return Error(Errc::timeout, "interest did not reach the device");
+  const uint64_t base = received;
+  received = 0;
+  const std::string payload(f.size, 'x');
+  for (uint64_t i = 0; i < f.count; ++i)
+    if (auto st = (*pub)->publish("bench/chain", payload); !st.ok()) return st.error();
+  (void)(*pub)->flush(60s);
+  uint64_t seen = 0;
+  auto idle_since = Clock::now();
+  while (received < f.count) {
+    std::this_thread::sleep_for(5ms);
+    if (received != seen) {
+      seen = received;
+      idle_since = Clock::now();
+    } else if (Clock::now() - idle_since > 3s) {
+      break;
+    }
+  }
+  (void)base;
+  PeerResult r;
+  r.system = std::string("tracemesh chain-4") + (f.curve == "on" ? " (CURVE)" : "");
+  r.workload = "chain-4";
+  r.sent = f.count;
+  r.received = received;
+  const double secs = seconds(last - first);
+  r.msgs_per_sec = secs > 0 ? (received - 1) / secs : 0;
+  // Latency: one hop (publisher and subscriber on the centre) against four brokers.
+  auto local_pub = mesh.client("centre", "lat-pub");
+  if (!local_pub.ok()) return local_pub.error();
+  auto one = one_way_p50(**local_pub, **sub, "bench/lat1", 500);
+  auto four = one_way_p50(**pub, **sub, "bench/lat4", 500);
+  if (one.ok() && four.ok()) {
+    r.p50_us = *four;
+    char note[200];
+    std::snprintf(note, sizeof note, "one-way p50: 1 broker %.0f us, 4 brokers %.0f us, added per hop %.0f us",
+                  *one, *four, (*four - *one) / 3);
+    r.note = note;
+  }
+  return r;
+}
+
+// Steady publishing through edge -> regional while the regional broker is away.
+Result<PeerResult> run_outage(const BenchFlags& f) {
+  MeshRig mesh;
+  if (auto st = mesh.start(f, {"regional", "edge"}, {{"OUTAGE", {"bench/outage/#"}}}); !st.ok()) return st.error();
+  auto pub = mesh.client("edge", "outage-pub");
+  if (!pub.ok()) return pub.error();
+  {
+    auto probe_sub = mesh.client("regional", "probe");
+    if (!probe_sub.ok()) return probe_sub.error();
+    std::atomic<uint64_t> got{0};
+    auto s = (*probe_sub)->subscribe("bench/probe", [&](const Message&) { ++got; });
+    if (!s.ok()) return s.error();
+    if (!await_route(**pub, "bench/probe", got)) return Error(Errc::timeout, "link did not come up");
+  }
+  const double rate = f.rate;
+  std::atomic<uint64_t> acked{0}, failed{0};
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> published{0};
+  std::thread producer([&] {
+    const auto start = Clock::now();
+    for (uint64_t i = 0; !stop; ++i) {
+      const auto due = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(i / rate));
+      std::this_thread::sleep_until(due);  // pacing at the steady rate
+      auto st = (*pub)->publish_durable("bench/outage/line", std::to_string(i), {},
+                                        [&](Result<PublishAck> r) { r.ok() ? ++acked : ++failed; });
+      if (!st.ok()) ++failed;
+      ++published;
+    }
+  });
+  std::this_thread::sleep_for(2s);  // steady state before the cut
+  mesh.brokers["regional"]->kill9();
+  std::fprintf(stderr, "bench: outage: regional broker down for %d s at %.0f msg/s\n", f.outage_s, rate);
+  std::this_thread::sleep_for(std::chrono::seconds(f.outage_s));
+  auto edge_admin = mesh.client("edge", "outage-admin");
+  if (!edge_admin.ok()) return edge_admin.error();
+  auto before = (*edge_admin)->mesh_status();
+  const uint64_t backlog = before.ok() && !before->links.empty() ? before->links[0].backlog_messages : 0;
+  if (auto st = mesh.brokers["regional"]->restart(); !st.ok()) return st.error();
+  const auto restored = Clock::now();
+  Clock::time_point drained{};
+  while (Clock::now() - restored < 120s) {
+    auto m = (*edge_admin)->mesh_status();
+    if (m.ok() && !m->links.empty() && m->links[0].state == "up" &&
+        m->links[0].backlog_messages < static_cast<uint64_t>(rate / 10) + 1) {
+      drained = Clock::now();
+      break;
+    }
+    std::this_thread::sleep_for(20ms);
+  }
+  stop = true;
+  producer.join();
+  (void)(*pub)->flush(30s);
+  const auto until = Clock::now() + 60s;
+  while (acked + failed < published && Clock::now() < until) std::this_thread::sleep_for(10ms);
+  // Read the regional stream back: every id once.
+  auto reader = mesh.client("regional", "outage-audit");
+  if (!reader.ok()) return reader.error();
+  std::mutex mu;
+  std::set<uint64_t> ids;
+  uint64_t deliveries = 0;
+  auto c = (*reader)->consume("OUTAGE", "audit", [&](const Message& m) {
+    std::lock_guard lock(mu);
+    ids.insert(std::stoull(std::string(m.payload())));
+    ++deliveries;
+    m.ack();
+  });
+  if (!c.ok()) return c.error();
+  const auto read_until = Clock::now() + 60s;
+  while (Clock::now() < read_until) {
+    {
+      std::lock_guard lock(mu);
+      if (ids.size() >= acked) break;
+    }
+    std::this_thread::sleep_for(10ms);
+  }
+  auto info = (*reader)->stream_info("OUTAGE");
+  PeerResult r;
+  r.system = "tracemesh edge->regional";
+  r.workload = "outage";
+  r.sent = acked;
+  std::lock_guard lock(mu);
+  r.received = ids.size();
+  const double drain_s = drained == Clock::time_point{} ? 0 : seconds(drained - restored);
+  r.msgs_per_sec = drain_s > 0 ? backlog / drain_s : 0;
+  const uint64_t stored = info.ok() ? info->messages : 0;
+  const uint64_t lost = acked > ids.size() ? acked - ids.size() : 0;
+  const uint64_t duplicates = stored > ids.size() ? stored - ids.size() : 0;
+  char note[400];
+  std::snprintf(note, sizeof note,
+                "%d s outage at %.0f msg/s: backlog %llu messages drained in %.2f s = %.0f msg/s (%.1fx the publish "
+                "rate); acked %llu, stored %llu, distinct %zu, lost %llu, duplicated %llu, failed publishes %llu",
+                f.outage_s, rate, static_cast<unsigned long long>(backlog), drain_s, r.msgs_per_sec,
+                rate > 0 ? r.msgs_per_sec / rate : 0, static_cast<unsigned long long>(acked.load()),
+                static_cast<unsigned long long>(stored), ids.size(), static_cast<unsigned long long>(lost),
+                static_cast<unsigned long long>(duplicates), static_cast<unsigned long long>(failed.load()));
+  r.note = note;
+  (void)deliveries;
+  if (lost || duplicates) return Error(Errc::internal, r.note);
+  return r;
+}
+
 Result<PeerResult> run_tracemesh(const BenchFlags& f) {
+  if (f.workload == "chain") return run_chain(f);
+  if (f.workload == "outage") return run_outage(f);
   if (f.workload == "fanin") return run_fanin(f);
   if (f.workload == "rtt") return run_rtt(f);
   return run_durable(f);
@@ -288,7 +582,13 @@ std::vector<Result<PeerResult>> run_peers(const BenchFlags& f) {
   std::vector<Result<PeerResult>> out;
   bench::RunLimits limits;
   limits.rtt_size = f.size;
-  if (f.workload == "fanin") {
+  if (f.workload == "chain") {
+    BenchFlags single = f;
+    single.workload = "fanin";
+    out.push_back(run_fanin(single));  // the same run's single-broker figure: the 0.8x target's base
+    out.push_back(bench::run_nats_fanin(f.size, f.count, limits));
+  } else if (f.workload == "outage") {
+  } else if (f.workload == "fanin") {
     out.push_back(bench::run_nats_fanin(f.size, f.count, limits));
     out.push_back(bench::run_mosquitto_fanin(f.size, std::min<uint64_t>(f.count, 300000), 0, limits));
     out.push_back(bench::run_zmq_pushpull(f.size, f.count, limits));
@@ -419,9 +719,11 @@ void add_bench_command(CLI::App& app, Context& ctx) {
   auto f = std::make_shared<BenchFlags>();
   auto* cmd = app.add_subcommand(
       "bench", "benchmark a workload on a local tracemeshd, optionally beside nats-server, mosquitto and ZeroMQ");
-  cmd->add_option("workload", f->workload, "fanin | rtt | durable (see docs/benchmarks.md)")
+  cmd->add_option("workload", f->workload,
+                  "fanin | rtt | durable | chain (4 brokers; with --peers also the 1-broker fanin) | outage "
+                  "(see docs/benchmarks.md)")
       ->required()
-      ->check(CLI::IsMember({"fanin", "rtt", "durable"}));
+      ->check(CLI::IsMember({"fanin", "rtt", "durable", "chain", "outage"}));
   cmd->add_option("-s,--size", f->size, "payload bytes")->capture_default_str()->check(CLI::Range(1, 16 << 20));
   cmd->add_option("-n,--count", f->count, "messages (rtt: round trips)")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--curve", f->curve, "CURVE on the broker's tcp endpoint: on | off")
@@ -431,6 +733,10 @@ void add_bench_command(CLI::App& app, Context& ctx) {
   cmd->add_flag("--peers", f->peers, "also run nats-server, mosquitto and raw ZeroMQ in this run and print ratios");
   cmd->add_option("--runs", f->runs, "repeat and report min/median/max")->capture_default_str()->check(CLI::Range(1, 20));
   cmd->add_flag("--crash", f->crash, "durable only: kill -9 the broker mid-run, restart, check every acked message");
+  cmd->add_option("--rate", f->rate, "outage: steady publish rate, msg/s")->capture_default_str();
+  cmd->add_option("--outage-seconds", f->outage_s, "outage: seconds the regional broker is away")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 3600));
   cmd->add_flag("--show-broker-log", f->show_log, "print the end of the broker's log after each run");
   cmd->add_option("--tracemeshd", f->tracemeshd, "tracemeshd binary (default: beside this binary, or $TRACEMESHD, or PATH)");
   cmd->callback([f, &ctx] {

@@ -121,6 +121,11 @@ struct Link {
   bool interest_reset = true;               // send the full set next time
   std::vector<std::string> add_q, remove_q;
   std::map<std::string, std::unique_ptr<Subscription>> remote;  // the peer's interest
+  // Best-effort fast path: while the link is up and its outbox is empty,
+  // best-effort messages skip the outbox and go out unsequenced.
+  WordBuffer direct;
+  uint32_t direct_count = 0;
+  uint64_t outbox_dropped_direct = 0;  // fast-path messages dropped at a full socket
   uint64_t forwarded = 0, forwarded_bytes = 0, received = 0;
   uint64_t rtt_us = 0;
   Clock::time_point ping_at{};
@@ -285,6 +290,7 @@ class BrokerImpl final : public Broker {
   bool link_send(Link& l, zmq::message_t&& header, std::optional<zmq::message_t> body = std::nullopt);
   void service_links();
   void forward_to(Link& l, const uint8_t* data, size_t size, bool durable);
+  void flush_direct(Link& l);
   bool mesh_seen(const MessageId& id);
   void fill_mesh_status(wire::MeshStatus::Builder b);
   const std::vector<Target>& targets_for(std::string_view topic);
@@ -1783,8 +1789,8 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
   uint64_t seq = first;
   auto status = codec::for_each_envelope(base, body->size() & ~size_t{7}, fwd.getCount(),
                                          [&](const uint8_t* p, size_t n) {
-    const uint64_t this_seq = seq++;
-    if (this_seq <= l.recv_seq) return true;  // a resend of what we already took
+    const uint64_t this_seq = first ? seq++ : 0;  // 0: unsequenced best-effort
+    if (this_seq && this_seq <= l.recv_seq) return true;  // a resend of what we already took
     codec::EnvelopeReader reader(p, n);
     auto env = reader.root();
     const std::string_view topic = view(env.getTopic());
@@ -1846,7 +1852,7 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
     spdlog::warn("link '{}': malformed forward batch: {}", l.name, status.error().message());
     return;
   }
-  if (seq > 0) l.recv_seq = std::max(l.recv_seq, seq - 1);
+  if (first && seq > 0) l.recv_seq = std::max(l.recv_seq, seq - 1);
 }
 
 void BrokerImpl::on_interest(Link& l, wire::Interest::Reader interest) {
@@ -1940,6 +1946,7 @@ void BrokerImpl::link_down(Link& l, const std::string& why) {
   if (l.state == Link::State::up) spdlog::warn("link '{}' down: {}", l.name, why);
   l.state = l.dialed ? Link::State::connecting : Link::State::down;
   l.session_key.clear();
+  flush_direct(l);  // not up any more: into the outbox
   if (l.outbox) l.sent_seq = l.outbox->stats().acked_seq;
 }
 
@@ -1974,12 +1981,46 @@ bool BrokerImpl::link_send(Link& l, zmq::message_t&& header, std::optional<zmq::
 
 void BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool durable) {
   if (!l.outbox) return;
+  if (!durable && l.up() && l.outbox->idle() && l.sent_seq >= l.outbox->stats().last_seq) {
+    if (l.direct.words() == 0) l.direct.reserve(kOutBatchBytes / 8 + 1024);
+    l.direct.append(data, size & ~size_t{7});
+    ++l.direct_count;
+    if (l.direct.size() >= kOutBatchBytes) flush_direct(l);
+    return;
+  }
   auto st = l.outbox->append(std::string_view(reinterpret_cast<const char*>(data), size), durable);
   if (!st.ok()) {
     ++drops_;
     return;
   }
   if (durable) l.durable_pending = true;
+}
+
+void BrokerImpl::flush_direct(Link& l) {
+  if (!l.direct_count) return;
+  capnp::MallocMessageBuilder b(16);
+  auto fwd = start_frame(b).getRoot<wire::Frame>().initForward();
+  fwd.setFirstSeq(0);
+  fwd.setCount(l.direct_count);
+  const size_t bytes = l.direct.size();
+  const uint32_t count = l.direct_count;
+  WordBuffer frame = std::move(l.direct);
+  l.direct = WordBuffer();
+  l.direct_count = 0;
+  if (l.up() && link_send(l, codec::to_message(b), zmq::message_t(frame.data(), frame.size()))) {
+    l.forwarded += count;
+    l.forwarded_bytes += bytes;
+    l.window_msgs += count;
+    l.window_bytes += bytes;
+    messages_out_ += count;
+    bytes_out_ += bytes;
+    return;
+  }
+  // The link is busy or gone: these go to the outbox, in order, ahead of what follows.
+  (void)codec::for_each_envelope(frame.data(), frame.size(), count, [&](const uint8_t* p, size_t n) {
+    if (!l.outbox->append(std::string_view(reinterpret_cast<const char*>(p), n), false).ok()) ++drops_;
+    return true;
+  });
 }
 
 void BrokerImpl::service_links() {
@@ -2042,6 +2083,8 @@ void BrokerImpl::service_links() {
       start_frame(b).getRoot<wire::Frame>().setForwardAck(ackable);
       if (link_send(l, codec::to_message(b))) l.acked_to_peer = ackable;
     }
+    // Unsequenced best-effort data first: it was routed before anything now in the outbox.
+    flush_direct(l);
     // Data: from the outbox, flow-controlled by the unacked window.
     constexpr uint64_t kWindow = 200000;
     for (int frames = 0; frames < 16; ++frames) {
@@ -2116,7 +2159,7 @@ void BrokerImpl::fill_mesh_status(wire::MeshStatus::Builder b) {
     if (l.outbox) {
       e.setBacklogMessages(l.outbox->stats().messages);
       e.setBacklogBytes(l.outbox->stats().bytes);
-      e.setDropped(l.outbox->stats().dropped);
+      e.setDropped(l.outbox->stats().dropped + l.outbox_dropped_direct);
     }
     e.setRttUs(l.rtt_us);
     e.setMsgsPerSec(l.msgs_per_sec);

@@ -79,8 +79,7 @@ Status LinkOutbox::open_env() {
 }
 
 Status LinkOutbox::append(std::string_view envelope, bool durable) {
-  uint64_t queued = 0;
-  for (const auto& p : pending_) queued += p.envelope.size();
+  const uint64_t queued = pending_bytes_;
   if (stats_.bytes + queued + envelope.size() > options_.budget_bytes) {
     if (durable)
       return Error(Errc::overloaded, "link outbox full (" + std::to_string(options_.budget_bytes) +
@@ -91,6 +90,7 @@ Status LinkOutbox::append(std::string_view envelope, bool durable) {
     }
   }
   pending_.push_back({std::string(envelope), durable});
+  pending_bytes_ += envelope.size();
   return Status::Ok();
 }
 
@@ -100,15 +100,18 @@ Status LinkOutbox::drop_best_effort(MDB_txn* txn, uint64_t need_bytes) {
   int rc = mdb_cursor_open(txn, db_, &cur);
   if (rc) return mdb_error("cursor", rc, options_.dir);
   MDB_val k, v;
-  for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
-       rc == 0 && stats_.bytes + need_bytes > options_.budget_bytes;
-       rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-    if (k.mv_size != 8 || v.mv_size < 1) continue;
-    if (static_cast<const uint8_t*>(v.mv_data)[0] != 0) continue;  // durable: never dropped
+  rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+  while (rc == 0 && stats_.bytes + need_bytes > options_.budget_bytes) {
+    if (k.mv_size != 8 || v.mv_size < 1 || static_cast<const uint8_t*>(v.mv_data)[0] != 0) {
+      rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);  // meta, or durable: never dropped
+      continue;
+    }
     stats_.bytes -= v.mv_size - 1;
     stats_.messages--;
     stats_.dropped++;
     mdb_cursor_del(cur, 0);
+    // After a delete the cursor already stands on the next record.
+    rc = mdb_cursor_get(cur, &k, &v, MDB_GET_CURRENT);
   }
   mdb_cursor_close(cur);
   return Status::Ok();
@@ -119,8 +122,7 @@ Status LinkOutbox::commit() {
   MDB_txn* txn;
   int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
   if (rc) return mdb_error("begin", rc, options_.dir);
-  uint64_t incoming = 0;
-  for (const auto& p : pending_) incoming += p.envelope.size();
+  const uint64_t incoming = pending_bytes_;
   if (stats_.bytes + incoming > options_.budget_bytes && options_.drop_oldest) {
     if (auto s = drop_best_effort(txn, incoming); !s.ok()) {
       mdb_txn_abort(txn);
@@ -137,6 +139,7 @@ Status LinkOutbox::commit() {
     if (rc) {
       mdb_txn_abort(txn);
       pending_.clear();
+      pending_bytes_ = 0;
       return mdb_error("put", rc, options_.dir);
     }
     auto* out = static_cast<uint8_t*>(v.mv_data);
@@ -150,6 +153,7 @@ Status LinkOutbox::commit() {
   mdb_put(txn, db_, &mk, &mv, 0);
   rc = mdb_txn_commit(txn);
   pending_.clear();
+  pending_bytes_ = 0;
   if (rc) return mdb_error("commit", rc, options_.dir);
   next.dropped = stats_.dropped;
   stats_ = next;
@@ -191,12 +195,15 @@ Status LinkOutbox::ack(uint64_t upto) {
   mdb_cursor_open(txn, db_, &cur);
   MDB_val k, v;
   Stats next = stats_;
-  for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+  rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+  while (rc == 0) {
     if (k.mv_size != 8) break;  // the meta key sorts last
     if (key_seq(k) > upto) break;
     next.messages--;
     next.bytes -= v.mv_size - 1;
     mdb_cursor_del(cur, 0);
+    // After a delete the cursor already stands on the next record.
+    rc = mdb_cursor_get(cur, &k, &v, MDB_GET_CURRENT);
   }
   mdb_cursor_close(cur);
   rc = mdb_txn_commit(txn);

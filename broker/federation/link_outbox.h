@@ -63,6 +63,8 @@ class LinkOutbox {
   Status ack(uint64_t upto);
   const Stats& stats() const { return stats_; }
   bool full() const { return stats_.bytes >= options_.budget_bytes; }
+  // Nothing stored and nothing waiting to be committed.
+  bool idle() const { return stats_.messages == 0 && pending_.empty(); }
 
  private:
   explicit LinkOutbox(Options options) : options_(std::move(options)) {}
@@ -77,6 +79,7 @@ class LinkOutbox {
     bool durable;
   };
   std::vector<Pending> pending_;
+  uint64_t pending_bytes_ = 0;  // sum of pending_ envelope sizes
   Stats stats_;
 };
 

@@ -162,7 +162,8 @@ Status BrokerProcess::write_config() const {
          << "name = " << toml_string(link.name) << "\n"
          << "endpoint = " << toml_string(link.endpoint) << "\n"
          << "broker_key = " << toml_string(link.broker_key) << "\n"
-         << "kind = " << toml_string(link.kind) << "\n";
+         << "kind = " << toml_string(link.kind) << "\n"
+         << "curve = " << (link.curve ? "true" : "false") << "\n";
     if (link.outbox_bytes) toml << "outbox_bytes = " << link.outbox_bytes << "\n";
     if (!link.overflow.empty()) toml << "overflow = " << toml_string(link.overflow) << "\n";
   }

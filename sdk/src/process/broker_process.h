@@ -32,6 +32,7 @@ struct LinkSpec {
   std::string endpoint;    // tcp://127.0.0.1:PORT of the remote broker
   std::string broker_key;  // the remote broker's public key (encode_key)
   std::string kind = "upstream";
+  bool curve = true;          // false when the remote broker runs with curve = false
   uint64_t outbox_bytes = 0;  // 0 = broker default
   std::string overflow;       // "" = broker default (drop-oldest)
 };

@@ -292,6 +292,11 @@ class BrokerImpl final : public Broker {
   void forward_to(Link& l, const uint8_t* data, size_t size, bool durable);
   void flush_direct(Link& l);
   bool mesh_seen(const MessageId& id);
+  // Queues a durable append to `rt` (committed by the storage writer).
+  void store_append(StreamRt& rt, const uint8_t* p, size_t n, const MessageId& id, DedupEntry& dedup,
+                    PendingWrite pending);
+  // Updates (or clears) the retained value of `topic`, in memory and on disk.
+  void retain(std::string_view topic, const uint8_t* p, size_t n, bool clear);
   void fill_mesh_status(wire::MeshStatus::Builder b);
   const std::vector<Target>& targets_for(std::string_view topic);
   void deliver(Session& s, const uint8_t* data, size_t size, const Delivery& d, bool droppable);
@@ -794,15 +799,11 @@ void BrokerImpl::on_hello(Session& s, zmq::message_t& header, wire::Hello::Reade
   auto sig = hello.getSignature();
   if (nonce.size() != 16 || sig.size() != 64)
     return refuse(wire::ErrorCode::UNAUTHENTICATED, "hello lacks a valid nonce or signature");
-  std::string signed_bytes = "tracemesh-hello-v1";
-  signed_bytes.append(reinterpret_cast<const char*>(identity_->public_key().data()), 32);
-  signed_bytes.append(reinterpret_cast<const char*>(nonce.begin()), 16);
-  const int64_t ts = hello.getTimestampMs();
-  for (int i = 0; i < 8; ++i) signed_bytes.push_back(static_cast<char>((ts >> (8 * i)) & 0xff));
+  const std::string signed_bytes =
+      codec::hello_signed_bytes(identity_->public_key(), nonce.begin(), hello.getTimestampMs());
   if (!verify_signature(claims.subject, reinterpret_cast<const uint8_t*>(signed_bytes.data()),
                         signed_bytes.size(), sig.begin())) {
-    std::string unbound = signed_bytes;
-    std::fill(unbound.begin() + 18, unbound.begin() + 50, '\0');
+    const std::string unbound = codec::hello_signed_bytes(PublicKey{}, nonce.begin(), hello.getTimestampMs());
     const bool unbound_ok = verify_signature(claims.subject, reinterpret_cast<const uint8_t*>(unbound.data()),
                                              unbound.size(), sig.begin());
     if (unbound_ok && listeners_[s.listener].curve)
@@ -996,32 +997,10 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
         }
         return true;  // a duplicate is neither stored nor routed again
       }
-      const int64_t now = codec::now_ns();
-      it->second.at_ns = now;
-      dedup_order_.emplace_back(now, id);
-      WriteOp op;
-      op.kind = WriteOp::Kind::append;
-      op.append.stream = rt->state.config.name;
-      op.append.envelope.assign(reinterpret_cast<const char*>(p), n);
-      op.append.id = id;
-      op.append.received_ns = now;
-      op.token = next_token_++;
-      pending_writes_[op.token] = PendingWrite{PendingWrite::Kind::append, s.key, id, rt->state.config.name, 0};
-      writes_.push_back(std::move(op));
+      store_append(*rt, p, n, id, it->second,
+                   PendingWrite{PendingWrite::Kind::append, s.key, id, rt->state.config.name, 0});
     }
-    if (flags & wire::FLAG_RETAIN) {
-      WriteOp op;
-      op.kind = WriteOp::Kind::put_retained;
-      op.put_retained.topic = std::string(topic);
-      if (env.getPayload().size() == 0) {
-        retained_.erase(op.put_retained.topic);
-      } else {
-        op.put_retained.envelope.assign(reinterpret_cast<const char*>(p), n);
-        retained_[op.put_retained.topic] = op.put_retained.envelope;
-      }
-      op.token = next_token_++;
-      writes_.push_back(std::move(op));
-    }
+    if (flags & wire::FLAG_RETAIN) retain(topic, p, n, env.getPayload().size() == 0);
     const size_t targets = route(p, n, topic, nullptr, durable);
     if ((flags & wire::FLAG_REQUEST) && targets == 0)
       send_control(s, codec::error_frame(wire::ErrorCode::NO_RESPONDERS,
@@ -1576,6 +1555,36 @@ void BrokerImpl::expire(Clock::time_point now) {
 // ----------------------------------------------------------------------------
 // Federation
 
+void BrokerImpl::store_append(StreamRt& rt, const uint8_t* p, size_t n, const MessageId& id, DedupEntry& dedup,
+                              PendingWrite pending) {
+  const int64_t now = codec::now_ns();
+  dedup.at_ns = now;
+  dedup_order_.emplace_back(now, id);
+  WriteOp op;
+  op.kind = WriteOp::Kind::append;
+  op.append.stream = rt.state.config.name;
+  op.append.envelope.assign(reinterpret_cast<const char*>(p), n);
+  op.append.id = id;
+  op.append.received_ns = now;
+  op.token = next_token_++;
+  pending_writes_[op.token] = std::move(pending);
+  writes_.push_back(std::move(op));
+}
+
+void BrokerImpl::retain(std::string_view topic, const uint8_t* p, size_t n, bool clear) {
+  WriteOp op;
+  op.kind = WriteOp::Kind::put_retained;
+  op.put_retained.topic = std::string(topic);
+  if (clear) {  // an empty retained payload clears the topic's value
+    retained_.erase(op.put_retained.topic);
+  } else {
+    op.put_retained.envelope.assign(reinterpret_cast<const char*>(p), n);
+    retained_[op.put_retained.topic] = op.put_retained.envelope;
+  }
+  op.token = next_token_++;
+  writes_.push_back(std::move(op));
+}
+
 bool BrokerImpl::mesh_seen(const MessageId& id) {
   if (!seen_.insert(id).second) return true;
   seen_order_.emplace_back(codec::now_ns(), id);
@@ -1673,10 +1682,7 @@ void BrokerImpl::send_link_hello(Link& l) {
   hello.setTimestampMs(ts);
   PublicKey remote{};
   if (auto k = decode_key(l.config.broker_key); k.ok()) remote = *k;
-  std::string signed_bytes = "tracemesh-hello-v1";
-  signed_bytes.append(reinterpret_cast<const char*>(remote.data()), 32);
-  signed_bytes.append(reinterpret_cast<const char*>(nonce), 16);
-  for (int i = 0; i < 8; ++i) signed_bytes.push_back(static_cast<char>((ts >> (8 * i)) & 0xff));
+  const std::string signed_bytes = codec::hello_signed_bytes(remote, nonce, ts);
   auto sig = identity_->sign(reinterpret_cast<const uint8_t*>(signed_bytes.data()), signed_bytes.size());
   hello.setSignature(capnp::Data::Reader(sig.data(), sig.size()));
   hello.setClientName(config_.name);
@@ -1812,38 +1818,15 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
       if (StreamRt* rt = stream_for(topic)) {
         auto [it, inserted] = dedup_.try_emplace(id);
         if (inserted) {
-          const int64_t now = codec::now_ns();
-          it->second.at_ns = now;
-          dedup_order_.emplace_back(now, id);
-          WriteOp op;
-          op.kind = WriteOp::Kind::append;
-          op.append.stream = rt->state.config.name;
-          op.append.envelope.assign(reinterpret_cast<const char*>(p), n);
-          op.append.id = id;
-          op.append.received_ns = now;
-          op.token = next_token_++;
           PendingWrite w{PendingWrite::Kind::forward_capture, "", id, rt->state.config.name, 0};
           w.link = l.id;
           w.link_seq = this_seq;
-          pending_writes_[op.token] = w;
+          store_append(*rt, p, n, id, it->second, w);
           l.held.insert(this_seq);  // not acked upstream until it is on our disk
-          writes_.push_back(std::move(op));
         }
       }
     }
-    if (flags & wire::FLAG_RETAIN) {
-      WriteOp op;
-      op.kind = WriteOp::Kind::put_retained;
-      op.put_retained.topic = std::string(topic);
-      if (env.getPayload().size() == 0) {
-        retained_.erase(op.put_retained.topic);
-      } else {
-        op.put_retained.envelope.assign(reinterpret_cast<const char*>(p), n);
-        retained_[op.put_retained.topic] = op.put_retained.envelope;
-      }
-      op.token = next_token_++;
-      writes_.push_back(std::move(op));
-    }
+    if (flags & wire::FLAG_RETAIN) retain(topic, p, n, env.getPayload().size() == 0);
     route(p, n, topic, &l, durable);
     return true;
   });

@@ -567,10 +567,7 @@ void ClientImpl::send_hello() {
     if (auto k = decode_key(opts_.broker_key); k.ok()) broker_key = *k;
   }
   // Signed proof of key possession, bound to this broker and moment.
-  std::string signed_bytes = "tracemesh-hello-v1";
-  signed_bytes.append(reinterpret_cast<const char*>(broker_key.data()), 32);
-  signed_bytes.append(reinterpret_cast<const char*>(nonce), 16);
-  for (int i = 0; i < 8; ++i) signed_bytes.push_back(static_cast<char>((ts >> (8 * i)) & 0xff));
+  const std::string signed_bytes = codec::hello_signed_bytes(broker_key, nonce, ts);
   auto sig = opts_.identity->sign(reinterpret_cast<const uint8_t*>(signed_bytes.data()), signed_bytes.size());
   hello.setSignature(capnp::Data::Reader(sig.data(), sig.size()));
   hello.setClientName(producer_);

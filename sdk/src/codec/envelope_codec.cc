@@ -241,6 +241,14 @@ zmq::message_t error_frame(wire::ErrorCode code, std::string_view message, uint6
   return to_message(builder);
 }
 
+std::string hello_signed_bytes(const PublicKey& broker_key, const uint8_t* nonce16, int64_t timestamp_ms) {
+  std::string out = "tracemesh-hello-v1";
+  out.append(reinterpret_cast<const char*>(broker_key.data()), broker_key.size());
+  out.append(reinterpret_cast<const char*>(nonce16), 16);
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((timestamp_ms >> (8 * i)) & 0xff));
+  return out;
+}
+
 MessageId next_message_id() {
   static const uint64_t process_random = [] {
     if (sodium_init() < 0) std::abort();

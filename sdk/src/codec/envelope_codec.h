@@ -99,6 +99,11 @@ wire::ErrorCode to_wire(Errc code);
 zmq::message_t error_frame(wire::ErrorCode code, std::string_view message,
                            uint64_t correlation = 0, const MessageId* id = nullptr);
 
+// The bytes a Hello's Ed25519 signature covers: "tracemesh-hello-v1" | the
+// broker's public key (zeros when the client does not know it) | nonce (16
+// bytes) | timestamp (ms, little-endian).
+std::string hello_signed_bytes(const PublicKey& broker_key, const uint8_t* nonce16, int64_t timestamp_ms);
+
 // A fresh message id: 64 random bits per process plus a counter.
 MessageId next_message_id();
 

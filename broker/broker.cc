@@ -116,6 +116,9 @@ struct Link {
   uint64_t recv_seq = 0;                    // highest forward seq received from the peer
   std::multiset<uint64_t> held;             // received seqs whose stream write is pending
   uint64_t acked_to_peer = 0;
+  uint64_t resend_from = 0;                 // to ask the peer for: it could not be taken
+  bool recv_synced = false;                 // recv_seq follows the peer's numbering (this connection)
+  Clock::time_point resend_at{};            // we were asked to resend: not before this
   bool durable_pending = false;             // a durable message awaits sync()
   std::set<std::string> advertised;         // interest keys told to the peer
   bool interest_reset = true;               // send the full set next time
@@ -125,7 +128,6 @@ struct Link {
   // best-effort messages skip the outbox and go out unsequenced.
   WordBuffer direct;
   uint32_t direct_count = 0;
-  uint64_t outbox_dropped_direct = 0;  // fast-path messages dropped at a full socket
   uint64_t forwarded = 0, forwarded_bytes = 0, received = 0;
   uint64_t rtt_us = 0;
   Clock::time_point ping_at{};
@@ -274,7 +276,7 @@ class BrokerImpl final : public Broker {
   // back to `source`). Returns the number of targets; *to_link says whether a
   // link took it.
   size_t route(const uint8_t* data, size_t size, std::string_view topic, Link* source, bool durable,
-               bool* to_link = nullptr);
+               bool* to_link = nullptr, bool* link_refused = nullptr);
   // Federation
   Status init_links();
   Link& accepted_link(const std::string& peer);
@@ -289,7 +291,8 @@ class BrokerImpl final : public Broker {
   void link_down(Link& l, const std::string& why);
   bool link_send(Link& l, zmq::message_t&& header, std::optional<zmq::message_t> body = std::nullopt);
   void service_links();
-  void forward_to(Link& l, const uint8_t* data, size_t size, bool durable);
+  // Queues a message for a link. False when the link's outbox refused it (full).
+  bool forward_to(Link& l, const uint8_t* data, size_t size, bool durable);
   void flush_direct(Link& l);
   bool mesh_seen(const MessageId& id);
   // Queues a durable append to `rt` (committed by the storage writer).
@@ -372,6 +375,7 @@ class BrokerImpl final : public Broker {
 
 BrokerImpl::~BrokerImpl() {
   writer_.reset();  // commits what was submitted
+  links_.clear();   // their sockets must close before the context can terminate
   listeners_.clear();
   zap_.reset();
   ctx_.close();
@@ -883,7 +887,7 @@ void BrokerImpl::deliver(Session& s, const uint8_t* data, size_t size, const Del
 }
 
 size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topic, Link* source,
-                         bool durable, bool* to_link) {
+                         bool durable, bool* to_link, bool* link_refused) {
   size_t targets = 0;
   for (const Target& t : targets_for(topic)) {
     Subscription* sub = t.sub;
@@ -904,8 +908,11 @@ size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topi
     }
     if (sub->link) {
       if (sub->link == source) continue;  // never back where it came from
-      forward_to(*sub->link, data, size, durable);
-      if (to_link) *to_link = true;
+      if (forward_to(*sub->link, data, size, durable)) {
+        if (to_link) *to_link = true;
+      } else if (link_refused) {
+        *link_refused = true;
+      }
     } else {
       deliver(*sub->session, data, size, Delivery{sub->id, 0, 0}, true);
     }
@@ -972,9 +979,15 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
     StreamRt* rt = durable ? stream_for(topic) : nullptr;
     if (durable && !rt) {
       // No local stream: the message is durable if a link's outbox takes it.
-      bool to_link = false;
-      const size_t targets = route(p, n, topic, nullptr, true, &to_link);
-      if (to_link) {
+      bool to_link = false, refused = false;
+      const size_t targets = route(p, n, topic, nullptr, true, &to_link, &refused);
+      if (refused) {
+        // A link's outbox is full: push back on the publisher rather than lose it.
+        seen_.erase(id);  // a retry must be accepted
+        s.acks_out.push_back({id, {0, wire::ErrorCode::OVERLOADED}});
+        s.acks_dup.push_back(false);
+        if (!s.dirty) { s.dirty = true; dirty_sessions_.push_back(&s); }
+      } else if (to_link) {
         link_acks_.emplace_back(s.key, id);  // acked once the outbox is on disk
       } else {
         s.acks_out.push_back({id, {0, wire::ErrorCode::NOT_FOUND}});
@@ -1774,6 +1787,13 @@ bool BrokerImpl::on_link_frame(Link& l, wire::Frame::Reader frame, zmq::message_
     case wire::Frame::INTEREST:
       on_interest(l, frame.getInterest());
       return true;
+    case wire::Frame::RESEND_FROM:
+      // The peer's next hop is full: back off, then resend from the refused seq.
+      if (l.outbox && frame.getResendFrom() > l.outbox->stats().acked_seq) {
+        l.sent_seq = std::min(l.sent_seq, frame.getResendFrom() - 1);
+        l.resend_at = Clock::now() + std::chrono::milliseconds(100);
+      }
+      return true;
     case wire::Frame::PONG:
       if (frame.getPong() == l.ping_token && l.ping_token)
         l.rtt_us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - l.ping_at).count();
@@ -1792,6 +1812,23 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
     base = aligned.data();
   }
   const uint64_t first = fwd.getFirstSeq();
+  if (first && !l.recv_synced) {
+    // First sequenced batch of this connection: the sender resends from its
+    // oldest unacked entry; what we took before is caught by the dedup window.
+    l.recv_seq = first - 1;
+    l.acked_to_peer = std::min(l.acked_to_peer, l.recv_seq);
+    l.recv_synced = true;
+  }
+  if (first > l.recv_seq + 1) {
+    // A gap: something before this batch was refused or lost. Take nothing out
+    // of order; ask for everything from the first missing seq.
+    if (!l.resend_from || l.resend_from > l.recv_seq + 1) l.resend_from = l.recv_seq + 1;
+    capnp::MallocMessageBuilder b(16);
+    start_frame(b).getRoot<wire::Frame>().setResendFrom(l.resend_from);
+    link_send(l, codec::to_message(b));
+    l.resend_from = 0;
+    return;
+  }
   uint64_t seq = first;
   auto status = codec::for_each_envelope(base, body->size() & ~size_t{7}, fwd.getCount(),
                                          [&](const uint8_t* p, size_t n) {
@@ -1827,7 +1864,16 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
       }
     }
     if (flags & wire::FLAG_RETAIN) retain(topic, p, n, env.getPayload().size() == 0);
-    route(p, n, topic, &l, durable);
+    bool refused = false;
+    route(p, n, topic, &l, durable, nullptr, &refused);
+    if (refused && durable && this_seq) {
+      // Our next hop's outbox is full: do not take responsibility for this one.
+      // The sender keeps it and resends from here.
+      seen_.erase(id);
+      l.resend_from = this_seq;
+      seq = this_seq;  // recv_seq stays below it
+      return false;
+    }
     return true;
   });
   if (!status.ok()) {
@@ -1836,6 +1882,12 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
     return;
   }
   if (first && seq > 0) l.recv_seq = std::max(l.recv_seq, seq - 1);
+  if (l.resend_from) {
+    capnp::MallocMessageBuilder b(16);
+    start_frame(b).getRoot<wire::Frame>().setResendFrom(l.resend_from);
+    link_send(l, codec::to_message(b));
+    l.resend_from = 0;
+  }
 }
 
 void BrokerImpl::on_interest(Link& l, wire::Interest::Reader interest) {
@@ -1909,6 +1961,7 @@ void BrokerImpl::add_interest(const std::string& key, uint32_t origin, int delta
 
 void BrokerImpl::link_up(Link& l) {
   l.state = Link::State::up;
+  l.recv_synced = false;
   // What this link should hear of: every key some other origin wants.
   l.advertised.clear();
   for (const auto& [key, origins] : interest_)
@@ -1962,21 +2015,22 @@ bool BrokerImpl::link_send(Link& l, zmq::message_t&& header, std::optional<zmq::
   return true;
 }
 
-void BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool durable) {
-  if (!l.outbox) return;
+bool BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool durable) {
+  if (!l.outbox) return false;
   if (!durable && l.up() && l.outbox->idle() && l.sent_seq >= l.outbox->stats().last_seq) {
     if (l.direct.words() == 0) l.direct.reserve(kOutBatchBytes / 8 + 1024);
     l.direct.append(data, size & ~size_t{7});
     ++l.direct_count;
     if (l.direct.size() >= kOutBatchBytes) flush_direct(l);
-    return;
+    return true;
   }
   auto st = l.outbox->append(std::string_view(reinterpret_cast<const char*>(data), size), durable);
   if (!st.ok()) {
-    ++drops_;
-    return;
+    if (!durable) ++drops_;  // best-effort overflow: counted in the link's dropped too
+    return false;
   }
   if (durable) l.durable_pending = true;
+  return true;
 }
 
 void BrokerImpl::flush_direct(Link& l) {
@@ -2070,7 +2124,7 @@ void BrokerImpl::service_links() {
     flush_direct(l);
     // Data: from the outbox, flow-controlled by the unacked window.
     constexpr uint64_t kWindow = 200000;
-    for (int frames = 0; frames < 16; ++frames) {
+    for (int frames = 0; frames < 16 && now >= l.resend_at; ++frames) {
       const uint64_t acked = l.outbox->stats().acked_seq;
       if (l.sent_seq < acked) l.sent_seq = acked;
       if (l.sent_seq >= l.outbox->stats().last_seq || l.sent_seq - acked >= kWindow) break;
@@ -2142,7 +2196,7 @@ void BrokerImpl::fill_mesh_status(wire::MeshStatus::Builder b) {
     if (l.outbox) {
       e.setBacklogMessages(l.outbox->stats().messages);
       e.setBacklogBytes(l.outbox->stats().bytes);
-      e.setDropped(l.outbox->stats().dropped + l.outbox_dropped_direct);
+      e.setDropped(l.outbox->stats().dropped);
     }
     e.setRttUs(l.rtt_us);
     e.setMsgsPerSec(l.msgs_per_sec);

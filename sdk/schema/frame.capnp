@@ -250,5 +250,6 @@ struct Frame {
     forward @16 :Forward;     # broker <-> broker data over a link
     forwardAck @17 :UInt64;
     interest @18 :Interest;   # broker <-> broker subscription interest
+    resendFrom @19 :UInt64;   # the receiver could not take this forward seq (its outbox is full): resend from it
   }
 }

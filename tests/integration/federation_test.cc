@@ -278,6 +278,8 @@ TEST_F(FederationTest, PartitionOfThirtySecondsLosesAndDuplicatesNothing) {
   ASSERT_TRUE(wait_until([&] { return acked - at_cut > 2000; }, 30s));
   stop = true;
   producer.join();
+  ASSERT_TRUE(line->flush().ok());
+  line->close();  // its callbacks touch the state above: close it while that state lives
   EXPECT_EQ(failed, 0);
   // Read the centre's stream back: every acked message, in order, once.
   std::vector<int> stored;
@@ -314,9 +316,10 @@ TEST_F(FederationTest, KillNineOfEdgeLosesNoAckedDurableMessage) {
   }
   std::set<std::string> acked;
   {
-    auto line = client("edge", "line-1");
+    // Declared before the client: its callbacks may still run while it closes.
     std::mutex mu;
     std::atomic<bool> killed{false};
+    auto line = client("edge", "line-1");
     for (int i = 0; i < 3000; ++i) {
       ASSERT_TRUE(line->publish_durable("plant/line1/t", std::to_string(i), {}, [&, i](Result<PublishAck> r) {
         if (!r.ok() || killed) return;  // count only acks the edge gave before dying

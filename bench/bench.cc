@@ -104,6 +104,42 @@ struct Rig {
 double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 int64_t codec_now_ns() { return codec::now_ns(); }
 
+// Counts messages at a subscriber, first to last arrival.
+struct ThroughputMeter {
+  std::atomic<uint64_t> received{0};
+  Clock::time_point first{}, last{};
+
+  MessageHandler handler() {
+    return [this](const Message&) {
+      const uint64_t n = received.fetch_add(1, std::memory_order_relaxed) + 1;
+      if (n == 1) first = Clock::now();
+      last = Clock::now();
+    };
+  }
+  void reset() {
+    received = 0;
+    first = last = {};
+  }
+  // Waits until `count` arrived or nothing arrived for `idle`.
+  void wait(uint64_t count, Clock::duration idle) {
+    uint64_t seen = 0;
+    auto idle_since = Clock::now();
+    while (received < count) {
+      std::this_thread::sleep_for(5ms);
+      if (received != seen) {
+        seen = received;
+        idle_since = Clock::now();
+      } else if (Clock::now() - idle_since > idle) {
+        return;
+      }
+    }
+  }
+  double rate() const {
+    const double secs = std::chrono::duration<double>(last - first).count();
+    return secs > 0 && received > 1 ? (received - 1) / secs : 0;
+  }
+};
+
 Result<PeerResult> run_fanin(const BenchFlags& f) {
   Rig rig;
   if (auto s = rig.start(f, false); !s.ok()) return s.error();
@@ -111,13 +147,8 @@ Result<PeerResult> run_fanin(const BenchFlags& f) {
   if (!sub.ok()) return sub.error();
   auto pub = rig.client("bench-pub");
   if (!pub.ok()) return pub.error();
-  std::atomic<uint64_t> received{0};
-  Clock::time_point first{}, last{};
-  auto s = (*sub)->subscribe("bench/fanin", [&](const Message&) {
-    const uint64_t n = received.fetch_add(1, std::memory_order_relaxed) + 1;
-    if (n == 1) first = Clock::now();
-    last = Clock::now();
-  });
+  ThroughputMeter meter;
+  auto s = (*sub)->subscribe("bench/fanin", meter.handler());
   if (!s.ok()) return s.error();
   const std::string payload(f.size, 'x');
   const auto pub_start = Clock::now();
@@ -127,25 +158,13 @@ Result<PeerResult> run_fanin(const BenchFlags& f) {
   const auto pub_queued = Clock::now();
   (void)(*pub)->flush(60s);
   const auto pub_flushed = Clock::now();
-  // Wait until everything arrived or nothing more arrives for 2 s.
-  uint64_t seen = 0;
-  auto idle_since = Clock::now();
-  while (received < f.count) {
-    std::this_thread::sleep_for(5ms);
-    if (received != seen) {
-      seen = received;
-      idle_since = Clock::now();
-    } else if (Clock::now() - idle_since > 2s) {
-      break;
-    }
-  }
+  meter.wait(f.count, 2s);
   PeerResult r;
   r.system = std::string("tracemesh") + (rig.curve ? " (CURVE)" : "");
   r.workload = "fanin-1x1";
   r.sent = f.count;
-  r.received = received;
-  const double secs = seconds(last - first);
-  r.msgs_per_sec = secs > 0 ? (received - 1) / secs : 0;
+  r.received = meter.received;
+  r.msgs_per_sec = meter.rate();
   char note[160];
   std::snprintf(note, sizeof note, "publisher: queued in %.0f ms, broker had all after %.0f ms",
                 seconds(pub_queued - pub_start) * 1e3, seconds(pub_flushed - pub_start) * 1e3);
@@ -420,40 +439,25 @@ Result<PeerResult> run_chain(const BenchFlags& f) {
   if (!sub.ok()) return sub.error();
   auto pub = mesh.client("device", "chain-pub");
   if (!pub.ok()) return pub.error();
-  std::atomic<uint64_t> received{0};
-  Clock::time_point first{}, last{};
-  auto s = (*sub)->subscribe("bench/chain", [&](const Message&) {
-    const uint64_t n = received.fetch_add(1, std::memory_order_relaxed) + 1;
-    if (n == 1) first = Clock::now();
-    last = Clock::now();
-  });
+  ThroughputMeter meter;
+  auto s = (*sub)->subscribe("bench/chain", meter.handler());
   if (!s.ok()) return s.error();
-  if (!await_route(**pub, "bench/chain", received)) return Error(Errc::timeout, "interest did not reach the device");
-  const uint64_t base = received;
-  received = 0;
+  if (!await_route(**pub, "bench/chain", meter.received))
+    return Error(Errc::timeout, "interest did not reach the device");
+  (void)(*pub)->flush(10s);
+  meter.wait(UINT64_MAX, 200ms);  // let the probes settle
+  meter.reset();
   const std::string payload(f.size, 'x');
   for (uint64_t i = 0; i < f.count; ++i)
     if (auto st = (*pub)->publish("bench/chain", payload); !st.ok()) return st.error();
   (void)(*pub)->flush(60s);
-  uint64_t seen = 0;
-  auto idle_since = Clock::now();
-  while (received < f.count) {
-    std::this_thread::sleep_for(5ms);
-    if (received != seen) {
-      seen = received;
-      idle_since = Clock::now();
-    } else if (Clock::now() - idle_since > 3s) {
-      break;
-    }
-  }
-  (void)base;
+  meter.wait(f.count, 3s);
   PeerResult r;
   r.system = std::string("tracemesh chain-4") + (f.curve == "on" ? " (CURVE)" : "");
   r.workload = "chain-4";
   r.sent = f.count;
-  r.received = received;
-  const double secs = seconds(last - first);
-  r.msgs_per_sec = secs > 0 ? (received - 1) / secs : 0;
+  r.received = meter.received;
+  r.msgs_per_sec = meter.rate();
   // Latency: one hop (publisher and subscriber on the centre) against four brokers.
   auto local_pub = mesh.client("centre", "lat-pub");
   if (!local_pub.ok()) return local_pub.error();

@@ -325,7 +325,7 @@ class BrokerImpl final : public Broker {
   std::unique_ptr<Identity> identity_;
   std::unique_ptr<Store> store_;
   std::unique_ptr<StorageWriter> writer_;
-  zmq::context_t ctx_{1};
+  zmq::context_t ctx_{2};  // two I/O threads: CURVE work of different peers runs in parallel
   std::unique_ptr<zmq::socket_t> zap_;
   struct Listener {
     std::unique_ptr<zmq::socket_t> socket;

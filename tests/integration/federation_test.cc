@@ -340,9 +340,10 @@ TEST_F(FederationTest, KillNineOfEdgeLosesNoAckedDurableMessage) {
   }
   ASSERT_GT(acked.size(), 0u);
   ASSERT_TRUE(nodes_["edge"].broker->restart().ok());
-  auto reader = client("centre", "auditor");
+  // Declared before the client: its handler runs until the client is destroyed.
   std::mutex smu;
   std::set<std::string> stored;
+  auto reader = client("centre", "auditor");
   ASSERT_TRUE(reader->consume("LINE", "audit", [&](const Message& m) {
     std::lock_guard lock(smu);
     stored.insert(std::string(m.payload()));

@@ -294,6 +294,8 @@ class BrokerImpl final : public Broker {
   // Queues a message for a link. False when the link's outbox refused it (full).
   bool forward_to(Link& l, const uint8_t* data, size_t size, bool durable);
   void flush_direct(Link& l);
+  // A batch of `count` messages (`bytes`) went out over `l`: link and broker counters.
+  void count_forwarded(Link& l, uint32_t count, size_t bytes);
   bool mesh_seen(const MessageId& id);
   // Queues a durable append to `rt` (committed by the storage writer).
   void store_append(StreamRt& rt, const uint8_t* p, size_t n, const MessageId& id, DedupEntry& dedup,
@@ -2033,6 +2035,15 @@ bool BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool dura
   return true;
 }
 
+void BrokerImpl::count_forwarded(Link& l, uint32_t count, size_t bytes) {
+  l.forwarded += count;
+  l.forwarded_bytes += bytes;
+  l.window_msgs += count;
+  l.window_bytes += bytes;
+  messages_out_ += count;
+  bytes_out_ += bytes;
+}
+
 void BrokerImpl::flush_direct(Link& l) {
   if (!l.direct_count) return;
   capnp::MallocMessageBuilder b(16);
@@ -2045,12 +2056,7 @@ void BrokerImpl::flush_direct(Link& l) {
   l.direct = WordBuffer();
   l.direct_count = 0;
   if (l.up() && link_send(l, codec::to_message(b), zmq::message_t(frame.data(), frame.size()))) {
-    l.forwarded += count;
-    l.forwarded_bytes += bytes;
-    l.window_msgs += count;
-    l.window_bytes += bytes;
-    messages_out_ += count;
-    bytes_out_ += bytes;
+    count_forwarded(l, count, bytes);
     return;
   }
   // The link is busy or gone: these go to the outbox, in order, ahead of what follows.
@@ -2151,12 +2157,7 @@ void BrokerImpl::service_links() {
       const size_t bytes = body.size();
       if (!link_send(l, codec::to_message(b), take_buffer(std::move(body)))) break;
       l.sent_seq = last;
-      l.forwarded += count;
-      l.forwarded_bytes += bytes;
-      l.window_msgs += count;
-      l.window_bytes += bytes;
-      messages_out_ += count;
-      bytes_out_ += bytes;
+      count_forwarded(l, count, bytes);
     }
     // RTT probe and throughput window, once a second.
     if (now - l.ping_at > std::chrono::seconds(1)) {

@@ -10,6 +10,7 @@
 #include <string_view>
 #include <vector>
 
+#include "iso_time.h"
 #include "commands.h"
 #include "tracemesh/identity.h"
 
@@ -26,17 +27,6 @@ int64_t now_ms() {
       .count();
 }
 
-// "2025-03-01T12:00:00Z" (the form verify() uses in its expiry message).
-std::string iso_time(int64_t ms) {
-  std::time_t secs = static_cast<std::time_t>(ms / 1000 - (ms % 1000 < 0 ? 1 : 0));
-  std::tm tm{};
-  char buf[64];
-  if (::gmtime_r(&secs, &tm) == nullptr ||
-      std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0) {
-    return std::to_string(ms) + " ms since epoch";
-  }
-  return buf;
-}
 
 // Parses a lifetime such as "30d", "12h", "90m", "45s" into milliseconds; "never" is 0.
 // Returns nullopt for anything else, including zero and lifetimes over kMaxLifetimeMs.

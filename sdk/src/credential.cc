@@ -31,6 +31,7 @@
 #include <stdexcept>
 #include <string_view>
 
+#include "iso_time.h"
 #include "tracemesh/identity.h"
 #include "tracemesh/wire/credential.capnp.h"
 
@@ -61,17 +62,6 @@ int64_t now_ms() {
       .count();
 }
 
-// "2025-03-01T12:00:00Z"; falls back to "<n> ms since epoch" when out of gmtime's range.
-std::string iso_time(int64_t ms) {
-  std::time_t secs = static_cast<std::time_t>(ms / 1000 - (ms % 1000 < 0 ? 1 : 0));
-  std::tm tm{};
-  char buf[64];
-  if (::gmtime_r(&secs, &tm) == nullptr ||
-      std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0) {
-    return std::to_string(ms) + " ms since epoch";
-  }
-  return buf;
-}
 
 std::string to_hex(const uint8_t* data, size_t size) {
   std::string out(size * 2 + 1, '\0');

@@ -34,17 +34,28 @@ inline bool wait_until(const std::function<bool()>& cond, std::chrono::milliseco
 }
 
 // Collects messages received by a handler, thread-safely.
+// Collects what a subscription receives. The handler shares the collected state, so a
+// message arriving while a test tears down (clients are often declared before their inbox)
+// never touches a destroyed Inbox.
 struct Inbox {
-  std::mutex mu;
-  std::vector<std::string> payloads;
-  std::vector<std::string> topics;
-  std::vector<Message> messages;
+  struct State {
+    std::mutex mu;
+    std::vector<std::string> payloads;
+    std::vector<std::string> topics;
+    std::vector<Message> messages;
+  };
+  std::shared_ptr<State> state = std::make_shared<State>();
+  std::mutex& mu = state->mu;
+  std::vector<std::string>& payloads = state->payloads;
+  std::vector<std::string>& topics = state->topics;
+  std::vector<Message>& messages = state->messages;
+
   MessageHandler handler() {
-    return [this](const Message& m) {
-      std::lock_guard lock(mu);
-      payloads.emplace_back(m.payload());
-      topics.emplace_back(m.topic());
-      messages.push_back(m);
+    return [st = state](const Message& m) {
+      std::lock_guard lock(st->mu);
+      st->payloads.emplace_back(m.payload());
+      st->topics.emplace_back(m.topic());
+      st->messages.push_back(m);
     };
   }
   size_t size() {

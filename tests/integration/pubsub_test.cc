@@ -94,6 +94,40 @@ TEST_F(PubSubTest, RequestReplyAndNoResponders) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, 4s) << "no responders must not wait for the timeout";
 }
 
+TEST_F(PubSubTest, HandlersOnTheIoThreadAnswerRequestsAndRefuseToWait) {
+  auto o = options(*broker_, principal("inline-server"), false);
+  o.handler_thread = ClientOptions::HandlerThread::io_thread;
+  auto made = Client::connect(std::move(o));
+  ASSERT_TRUE(made.ok()) << made.error().to_string();
+  auto server = std::move(*made);
+  auto client = connect(*broker_, "client");
+  Client* s = server.get();
+  std::mutex mu;
+  std::vector<Status> waits;  // what calls that wait for the broker returned inside the handler
+  ASSERT_TRUE(server->subscribe("svc/inline", [s, &mu, &waits](const Message& m) {
+    Status flushed = s->flush(1s);
+    auto nested = s->request("svc/other", "x", 1s);
+    {
+      std::lock_guard lock(mu);
+      waits.push_back(flushed);
+      waits.push_back(nested.ok() ? Status::Ok() : Status(nested.error()));
+    }
+    (void)s->reply(m, "inline:" + std::string(m.payload()));
+  }).ok());
+  for (int i = 0; i < 20; ++i) {
+    auto reply = client->request("svc/inline", std::to_string(i), 2s);
+    ASSERT_TRUE(reply.ok()) << reply.error().to_string();
+    EXPECT_EQ(reply->payload(), "inline:" + std::to_string(i));
+  }
+  std::lock_guard lock(mu);
+  ASSERT_EQ(waits.size(), 40u);
+  for (const auto& w : waits) {
+    ASSERT_FALSE(w.ok()) << "a wait on the I/O thread would deadlock; it must be refused";
+    EXPECT_EQ(w.error().code(), Errc::invalid_argument);
+    EXPECT_NE(w.error().message().find("I/O thread"), std::string::npos) << w.error().message();
+  }
+}
+
 TEST_F(PubSubTest, RequestTimesOutWhenResponderIsSilent) {
   auto server = connect(*broker_, "silent");
   auto client = connect(*broker_, "client");

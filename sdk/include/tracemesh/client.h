@@ -186,6 +186,16 @@ struct ClientOptions {
   std::chrono::milliseconds ack_timeout{30000};
   // Called (on the dispatcher thread) for asynchronous errors and connection changes.
   std::function<void(const Error&)> on_error;
+  // Where message handlers run.
+  //   dispatcher: a thread of the client's own (the default). A slow handler never holds up
+  //     the connection; deliveries queue for it (bounded: then TCP pushes back on the broker).
+  //   io_thread: inline on the client's I/O thread, one thread hand-off less each way: the
+  //     lowest request/reply latency (a replier's answer leaves in the same loop turn). A
+  //     handler must then be short, and calls that wait for the broker (request, flush,
+  //     subscribe, unsubscribe's confirmation, stream admin) fail with invalid_argument
+  //     inside it instead of deadlocking; publish and reply work.
+  enum class HandlerThread { dispatcher, io_thread };
+  HandlerThread handler_thread = HandlerThread::dispatcher;
 };
 
 class Client {

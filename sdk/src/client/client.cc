@@ -154,7 +154,11 @@ class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
   };
 
   void io_loop();
+  struct ToHandlers;
   void dispatch_loop();
+  bool on_io_thread() const { return io_thread_.get_id() == std::this_thread::get_id(); }
+  // A call that waits for the broker, made where only the I/O thread could answer it.
+  Status refuse_on_io_thread(const char* what) const;
   void wake();
   void on_monitor_event();
   void on_frame(zmq::message_t& header, std::shared_ptr<zmq::message_t> body);
@@ -379,7 +383,7 @@ Status ClientImpl::publish(std::string_view topic, std::string_view payload,
   if (state_ == State::closed || stop_) return Error(Errc::disconnected, "client is closed");
   if (state_ == State::failed) return last_handshake_error_;
   if (pending_bytes_ + durable_bytes_ > opts_.max_pending_bytes) {
-    const bool in_io = io_thread_.get_id() == std::this_thread::get_id();
+    const bool in_io = on_io_thread();
     if (in_io || !space_cv_.wait_for(lock, opts_.publish_block_timeout, [&] {
           return pending_bytes_ + durable_bytes_ <= opts_.max_pending_bytes || stop_ ||
                  state_ == State::closed;
@@ -649,6 +653,33 @@ void ClientImpl::on_hello_reply(wire::Frame::Reader frame) {
   }
 }
 
+// Runs the handlers of one deliver frame (on the dispatcher thread, or the I/O thread).
+struct ClientImpl::ToHandlers {
+  ClientImpl* self;
+  uint64_t cached_id = 0;
+  std::shared_ptr<MessageHandler> cached;
+  bool wants(uint64_t sub) {
+    if (sub == kInboxSubscription) return false;
+    if (sub != cached_id) {
+      std::shared_lock subs(self->subs_mu_);
+      auto it = self->subs_.find(sub);
+      cached = it == self->subs_.end() ? nullptr : it->second.handler;
+      cached_id = sub;
+    }
+    return cached != nullptr;  // unsubscribed meanwhile: skip
+  }
+  void operator()(const Message& m) {
+    current_message = &m;
+    try {
+      (*cached)(m);
+    } catch (const std::exception& e) {
+      if (self->opts_.on_error)
+        self->opts_.on_error(Error(Errc::internal, std::string("handler threw: ") + e.what()));
+    }
+    current_message = nullptr;
+  }
+};
+
 void ClientImpl::on_frame(zmq::message_t& header, std::shared_ptr<zmq::message_t> body) {
   codec::FrameReader reader(header);
   if (!reader.status().ok()) {
@@ -708,7 +739,11 @@ void ClientImpl::on_frame(zmq::message_t& header, std::shared_ptr<zmq::message_t
                                           OnlyInbox{this});
         if (!s.ok() && opts_.on_error) opts_.on_error(s.error());
       }
-      if (other) {
+      if (other && opts_.handler_thread == ClientOptions::HandlerThread::io_thread) {
+        ToHandlers to{this, 0, nullptr};
+        auto s = MessageDecoder::for_each(data, size, keep, frame.getDeliver(), weak_from_this(), to);
+        if (!s.ok() && opts_.on_error) opts_.on_error(s.error());
+      } else if (other) {
         RawDelivery raw;
         raw.header = std::make_shared<zmq::message_t>(std::move(header));
         raw.keep = std::move(keep);
@@ -874,7 +909,15 @@ void ClientImpl::flush_outgoing() {
   }
 }
 
+Status ClientImpl::refuse_on_io_thread(const char* what) const {
+  if (!on_io_thread()) return Status::Ok();
+  return Error(Errc::invalid_argument,
+               std::string(what) + " waits for the broker and cannot run inside a handler on the I/O thread "
+                                   "(ClientOptions::handler_thread = io_thread)");
+}
+
 Result<uint64_t> ClientImpl::subscribe(wire::Subscribe::Reader proto, MessageHandler handler) {
+  if (auto s = refuse_on_io_thread("subscribe"); !s.ok()) return s.error();
   const uint64_t id = proto.getSubscription();
   auto builder = std::make_unique<capnp::MallocMessageBuilder>(64);
   auto f = builder->initRoot<wire::Frame>();
@@ -925,6 +968,7 @@ Status ClientImpl::unsubscribe(uint64_t id) {
 
 Result<Message> ClientImpl::request(std::string_view topic, std::string_view payload,
                                     std::chrono::milliseconds timeout, const PublishOptions& options) {
+  if (auto s = refuse_on_io_thread("request"); !s.ok()) return s.error();
   const uint64_t token = next_request_.fetch_add(1);
   std::future<Result<Message>> reply;
   PublishOptions opts = options;
@@ -956,6 +1000,7 @@ Result<Message> ClientImpl::request(std::string_view topic, std::string_view pay
 }
 
 Status ClientImpl::flush(std::chrono::milliseconds timeout) {
+  if (auto s = refuse_on_io_thread("flush"); !s.ok()) return s;
   const uint64_t token = next_ping_.fetch_add(1);
   std::future<Status> done;
   {
@@ -980,6 +1025,7 @@ Status ClientImpl::flush(std::chrono::milliseconds timeout) {
 
 Result<std::shared_ptr<zmq::message_t>> ClientImpl::admin(capnp::MallocMessageBuilder& builder,
                                                           std::chrono::milliseconds timeout) {
+  if (auto s = refuse_on_io_thread("a stream or status request"); !s.ok()) return s.error();
   const uint64_t correlation =
       builder.getRoot<wire::Frame>().getAdmin().getCorrelation();
   std::future<Result<std::shared_ptr<zmq::message_t>>> reply;
@@ -1022,31 +1068,6 @@ void ClientImpl::complete_request(const Message& m) {
 }
 
 void ClientImpl::dispatch_loop() {
-  struct ToHandlers {
-    ClientImpl* self;
-    uint64_t cached_id = 0;
-    std::shared_ptr<MessageHandler> cached;
-    bool wants(uint64_t sub) {
-      if (sub == kInboxSubscription) return false;
-      if (sub != cached_id) {
-        std::shared_lock subs(self->subs_mu_);
-        auto it = self->subs_.find(sub);
-        cached = it == self->subs_.end() ? nullptr : it->second.handler;
-        cached_id = sub;
-      }
-      return cached != nullptr;  // unsubscribed meanwhile: skip
-    }
-    void operator()(const Message& m) {
-      current_message = &m;
-      try {
-        (*cached)(m);
-      } catch (const std::exception& e) {
-        if (self->opts_.on_error)
-          self->opts_.on_error(Error(Errc::internal, std::string("handler threw: ") + e.what()));
-      }
-      current_message = nullptr;
-    }
-  };
   while (true) {
     RawDelivery raw;
     {

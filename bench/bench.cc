@@ -86,7 +86,9 @@ struct Rig {
     return Status::Ok();
   }
 
-  Result<std::unique_ptr<Client>> client(const std::string& name) {
+  Result<std::unique_ptr<Client>> client(
+      const std::string& name,
+      ClientOptions::HandlerThread handlers = ClientOptions::HandlerThread::dispatcher) {
     auto id = std::make_shared<Identity>(Identity::generate());
     CredentialClaims claims;
     claims.subject = id->public_key();
@@ -97,6 +99,7 @@ struct Rig {
     o.curve = curve;
     o.identity = id;
     o.credential = std::make_shared<Credential>(Credential::issue(*op, claims));
+    o.handler_thread = handlers;
     return Client::connect(std::move(o));
   }
 };
@@ -178,7 +181,8 @@ Result<PeerResult> run_fanin(const BenchFlags& f) {
 Result<PeerResult> run_rtt(const BenchFlags& f) {
   Rig rig;
   if (auto s = rig.start(f, false); !s.ok()) return s.error();
-  auto server = rig.client("bench-responder");
+  // The responder answers inline on its I/O thread: the short handler is what that mode is for.
+  auto server = rig.client("bench-responder", ClientOptions::HandlerThread::io_thread);
   if (!server.ok()) return server.error();
   auto client = rig.client("bench-requester");
   if (!client.ok()) return client.error();
@@ -205,6 +209,7 @@ Result<PeerResult> run_rtt(const BenchFlags& f) {
   double total = 0;
   for (double v : us) total += v;
   r.msgs_per_sec = us.size() / (total / 1e6);
+  r.note = "responder handlers on its I/O thread (ClientOptions::handler_thread), 1000 warm-up";
   return r;
 }
 
@@ -382,7 +387,7 @@ struct MeshRig {
   ~MeshRig() {
     for (auto& [n, b] : brokers) {
       (void)b->stop();
-      if (show_log) std::fprintf(stderr, "--- %s ---\n%s", n.c_str(), b->log_tail(6).c_str());
+      if (show_log) std::fprintf(stderr, "--- %s ---\n%s", n.c_str(), b->log_tail(8).c_str());
     }
   }
 };
@@ -591,15 +596,19 @@ std::vector<Result<PeerResult>> run_peers(const BenchFlags& f) {
     single.workload = "fanin";
     out.push_back(run_fanin(single));  // the same run's single-broker figure: the 0.8x target's base
     out.push_back(bench::run_nats_fanin(f.size, f.count, limits));
+    // The ZeroMQ floor: what four forwarders in series keep of one, on the same machine.
+    out.push_back(bench::run_zmq_proxy(f.size, f.count, f.curve == "on", 1, limits));
+    out.push_back(bench::run_zmq_proxy(f.size, f.count, f.curve == "on", 4, limits));
   } else if (f.workload == "outage") {
   } else if (f.workload == "fanin") {
     out.push_back(bench::run_nats_fanin(f.size, f.count, limits));
     out.push_back(bench::run_mosquitto_fanin(f.size, std::min<uint64_t>(f.count, 300000), 0, limits));
     out.push_back(bench::run_zmq_pushpull(f.size, f.count, limits));
-    out.push_back(bench::run_zmq_proxy(f.size, f.count, f.curve == "on", limits));
+    out.push_back(bench::run_zmq_proxy(f.size, f.count, f.curve == "on", 1, limits));
   } else if (f.workload == "rtt") {
     out.push_back(bench::run_nats_rtt(f.count, limits));
     out.push_back(bench::run_zmq_router_echo(f.count, limits));
+    out.push_back(bench::run_zmq_router_broker_rtt(f.count, limits));
   } else {
     out.push_back(bench::run_jetstream_durable(f.size, f.count, limits));
     out.push_back(bench::run_mosquitto_fanin(f.size, std::min<uint64_t>(f.count, 100000), 1, limits));
@@ -711,6 +720,27 @@ int run_bench(const BenchFlags& f) {
       if (!r.note.empty()) std::printf("  %s\n", r.note.c_str());
     }
     if (rtt) std::printf("(tracemesh/x for rtt is tracemesh p50 / x p50: lower is better for tracemesh)\n");
+    // What a second hop costs any ZeroMQ-based broker on this machine, beside what it costs us.
+    auto found = [&](const std::string& name) -> const Row* {
+      auto it = rows.find(name);
+      return it != rows.end() && it->second.error.empty() ? &it->second : nullptr;
+    };
+    const std::string curve = f.curve == "on" ? "+curve" : "";
+    if (rtt && base) {
+      const Row* echo = found("zmq router");
+      const Row* forwarded = found("zmq router broker");
+      if (echo && forwarded && echo->p50.median > 0)
+        std::printf("p50 over the direct zmq echo: zmq router broker %.2fx, tracemesh %.2fx\n",
+                    forwarded->p50.median / echo->p50.median, base->p50.median / echo->p50.median);
+    }
+    if (f.workload == "chain" && base) {
+      const Row* one = found("tracemesh");
+      const Row* zmq1 = found("zmq proxy" + curve);
+      const Row* zmq4 = found("zmq proxy chain-4" + curve);
+      if (one && zmq1 && zmq4 && one->rate.median > 0 && zmq1->rate.median > 0)
+        std::printf("4 hops over 1 hop: zmq proxy %.2fx, tracemesh %.2fx\n", zmq4->rate.median / zmq1->rate.median,
+                    base->rate.median / one->rate.median);
+    }
   }
   for (const auto& [name, r] : rows)
     if (!r.error.empty() && name.rfind("tracemesh", 0) == 0) return 1;

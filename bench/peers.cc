@@ -859,6 +859,57 @@ bool send_all(zmq::socket_t& socket, const std::string& payload, uint64_t count,
   return true;
 }
 
+// Round trips on `dealer` (send one, wait for the answer), after limits.warmup unmeasured ones.
+struct RttLoop {
+  std::vector<double> samples_us;
+  uint64_t sent = 0;
+  double elapsed = 0;  // seconds, measured round trips only
+  bool hit_deadline = false;
+
+  // p50/p99 and rate; `note` holds only the deadline remark, if any.
+  PeerResult result(const std::string& system, Clock::time_point started) {
+    PeerResult r;
+    r.system = system;
+    r.workload = "rtt";
+    r.sent = sent;
+    r.received = samples_us.size();
+    std::sort(samples_us.begin(), samples_us.end());
+    r.p50_us = percentile(samples_us, 0.50);
+    r.p99_us = percentile(samples_us, 0.99);
+    r.msgs_per_sec = elapsed > 0 ? static_cast<double>(samples_us.size()) / elapsed : 0;
+    if (hit_deadline) r.note = "; deadline reached after " + format_seconds(seconds_between(started, Clock::now()));
+    return r;
+  }
+};
+
+RttLoop run_rtt_loop(zmq::socket_t& dealer, uint64_t count, const RunLimits& limits, Clock::time_point deadline) {
+  RttLoop loop;
+  loop.samples_us.reserve(count);
+  const std::string payload = make_payload(limits.rtt_size);
+  const uint64_t total = limits.warmup + count;
+  Clock::time_point measure_start = Clock::now();
+  zmq::message_t reply;
+  uint64_t done = 0;
+  for (; done < total && !loop.hit_deadline; ++done) {
+    if (done == limits.warmup) measure_start = Clock::now();
+    const Clock::time_point t0 = Clock::now();
+    dealer.send(zmq::buffer(payload), zmq::send_flags::none);
+    while (!dealer.recv(reply, zmq::recv_flags::none)) {
+      if (Clock::now() >= deadline) {
+        loop.hit_deadline = true;
+        break;
+      }
+    }
+    if (loop.hit_deadline) break;
+    const Clock::time_point t1 = Clock::now();
+    if (done >= limits.warmup) loop.samples_us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    if (t1 >= deadline) loop.hit_deadline = true;
+  }
+  loop.sent = done > limits.warmup ? done - limits.warmup : 0;
+  loop.elapsed = seconds_between(measure_start, Clock::now());
+  return loop;
+}
+
 }  // namespace
 
 Result<PeerResult> run_zmq_pushpull(size_t size, uint64_t count, const RunLimits& limits) {
@@ -896,52 +947,81 @@ Result<PeerResult> run_zmq_pushpull(size_t size, uint64_t count, const RunLimits
   }
 }
 
-Result<PeerResult> run_zmq_proxy(size_t size, uint64_t count, bool curve, const RunLimits& limits) {
+Result<PeerResult> run_zmq_proxy(size_t size, uint64_t count, bool curve, int hops,
+                                 const RunLimits& limits) {
   if (Status valid = validate(size, count); !valid) return valid.error();
+  if (hops < 1) return Error(Errc::invalid_argument, "zmq proxy: hops must be at least 1");
   const Clock::time_point started = Clock::now();
   const Clock::time_point deadline = started + limits.deadline;
+  const std::string name = (hops == 1 ? std::string("zmq proxy") : "zmq proxy chain-" + std::to_string(hops)) +
+                           (curve ? "+curve" : "");
   try {
-    zmq::context_t ctx;
-    zmq::socket_t xsub(ctx, zmq::socket_type::xsub);
-    zmq::socket_t xpub(ctx, zmq::socket_type::xpub);
-    zmq::socket_t pub(ctx, zmq::socket_type::pub);
-    zmq::socket_t sub(ctx, zmq::socket_type::sub);
-    for (zmq::socket_t* s : {&xsub, &xpub, &pub, &sub}) s->set(zmq::sockopt::linger, 0);
-    // Lossless: PUB and XPUB wait at the high-water mark instead of dropping.
+    char server_public[41] = {}, server_secret[41] = {}, client_public[41] = {}, client_secret[41] = {};
+    if (curve && (zmq_curve_keypair(server_public, server_secret) != 0 ||
+                  zmq_curve_keypair(client_public, client_secret) != 0)) {
+      return Error(Errc::io, std::string("zmq_curve_keypair: ") + zmq_strerror(zmq_errno()) +
+                                 " (libzmq built without CURVE?)");
+    }
+    auto serve = [&](zmq::socket_t& s) {
+      if (!curve) return;
+      s.set(zmq::sockopt::curve_server, true);
+      s.set(zmq::sockopt::curve_secretkey, server_secret);
+    };
+    auto dial = [&](zmq::socket_t& s) {
+      if (!curve) return;
+      s.set(zmq::sockopt::curve_serverkey, server_public);
+      s.set(zmq::sockopt::curve_publickey, client_public);
+      s.set(zmq::sockopt::curve_secretkey, client_secret);
+    };
+    // Every proxy has its own context (its own I/O thread), as a broker process would; the
+    // publisher and the subscriber share the client context. Proxy k's XSUB dials proxy k-1's
+    // XPUB, so subscriptions travel up the chain and data down it.
+    zmq::context_t client_ctx;
+    std::vector<std::unique_ptr<zmq::context_t>> proxy_ctx;
+    std::vector<std::unique_ptr<zmq::socket_t>> xsubs, xpubs;
+    std::string front, back;
+    for (int i = 0; i < hops; ++i) {
+      proxy_ctx.push_back(std::make_unique<zmq::context_t>());
+      auto xsub = std::make_unique<zmq::socket_t>(*proxy_ctx.back(), zmq::socket_type::xsub);
+      auto xpub = std::make_unique<zmq::socket_t>(*proxy_ctx.back(), zmq::socket_type::xpub);
+      xsub->set(zmq::sockopt::linger, 0);
+      xpub->set(zmq::sockopt::linger, 0);
+      xpub->set(zmq::sockopt::xpub_nodrop, true);  // lossless: wait at the high-water mark
+      serve(*xpub);
+      if (i == 0) {
+        serve(*xsub);
+        front = bind_ephemeral(*xsub);
+      } else {
+        dial(*xsub);
+        xsub->connect(back);
+      }
+      back = bind_ephemeral(*xpub);
+      xsubs.push_back(std::move(xsub));
+      xpubs.push_back(std::move(xpub));
+    }
+    zmq::socket_t pub(client_ctx, zmq::socket_type::pub);
+    zmq::socket_t sub(client_ctx, zmq::socket_type::sub);
+    for (zmq::socket_t* s : {&pub, &sub}) {
+      s->set(zmq::sockopt::linger, 0);
+      dial(*s);
+    }
     pub.set(zmq::sockopt::xpub_nodrop, true);
-    xpub.set(zmq::sockopt::xpub_nodrop, true);
     pub.set(zmq::sockopt::sndtimeo, kPollMs);
     sub.set(zmq::sockopt::rcvtimeo, kPollMs);
     sub.set(zmq::sockopt::subscribe, "");
-    if (curve) {
-      char server_public[41], server_secret[41], client_public[41], client_secret[41];
-      if (zmq_curve_keypair(server_public, server_secret) != 0 ||
-          zmq_curve_keypair(client_public, client_secret) != 0) {
-        return Error(Errc::io, std::string("zmq_curve_keypair: ") + zmq_strerror(zmq_errno()) +
-                                   " (libzmq built without CURVE?)");
-      }
-      for (zmq::socket_t* s : {&xsub, &xpub}) {
-        s->set(zmq::sockopt::curve_server, true);
-        s->set(zmq::sockopt::curve_secretkey, server_secret);
-      }
-      for (zmq::socket_t* s : {&pub, &sub}) {
-        s->set(zmq::sockopt::curve_serverkey, server_public);
-        s->set(zmq::sockopt::curve_publickey, client_public);
-        s->set(zmq::sockopt::curve_secretkey, client_secret);
-      }
-    }
-    const std::string front = bind_ephemeral(xsub);
-    const std::string back = bind_ephemeral(xpub);
 
-    // The proxy runs until the context is shut down (its calls then fail with ETERM).
-    ScopedThread proxy(
-        [&] {
-          try {
-            zmq::proxy(xsub, xpub);
-          } catch (const zmq::error_t&) {
-          }
-        },
-        [&] { ctx.shutdown(); });
+    // Each proxy runs until its context is shut down (its calls then fail with ETERM).
+    std::vector<std::unique_ptr<ScopedThread>> proxies;
+    for (int i = 0; i < hops; ++i) {
+      proxies.push_back(std::make_unique<ScopedThread>(
+          [&, i] {
+            try {
+              zmq::proxy(*xsubs[i], *xpubs[i]);
+            } catch (const zmq::error_t&) {
+            }
+          },
+          [&, i] { proxy_ctx[i]->shutdown(); }));
+    }
 
     ArrivalCounter counter(count);
     std::atomic<bool> stop{false};
@@ -951,13 +1031,13 @@ Result<PeerResult> run_zmq_proxy(size_t size, uint64_t count, bool curve, const 
                           [&] { stop = true; });
     pub.connect(front);
 
-    // PUB sends nothing until the subscription has travelled SUB -> proxy -> PUB: probe until
+    // PUB sends nothing until the subscription has travelled SUB -> proxies -> PUB: probe until
     // the subscriber has seen one.
     const Clock::time_point warm_by = std::min(deadline, Clock::now() + 10s);
     const std::string probe(size, 'W');
     while (!warmed.load()) {
       if (Clock::now() >= warm_by) {
-        return Error(Errc::timeout, "zmq proxy: subscription did not reach the publisher in 10 s");
+        return Error(Errc::timeout, name + ": subscription did not reach the publisher in 10 s");
       }
       pub.send(zmq::buffer(probe), zmq::send_flags::dontwait);
       std::this_thread::sleep_for(1ms);
@@ -968,17 +1048,107 @@ Result<PeerResult> run_zmq_proxy(size_t size, uint64_t count, bool curve, const 
     bool hit_deadline = !send_all(pub, payload, count, deadline, sent);
     if (!counter.wait_until(deadline)) hit_deadline = true;
     receiver.join();
-    proxy.join();
+    for (auto& p : proxies) p->join();
 
     PeerResult result;
-    result.system = curve ? "zmq proxy+curve" : "zmq proxy";
-    result.workload = "fanin-1x1";
-    result.note = std::string("PUB -> XSUB/XPUB proxy thread -> SUB, tcp loopback") +
-                  (curve ? ", CURVE on both hops" : "") + ", no-drop at HWM 1000";
+    result.system = name;
+    result.workload = hops == 1 ? "fanin-1x1" : "chain-" + std::to_string(hops);
+    result.note = "PUB -> " + (hops == 1 ? std::string("XSUB/XPUB proxy thread") : std::to_string(hops) + " XSUB/XPUB proxy threads in series") +
+                  " (own context each) -> SUB, tcp loopback" + (curve ? ", CURVE on every hop" : "") +
+                  ", no-drop at HWM 1000";
     finish_fanin(result, counter, sent, hit_deadline, started);
     return result;
   } catch (const zmq::error_t& e) {
-    return zmq_failure(curve ? "zmq proxy+curve" : "zmq proxy", e);
+    return zmq_failure(name, e);
+  }
+}
+
+Result<PeerResult> run_zmq_router_broker_rtt(uint64_t count, const RunLimits& limits) {
+  if (Status valid = validate(limits.rtt_size, count); !valid) return valid.error();
+  const Clock::time_point started = Clock::now();
+  const Clock::time_point deadline = started + limits.deadline;
+  try {
+    // Requester, broker and replier each have their own context (their own I/O thread), as
+    // three processes would.
+    zmq::context_t requester_ctx, broker_ctx, replier_ctx;
+    zmq::socket_t router(broker_ctx, zmq::socket_type::router);
+    zmq::socket_t replier(replier_ctx, zmq::socket_type::dealer);
+    zmq::socket_t requester(requester_ctx, zmq::socket_type::dealer);
+    for (zmq::socket_t* s : {&router, &replier, &requester}) {
+      s->set(zmq::sockopt::linger, 0);
+      s->set(zmq::sockopt::rcvtimeo, kPollMs);
+    }
+    const std::string endpoint = bind_ephemeral(router);
+
+    // The broker: a replier registers with an empty frame; a request [requester][body] goes
+    // to the replier as [replier][requester][body], and the reply comes back the same way.
+    std::atomic<bool> stop{false};
+    std::atomic<bool> registered{false};
+    ScopedThread broker(
+        [&] {
+          std::string replier_id;
+          try {
+            while (!stop.load()) {
+              std::vector<zmq::message_t> parts;
+              zmq::message_t part;
+              if (!router.recv(part, zmq::recv_flags::none)) continue;
+              parts.push_back(std::move(part));
+              while (parts.back().more()) {
+                if (!router.recv(part, zmq::recv_flags::none)) break;
+                parts.push_back(std::move(part));
+              }
+              const std::string from = parts[0].to_string();
+              if (parts.size() == 2 && parts[1].size() == 0) {  // a replier registers
+                replier_id = from;
+                registered = true;
+              } else if (from == replier_id && parts.size() == 3) {  // a reply
+                router.send(parts[1], zmq::send_flags::sndmore);
+                router.send(parts[2], zmq::send_flags::none);
+              } else if (parts.size() == 2 && !replier_id.empty()) {  // a request
+                router.send(zmq::buffer(replier_id), zmq::send_flags::sndmore);
+                router.send(parts[0], zmq::send_flags::sndmore);
+                router.send(parts[1], zmq::send_flags::none);
+              }
+            }
+          } catch (const zmq::error_t&) {
+          }
+        },
+        [&] { stop = true; });
+    replier.connect(endpoint);
+    replier.send(zmq::message_t(), zmq::send_flags::none);  // register, before its thread owns it
+    ScopedThread replier_thread(
+        [&] {
+          zmq::message_t who, body;
+          try {
+            while (!stop.load()) {
+              if (!replier.recv(who, zmq::recv_flags::none)) continue;
+              if (!who.more() || !replier.recv(body, zmq::recv_flags::none)) continue;
+              replier.send(who, zmq::send_flags::sndmore);
+              replier.send(body, zmq::send_flags::none);
+            }
+          } catch (const zmq::error_t&) {
+          }
+        },
+        [&] { stop = true; });
+    const Clock::time_point ready_by = std::min(deadline, Clock::now() + 10s);
+    while (!registered.load()) {
+      if (Clock::now() >= ready_by) return Error(Errc::timeout, "zmq router broker: replier did not register in 10 s");
+      std::this_thread::sleep_for(1ms);
+    }
+
+    requester.connect(endpoint);
+    RttLoop loop = run_rtt_loop(requester, count, limits, deadline);
+    broker.join();
+    replier_thread.join();
+
+    PeerResult result = loop.result("zmq router broker", started);
+    result.note = std::to_string(limits.rtt_size) +
+                  " B, requester DEALER -> ROUTER broker thread -> replier DEALER thread and back, own "
+                  "context each, " +
+                  std::to_string(limits.warmup) + " warm-up" + result.note;
+    return result;
+  } catch (const zmq::error_t& e) {
+    return zmq_failure("zmq router broker", e);
   }
 }
 
@@ -1013,49 +1183,12 @@ Result<PeerResult> run_zmq_router_echo(uint64_t count, const RunLimits& limits) 
         [&] { stop = true; });
 
     dealer.connect(endpoint);
-    const std::string payload = make_payload(limits.rtt_size);
-    std::vector<double> samples_us;
-    samples_us.reserve(count);
-    const uint64_t total = limits.warmup + count;
-    bool hit_deadline = false;
-    Clock::time_point measure_start = Clock::now();
-    zmq::message_t reply;
-    uint64_t done = 0;
-    for (; done < total && !hit_deadline; ++done) {
-      if (done == limits.warmup) measure_start = Clock::now();
-      const Clock::time_point t0 = Clock::now();
-      dealer.send(zmq::buffer(payload), zmq::send_flags::none);
-      while (!dealer.recv(reply, zmq::recv_flags::none)) {
-        if (Clock::now() >= deadline) {
-          hit_deadline = true;
-          break;
-        }
-      }
-      if (hit_deadline) break;
-      const Clock::time_point t1 = Clock::now();
-      if (done >= limits.warmup) {
-        samples_us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-      }
-      if (t1 >= deadline) hit_deadline = true;
-    }
-    const double elapsed = seconds_between(measure_start, Clock::now());
+    RttLoop loop = run_rtt_loop(dealer, count, limits, deadline);
     echo.join();
 
-    PeerResult result;
-    result.system = "zmq router";
-    result.workload = "rtt";
-    result.sent = done > limits.warmup ? done - limits.warmup : 0;
-    result.received = samples_us.size();
-    std::sort(samples_us.begin(), samples_us.end());
-    result.p50_us = percentile(samples_us, 0.50);
-    result.p99_us = percentile(samples_us, 0.99);
-    result.msgs_per_sec = elapsed > 0 ? static_cast<double>(samples_us.size()) / elapsed : 0;
+    PeerResult result = loop.result("zmq router", started);
     result.note = std::to_string(limits.rtt_size) + " B, DEALER -> ROUTER echo thread, " +
-                  std::to_string(limits.warmup) + " warm-up";
-    if (hit_deadline) {
-      result.note +=
-          "; deadline reached after " + format_seconds(seconds_between(started, Clock::now()));
-    }
+                  std::to_string(limits.warmup) + " warm-up" + result.note;
     return result;
   } catch (const zmq::error_t& e) {
     return zmq_failure("zmq router echo", e);

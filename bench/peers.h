@@ -54,12 +54,18 @@ Result<PeerResult> run_mosquitto_fanin(size_t size, uint64_t count, int qos,
                                        const RunLimits& limits = {});
 // ZeroMQ PUSH -> PULL, direct over tcp loopback.
 Result<PeerResult> run_zmq_pushpull(size_t size, uint64_t count, const RunLimits& limits = {});
-// ZeroMQ PUB -> XSUB/XPUB zmq::proxy (a thread of this process) -> SUB, optionally CURVE on
-// both hops. Lossless: PUB and XPUB block at the high-water mark (ZMQ_XPUB_NODROP).
-Result<PeerResult> run_zmq_proxy(size_t size, uint64_t count, bool curve,
+// ZeroMQ PUB -> `hops` XSUB/XPUB zmq::proxy threads in series -> SUB, each proxy with its own
+// context (I/O thread), as a broker process would have; optionally CURVE on every hop. Lossless:
+// PUB and XPUB block at the high-water mark (ZMQ_XPUB_NODROP). hops 1 is the one-hop floor of
+// fanin-1x1; hops 4 the floor of chain-4.
+Result<PeerResult> run_zmq_proxy(size_t size, uint64_t count, bool curve, int hops = 1,
                                  const RunLimits& limits = {});
 // ZeroMQ DEALER -> ROUTER echo (a thread of this process) round trips.
 Result<PeerResult> run_zmq_router_echo(uint64_t count, const RunLimits& limits = {});
+// Request/reply through a minimal ZeroMQ broker: requester DEALER -> ROUTER broker thread ->
+// replier DEALER thread and back, each with its own context. The floor of `rtt` for any broker
+// built on ZeroMQ: two network round trips where the direct echo has one.
+Result<PeerResult> run_zmq_router_broker_rtt(uint64_t count, const RunLimits& limits = {});
 
 // One line per peer, e.g. "nats-server v2.9.10", "mosquitto 2.0.11", "libzmq 4.3.4",
 // "libnats 3.4.1", "libmosquitto 2.0.11"; "<name>: not installed" where missing.

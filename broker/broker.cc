@@ -129,6 +129,8 @@ struct Link {
   WordBuffer direct;
   uint32_t direct_count = 0;
   uint64_t forwarded = 0, forwarded_bytes = 0, received = 0;
+  uint64_t forwarded_batches = 0, received_batches = 0;
+  uint64_t stored = 0;  // best-effort messages that went through the outbox (link busy or down)
   uint64_t rtt_us = 0;
   Clock::time_point ping_at{};
   uint64_t ping_token = 0;
@@ -638,6 +640,10 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
   flush_sessions();
   spdlog::info("broker '{}' stopped cleanly: {} messages in ({} batches), {} out ({} batches)", config_.name,
                messages_in_, frames_in_, messages_out_, frames_out_);
+  for (const auto& l : links_)
+    spdlog::info("link '{}': {} messages forwarded in {} batches ({} best-effort through the outbox), {} received "
+                 "in {} batches",
+                 l->name, l->forwarded, l->forwarded_batches, l->stored, l->received, l->received_batches);
   return Status::Ok();
 }
 
@@ -1831,6 +1837,7 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
     l.resend_from = 0;
     return;
   }
+  ++l.received_batches;
   uint64_t seq = first;
   auto status = codec::for_each_envelope(base, body->size() & ~size_t{7}, fwd.getCount(),
                                          [&](const uint8_t* p, size_t n) {
@@ -2019,7 +2026,7 @@ bool BrokerImpl::link_send(Link& l, zmq::message_t&& header, std::optional<zmq::
 
 bool BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool durable) {
   if (!l.outbox) return false;
-  if (!durable && l.up() && l.outbox->idle() && l.sent_seq >= l.outbox->stats().last_seq) {
+  if (!durable && l.up() && l.outbox->all_sent(l.sent_seq)) {
     if (l.direct.words() == 0) l.direct.reserve(kOutBatchBytes / 8 + 1024);
     l.direct.append(data, size & ~size_t{7});
     ++l.direct_count;
@@ -2027,6 +2034,7 @@ bool BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool dura
     return true;
   }
   auto st = l.outbox->append(std::string_view(reinterpret_cast<const char*>(data), size), durable);
+  if (!durable) ++l.stored;
   if (!st.ok()) {
     if (!durable) ++drops_;  // best-effort overflow: counted in the link's dropped too
     return false;
@@ -2037,6 +2045,7 @@ bool BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool dura
 
 void BrokerImpl::count_forwarded(Link& l, uint32_t count, size_t bytes) {
   l.forwarded += count;
+  ++l.forwarded_batches;
   l.forwarded_bytes += bytes;
   l.window_msgs += count;
   l.window_bytes += bytes;
@@ -2060,6 +2069,7 @@ void BrokerImpl::flush_direct(Link& l) {
     return;
   }
   // The link is busy or gone: these go to the outbox, in order, ahead of what follows.
+  l.stored += count;
   (void)codec::for_each_envelope(frame.data(), frame.size(), count, [&](const uint8_t* p, size_t n) {
     if (!l.outbox->append(std::string_view(reinterpret_cast<const char*>(p), n), false).ok()) ++drops_;
     return true;

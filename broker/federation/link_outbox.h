@@ -65,6 +65,9 @@ class LinkOutbox {
   bool full() const { return stats_.bytes >= options_.budget_bytes; }
   // Nothing stored and nothing waiting to be committed.
   bool idle() const { return stats_.messages == 0 && pending_.empty(); }
+  // Everything appended is committed and was handed to the wire up to `sent_seq` (it may still
+  // await the remote's ack): what is routed now can go straight out behind it, in order.
+  bool all_sent(uint64_t sent_seq) const { return pending_.empty() && sent_seq >= stats_.last_seq; }
 
  private:
   explicit LinkOutbox(Options options) : options_(std::move(options)) {}

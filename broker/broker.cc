@@ -2177,6 +2177,12 @@ void BrokerImpl::fill_mesh_status(wire::MeshStatus::Builder b) {
     e.setForwarded(l.forwarded);
     e.setReceived(l.received);
     e.setLastError(l.last_error);
+    const std::vector<std::string> told = l.interest.advertised();
+    auto interest = e.initInterest(told.size());
+    for (size_t j = 0; j < told.size(); ++j) interest.set(j, interest_label(told[j]));
+    auto peer_interest = e.initPeerInterest(l.remote.size());
+    size_t j = 0;
+    for (const auto& [key, sub] : l.remote) peer_interest.set(j++, interest_label(key));
   }
 }
 

@@ -22,6 +22,7 @@
 #include <zmq.hpp>
 
 #include "codec/envelope_codec.h"
+#include "federation/link_interest.h"
 #include "federation/link_outbox.h"
 #include "store/store.h"
 #include "topic/topic_trie.h"
@@ -120,9 +121,7 @@ struct Link {
   bool recv_synced = false;                 // recv_seq follows the peer's numbering (this connection)
   Clock::time_point resend_at{};            // we were asked to resend: not before this
   bool durable_pending = false;             // a durable message awaits sync()
-  std::set<std::string> advertised;         // interest keys told to the peer
-  bool interest_reset = true;               // send the full set next time
-  std::vector<std::string> add_q, remove_q;
+  LinkInterest interest;                    // what the peer is told we want, collapsed
   std::map<std::string, std::unique_ptr<Subscription>> remote;  // the peer's interest
   // Best-effort fast path: while the link is up and its outbox is empty,
   // best-effort messages skip the outbox and go out unsequenced.
@@ -150,17 +149,6 @@ struct Link {
     return "?";
   }
 };
-
-std::string interest_key(std::string_view filter, std::string_view group) {
-  std::string k(filter);
-  k.push_back('\0');
-  k.append(group);
-  return k;
-}
-std::pair<std::string, std::string> split_key(const std::string& k) {
-  auto z = k.find('\0');
-  return {k.substr(0, z), k.substr(z + 1)};
-}
 
 struct Group {
   std::string pattern, name;
@@ -1956,14 +1944,11 @@ void BrokerImpl::add_interest(const std::string& key, uint32_t origin, int delta
     bool wanted = false;
     for (const auto& [o, n] : origins)
       if (o != l->id && n > 0) wanted = true;
-    const bool told = l->advertised.count(key) > 0;
-    if (wanted && !told) {
-      l->advertised.insert(key);
-      l->add_q.push_back(key);
-    } else if (!wanted && told) {
-      l->advertised.erase(key);
-      l->remove_q.push_back(key);
-    }
+    if (wanted == l->interest.wants(key)) continue;
+    if (wanted)
+      l->interest.want(key);
+    else
+      l->interest.unwant(key);
   }
   if (origins.empty()) interest_.erase(key);
 }
@@ -1971,18 +1956,16 @@ void BrokerImpl::add_interest(const std::string& key, uint32_t origin, int delta
 void BrokerImpl::link_up(Link& l) {
   l.state = Link::State::up;
   l.recv_synced = false;
-  // What this link should hear of: every key some other origin wants.
-  l.advertised.clear();
+  // What this link should hear of: every key some other origin wants, all of
+  // it again (a fresh LinkInterest starts with a reset).
+  l.interest = LinkInterest();
   for (const auto& [key, origins] : interest_)
     for (const auto& [o, n] : origins)
       if (o != l.id && n > 0) {
-        l.advertised.insert(key);
+        l.interest.want(key);
         break;
       }
   if (l.outbox) l.sent_seq = l.outbox->stats().acked_seq;  // resend whatever is unacked
-  l.interest_reset = true;
-  l.add_q.clear();
-  l.remove_q.clear();
   spdlog::info("link '{}' up: peer '{}' ({} {}), backlog {} messages", l.name, l.peer, l.peer_tier, l.peer_site,
                l.outbox ? l.outbox->stats().messages : 0);
 }
@@ -2101,33 +2084,22 @@ void BrokerImpl::service_links() {
   for (auto& lp : links_) {
     Link& l = *lp;
     if (!l.up()) continue;
-    // Interest.
-    if (l.interest_reset || !l.add_q.empty() || !l.remove_q.empty()) {
+    // Interest: one frame, so a withdrawn cover and the keys it hid change at once.
+    if (l.interest.pending()) {
+      const LinkInterest::Update u = l.interest.update();
       capnp::MallocMessageBuilder b(256);
       auto in = start_frame(b).getRoot<wire::Frame>().initInterest();
-      std::vector<std::string> adds = l.interest_reset
-                                          ? std::vector<std::string>(l.advertised.begin(), l.advertised.end())
-                                          : l.add_q;
-      in.setReset(l.interest_reset);
-      auto add = in.initAdd(adds.size());
-      for (size_t i = 0; i < adds.size(); ++i) {
-        auto [f, g] = split_key(adds[i]);
-        add[i].setFilter(f);
-        add[i].setQueueGroup(g);
-      }
-      if (!l.interest_reset) {
-        auto rem = in.initRemove(l.remove_q.size());
-        for (size_t i = 0; i < l.remove_q.size(); ++i) {
-          auto [f, g] = split_key(l.remove_q[i]);
-          rem[i].setFilter(f);
-          rem[i].setQueueGroup(g);
+      in.setReset(u.reset);
+      auto fill = [](capnp::List<wire::InterestEntry>::Builder list, const std::vector<std::string>& keys) {
+        for (size_t i = 0; i < keys.size(); ++i) {
+          auto [f, g] = split_interest_key(keys[i]);
+          list[i].setFilter(std::string(f));
+          list[i].setQueueGroup(std::string(g));
         }
-      }
-      if (link_send(l, codec::to_message(b))) {
-        l.interest_reset = false;
-        l.add_q.clear();
-        l.remove_q.clear();
-      }
+      };
+      fill(in.initAdd(u.add.size()), u.add);
+      fill(in.initRemove(u.remove.size()), u.remove);
+      if (link_send(l, codec::to_message(b))) l.interest.sent();
     }
     // Acks for what the peer forwarded to us (held back while our own stream write is pending).
     const uint64_t ackable = l.held.empty() ? l.recv_seq : std::min(l.recv_seq, *l.held.begin() - 1);
@@ -2215,6 +2187,12 @@ void BrokerImpl::fill_mesh_status(wire::MeshStatus::Builder b) {
     e.setForwarded(l.forwarded);
     e.setReceived(l.received);
     e.setLastError(l.last_error);
+    const std::vector<std::string> told = l.interest.advertised();
+    auto interest = e.initInterest(told.size());
+    for (size_t j = 0; j < told.size(); ++j) interest.set(j, interest_label(told[j]));
+    auto peer_interest = e.initPeerInterest(l.remote.size());
+    size_t j = 0;
+    for (const auto& [key, sub] : l.remote) peer_interest.set(j++, interest_label(key));
   }
 }
 

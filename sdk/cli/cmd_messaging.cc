@@ -37,6 +37,20 @@ std::string json_escape(std::string_view s) {
   return out;
 }
 
+// ["a","b"]
+std::string json_strings(const std::vector<std::string>& items) {
+  std::string out = "[";
+  for (const auto& i : items) out += (out.size() > 1 ? ",\"" : "\"") + json_escape(i) + "\"";
+  return out + "]";
+}
+
+// "a, b", or "-" for none.
+std::string joined(const std::vector<std::string>& items) {
+  std::string out;
+  for (const auto& i : items) out += (out.empty() ? "" : ", ") + i;
+  return out.empty() ? "-" : out;
+}
+
 void print_message(const Message& m, bool json) {
   if (json) {
     std::string parents;
@@ -300,7 +314,7 @@ void add_messaging_commands(CLI::App& app, Context& ctx) {
                         "%s{\"name\":\"%s\",\"peer\":\"%s\",\"peer_tier\":\"%s\",\"peer_site\":\"%s\","
                         "\"direction\":\"%s\",\"endpoint\":\"%s\",\"state\":\"%s\",\"backlog_messages\":%llu,"
                         "\"backlog_bytes\":%llu,\"dropped\":%llu,\"rtt_us\":%llu,\"msgs_per_sec\":%.1f,"
-                        "\"bytes_per_sec\":%.1f,\"forwarded\":%llu,\"received\":%llu,\"last_error\":\"%s\"}",
+                        "\"bytes_per_sec\":%.1f,\"forwarded\":%llu,\"received\":%llu,\"last_error\":\"%s\",",
                         links.empty() ? "" : ",", json_escape(l.name).c_str(), json_escape(l.peer).c_str(),
                         json_escape(l.peer_tier).c_str(), json_escape(l.peer_site).c_str(), l.direction.c_str(),
                         json_escape(l.endpoint).c_str(), l.state.c_str(),
@@ -310,6 +324,8 @@ void add_messaging_commands(CLI::App& app, Context& ctx) {
                         static_cast<unsigned long long>(l.forwarded), static_cast<unsigned long long>(l.received),
                         json_escape(l.last_error).c_str());
           links += buf;
+          links += "\"interest\":" + json_strings(l.interest) + ",\"peer_interest\":" +
+                   json_strings(l.peer_interest) + "}";
         }
         std::printf("{\"broker\":\"%s\",\"tier\":\"%s\",\"site\":\"%s\",\"region\":\"%s\","
                     "\"duplicates_dropped\":%llu,\"links\":[%s]}\n",
@@ -331,6 +347,8 @@ void add_messaging_commands(CLI::App& app, Context& ctx) {
                     static_cast<unsigned long long>(l.backlog_bytes), static_cast<unsigned long long>(l.rtt_us),
                     l.msgs_per_sec);
         if (!l.last_error.empty()) std::printf("  last error: %s\n", l.last_error.c_str());
+        std::printf("  interest:      %s\n", joined(l.interest).c_str());
+        std::printf("  peer interest: %s\n", joined(l.peer_interest).c_str());
       }
     });
   }

@@ -93,6 +93,10 @@ struct LinkStatus {
   forwarded @13 :UInt64;
   received @14 :UInt64;
   lastError @15 :Text;
+  interest @16 :List(Text);      # what this broker advertises to the peer, collapsed
+                                 # (no filter another of its queue group covers):
+                                 # "filter" or "filter (group g)"
+  peerInterest @17 :List(Text);  # what the peer told this broker it wants, same form
 }
 
 struct MeshStatus {

@@ -1,4 +1,5 @@
 // Federation: real brokers linked in chains, diamonds and rings on loopback.
+#include <atomic>
 #include <fstream>
 #include <map>
 #include <set>
@@ -355,6 +356,156 @@ TEST_F(FederationTest, KillNineOfEdgeLosesNoAckedDurableMessage) {
       if (!stored.count(a)) return false;
     return true;
   }, 30s));
+}
+
+// How often each payload arrived, and the payloads that arrived more than once.
+std::map<std::string, int> payload_counts(Inbox& inbox) {
+  std::lock_guard lock(inbox.mu);
+  std::map<std::string, int> counts;
+  for (const auto& p : inbox.payloads) ++counts[p];
+  return counts;
+}
+
+TEST_F(FederationTest, InterestIsCollapsedWhereOneFilterCovers) {
+  start("a", "centre");
+  start("b", "edge", {"a"});
+  ASSERT_TRUE(links_up("b", 1));
+  ASSERT_TRUE(links_up("a", 1));
+  auto at_a = client("a", "probe-a");
+  auto at_b = client("b", "probe-b");
+  // The interest under plant/ on the one link: what B advertises, and what A heard.
+  // (Every client's reply inbox, _INBOX/..., is advertised too; it is left out here.)
+  auto plant = [](const std::vector<std::string>& all) {
+    std::set<std::string> out;
+    for (const auto& i : all)
+      if (i.rfind("plant/", 0) == 0) out.insert(i);
+    return out;
+  };
+  auto link_interest = [&](Client& c, bool peer) -> std::set<std::string> {
+    auto m = c.mesh_status();
+    if (!m.ok() || m->links.size() != 1 || m->links[0].state != "up") return {"(no link up)"};
+    return plant(peer ? m->links[0].peer_interest : m->links[0].interest);
+  };
+  std::set<std::string> told, heard;
+  auto advertised = [&](const std::set<std::string>& expected) {
+    return wait_until([&] {
+      told = link_interest(*at_b, false);
+      heard = link_interest(*at_a, true);
+      return told == expected && heard == expected;
+    });
+  };
+  auto show = [](const std::set<std::string>& s) {
+    std::string out;
+    for (const auto& i : s) out += "'" + i + "' ";
+    return out;
+  };
+
+  auto sub = client("b", "subscriber");
+  Inbox line1, all, temp, workers;
+  auto s_line1 = sub->subscribe("plant/line1/+", line1.handler());
+  ASSERT_TRUE(s_line1.ok());
+  ASSERT_TRUE(advertised({"plant/line1/+"})) << show(told) << "/ " << show(heard);
+  auto s_all = sub->subscribe("plant/#", all.handler());
+  ASSERT_TRUE(s_all.ok());
+  ASSERT_TRUE(advertised({"plant/#"})) << show(told) << "/ " << show(heard);
+  auto s_temp = sub->subscribe("plant/+/temp", temp.handler());
+  ASSERT_TRUE(s_temp.ok());
+  SubscribeOptions group;
+  group.queue_group = "workers";
+  auto s_workers = sub->subscribe("plant/+/temp", workers.handler(), group);
+  ASSERT_TRUE(s_workers.ok());
+  // A plain filter never covers a queue group's.
+  ASSERT_TRUE(advertised({"plant/#", "plant/+/temp (group workers)"})) << show(told) << "/ " << show(heard);
+  {
+    auto m = at_b->mesh_status();
+    ASSERT_TRUE(m.ok());
+    EXPECT_EQ(plant(m->links[0].peer_interest), std::set<std::string>{}) << "A wants nothing under plant/";
+  }
+
+  // Each subscriber gets each message once.
+  auto received_by_b = [&]() -> uint64_t {  // envelopes B took from the link
+    auto m = at_b->mesh_status();
+    return m.ok() && m->links.size() == 1 ? m->links[0].received : 0;
+  };
+  const uint64_t received_at_start = received_by_b();
+  auto pub = client("a", "publisher");
+  constexpr int kEach = 20;
+  const std::vector<std::string> topics = {"plant/line1/temp", "plant/line1/x", "plant/line2/temp", "plant/other"};
+  for (int i = 0; i < kEach; ++i)
+    for (const auto& t : topics) ASSERT_TRUE(pub->publish(t, t + " " + std::to_string(i)).ok());
+  // Then a marker all four match: once it is in, everything before it is.
+  ASSERT_TRUE(pub->publish("plant/line1/temp", "marker").ok());
+  ASSERT_TRUE(pub->flush().ok());
+  for (Inbox* in : {&line1, &all, &temp, &workers})
+    ASSERT_TRUE(wait_until([&] { return payload_counts(*in).count("marker") > 0; }));
+  auto expect_each_once = [&](Inbox& in, const std::vector<std::string>& wanted_topics, const char* what) {
+    auto counts = payload_counts(in);
+    size_t data = 0;
+    for (const auto& [payload, n] : counts) {
+      EXPECT_EQ(n, 1) << what << " got '" << payload << "' " << n << " times";
+      data += payload != "marker";
+    }
+    EXPECT_EQ(data, wanted_topics.size() * kEach) << what;
+    for (const auto& t : wanted_topics)
+      for (int i = 0; i < kEach; ++i) EXPECT_TRUE(counts.count(t + " " + std::to_string(i))) << what << ": " << t;
+  };
+  expect_each_once(line1, {"plant/line1/temp", "plant/line1/x"}, "plant/line1/+");
+  expect_each_once(all, topics, "plant/#");
+  expect_each_once(temp, {"plant/line1/temp", "plant/line2/temp"}, "plant/+/temp");
+  expect_each_once(workers, {"plant/line1/temp", "plant/line2/temp"}, "plant/+/temp (group workers)");
+  // A forwards at most one copy per advertised key that matches: plant/# and the
+  // group's plant/+/temp, so 6 per round and 2 for the marker. Had B advertised
+  // all four filters, it would have been 10 per round and 4 for the marker.
+  EXPECT_LE(received_by_b() - received_at_start, 6u * kEach + 2);
+
+  // Withdrawing the cover while data flows: what it hid is advertised in the
+  // same Interest frame, so plant/line1/+ misses nothing.
+  std::atomic<bool> stop{false};
+  std::atomic<int> sent{0};
+  std::thread producer([&] {
+    // Until told to stop, and at least 200; at most 20000 (a slow subscriber drops best-effort data).
+    for (int i = 0; (!stop || i < 200) && i < 20000; ++i) {
+      if (!pub->publish("plant/line1/x", "seq " + std::to_string(i)).ok()) return;
+      sent = i + 1;
+      if (i % 20 == 19) (void)pub->flush(5s);
+    }
+  });
+  ASSERT_TRUE(wait_until([&] { return sent >= 100; }));
+  const int sent_before = sent;
+  ASSERT_TRUE(sub->unsubscribe(*s_all).ok());
+  const bool swapped = advertised({"plant/line1/+", "plant/+/temp", "plant/+/temp (group workers)"});
+  const int sent_after = sent;
+  stop = true;
+  producer.join();
+  ASSERT_TRUE(swapped) << show(told) << "/ " << show(heard);
+  EXPECT_GT(sent_after, sent_before) << "the swap was meant to happen while data flows";
+  ASSERT_TRUE(pub->publish("plant/line1/temp", "marker 2").ok());
+  ASSERT_TRUE(pub->flush().ok());
+  ASSERT_TRUE(wait_until([&] { return payload_counts(line1).count("marker 2") > 0; }));
+  {
+    auto counts = payload_counts(line1);
+    for (int i = 0; i < sent; ++i) {
+      auto it = counts.find("seq " + std::to_string(i));
+      EXPECT_TRUE(it != counts.end() && it->second == 1)
+          << "plant/line1/+ got 'seq " << i << "' " << (it == counts.end() ? 0 : it->second) << " times of "
+          << sent;
+    }
+  }
+  // With plant/# gone, data only it wanted no longer crosses the link: of these,
+  // B receives the marker (which only plant/line1/+ matches) alone.
+  const uint64_t received_before = received_by_b();
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(pub->publish("plant/other", "after").ok());
+  ASSERT_TRUE(pub->publish("plant/line1/x", "marker 3").ok());
+  ASSERT_TRUE(pub->flush().ok());
+  ASSERT_TRUE(wait_until([&] { return payload_counts(line1).count("marker 3") > 0; }));
+  EXPECT_EQ(received_by_b(), received_before + 1);
+
+  // The last subscriber leaves: nothing under plant/ is advertised any more.
+  ASSERT_TRUE(sub->unsubscribe(*s_line1).ok());
+  ASSERT_TRUE(sub->unsubscribe(*s_temp).ok());
+  ASSERT_TRUE(advertised({"plant/+/temp (group workers)"})) << show(told) << "/ " << show(heard);
+  ASSERT_TRUE(sub->unsubscribe(*s_workers).ok());
+  ASSERT_TRUE(advertised({})) << show(told) << "/ " << show(heard);
 }
 
 TEST_F(FederationTest, LinksWithWrongKeyOrWithoutBrokerRoleAreRefused) {

@@ -1,6 +1,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <functional>
+#include <string>
+#include <vector>
 
 #include "topic/topic_trie.h"
 #include "tracemesh/client.h"
@@ -61,6 +64,76 @@ TEST(TopicMatches, AgreesWithTrie) {
     for (const auto& topic : topics)
       EXPECT_EQ(matches(f, topic), !match(t, topic).empty()) << f << " vs " << topic;
   }
+}
+
+TEST(TopicCovers, Examples) {
+  EXPECT_TRUE(covers("plant/#", "plant/line1/+"));
+  EXPECT_TRUE(covers("plant/+/temp", "plant/l1/temp"));
+  EXPECT_TRUE(covers("#", "plant/line1/temp"));
+  EXPECT_TRUE(covers("#", "+/+"));
+  EXPECT_TRUE(covers("a/b", "a/b"));
+  EXPECT_TRUE(covers("a/+", "a/+"));
+  EXPECT_FALSE(covers("a/+", "a/#"));
+  EXPECT_FALSE(covers("plant/line1/+", "plant/#"));
+  EXPECT_FALSE(covers("plant/l1/temp", "plant/+/temp"));
+  EXPECT_FALSE(covers("a/b", "a/b/c"));
+  EXPECT_FALSE(covers("a/b/c", "a/b"));
+  // '#' also matches the parent level ("a/#" matches "a"), so it covers it.
+  ASSERT_TRUE(matches("a/#", "a"));
+  EXPECT_TRUE(covers("a/#", "a"));
+  EXPECT_FALSE(covers("a/+/#", "a/#"));
+  EXPECT_TRUE(covers("a/#", "a/+/#"));
+  // '#' and '+/#' match the same topics.
+  EXPECT_TRUE(covers("#", "+/#"));
+  EXPECT_TRUE(covers("+/#", "#"));
+  // Wildcards at the first level do not match '$' topics.
+  EXPECT_FALSE(covers("#", "$SYS/#"));
+  EXPECT_FALSE(covers("+/stats", "$SYS/stats"));
+  EXPECT_TRUE(covers("$SYS/#", "$SYS/+/x"));
+  EXPECT_TRUE(covers("a/+", "a/$x"));
+}
+
+// covers(a, b) must say exactly whether every topic b matches is matched by a.
+// Filters are built from the literals a, b and $s; topics from those and c, $z
+// (literals no filter names) and are one level longer than the longest filter,
+// so any topic that tells two filters apart has a stand-in among them.
+TEST(TopicCovers, AgreesWithMatchesOnEveryPair) {
+  const std::vector<std::string> filter_levels = {"a", "b", "$s", "+", "#"};
+  const std::vector<std::string> topic_levels = {"a", "b", "c", "$s", "$z"};
+  std::vector<std::string> filters, topics;
+  std::function<void(std::string, size_t)> grow_filters = [&](std::string prefix, size_t depth) {
+    for (const auto& l : filter_levels) {
+      std::string f = prefix.empty() ? l : prefix + "/" + l;
+      ASSERT_TRUE(validate_filter(f).ok()) << f;
+      filters.push_back(f);
+      if (l != "#" && depth < 3) grow_filters(f, depth + 1);
+    }
+  };
+  std::function<void(std::string, size_t)> grow_topics = [&](std::string prefix, size_t depth) {
+    for (const auto& l : topic_levels) {
+      std::string t = prefix.empty() ? l : prefix + "/" + l;
+      topics.push_back(t);
+      if (depth < 4) grow_topics(t, depth + 1);
+    }
+  };
+  grow_filters("", 1);
+  grow_topics("", 1);
+  ASSERT_EQ(filters.size(), 105u);
+  ASSERT_EQ(topics.size(), 780u);
+  std::vector<std::vector<bool>> m(filters.size(), std::vector<bool>(topics.size()));
+  for (size_t f = 0; f < filters.size(); ++f)
+    for (size_t t = 0; t < topics.size(); ++t) m[f][t] = matches(filters[f], topics[t]);
+  size_t covering_pairs = 0;
+  for (size_t a = 0; a < filters.size(); ++a) {
+    for (size_t b = 0; b < filters.size(); ++b) {
+      bool expected = true;
+      for (size_t t = 0; t < topics.size() && expected; ++t)
+        if (m[b][t] && !m[a][t]) expected = false;
+      covering_pairs += expected;
+      ASSERT_EQ(covers(filters[a], filters[b]), expected) << filters[a] << " covers " << filters[b] << "?";
+    }
+  }
+  EXPECT_GT(covering_pairs, filters.size());  // not only each filter covering itself
 }
 
 TEST(Validate, TopicsAndFilters) {

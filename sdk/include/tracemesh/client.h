@@ -157,6 +157,10 @@ struct LinkStatus {
   double msgs_per_sec = 0, bytes_per_sec = 0;
   uint64_t forwarded = 0, received = 0;
   std::string last_error;
+  // Interest advertised over the link, "filter" or "filter (group g)": what this
+  // broker tells the peer (collapsed: no filter that another of its queue group
+  // covers) and what the peer told this broker.
+  std::vector<std::string> interest, peer_interest;
 };
 
 struct MeshStatus {

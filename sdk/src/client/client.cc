@@ -1259,6 +1259,8 @@ class ClientHandle final : public Client {
       s.forwarded = l.getForwarded();
       s.received = l.getReceived();
       s.last_error = l.getLastError().cStr();
+      for (auto t : l.getInterest()) s.interest.emplace_back(t.cStr());
+      for (auto t : l.getPeerInterest()) s.peer_interest.emplace_back(t.cStr());
       out.links.push_back(std::move(s));
     }
     return out;

@@ -22,6 +22,62 @@ bool matches(std::string_view filter, std::string_view topic) {
   return f.size() == t.size();
 }
 
+namespace {
+
+// The '/'-separated levels of a filter, one at a time, without allocating.
+class LevelCursor {
+ public:
+  explicit LevelCursor(std::string_view s) : rest_(s) {}
+  // Sets `level` to the next level; false when there is none left.
+  bool next(std::string_view& level) {
+    if (done_) return false;
+    const size_t slash = rest_.find('/');
+    if (slash == std::string_view::npos) {
+      level = rest_;
+      done_ = true;
+    } else {
+      level = rest_.substr(0, slash);
+      rest_.remove_prefix(slash + 1);
+    }
+    return true;
+  }
+
+ private:
+  std::string_view rest_;
+  bool done_ = false;
+};
+
+// A first level that only '$' (system) topics have: wildcards there never match them.
+bool system_level(std::string_view level) { return !level.empty() && level[0] == '$'; }
+
+}  // namespace
+
+bool covers(std::string_view a, std::string_view b) {
+  LevelCursor as(a), bs(b);
+  std::string_view x, y;  // level i of a and of b
+  for (size_t i = 0;; ++i) {
+    const bool has_x = as.next(x), has_y = bs.next(y);
+    // '#' takes any rest of b's topics (they all have at least i levels); at the
+    // first level it takes no system topic, so b must not name one there.
+    if (has_x && x == "#") return i > 0 || !(has_y && system_level(y));
+    if (!has_x) return !has_y;  // a takes exactly i levels: so must b
+    if (!has_y) return false;   // b's topics end here, a wants one more level
+    if (y == "#") {
+      // b takes any rest here: past the first level that includes no further
+      // level, which a (wanting one more) does not match. At the first level b
+      // is '#', every non-system topic, which only '+/#' covers.
+      if (i > 0 || x != "+") return false;
+      std::string_view z;
+      return as.next(z) && z == "#";
+    }
+    if (x == "+") {
+      if (i == 0 && system_level(y)) return false;  // '+' never takes a '$' first level
+      continue;
+    }
+    if (x != y) return false;  // a literal level covers only the same literal
+  }
+}
+
 }  // namespace topic
 
 Status validate_topic(std::string_view topic) {

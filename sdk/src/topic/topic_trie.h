@@ -30,6 +30,13 @@ void for_each_level(std::string_view s, Fn&& fn) {
 // True when `filter` matches `topic` (no trie; used for one-off checks).
 bool matches(std::string_view filter, std::string_view topic);
 
+// True when filter `a` covers filter `b`: every topic `b` matches, `a` matches
+// too (by matches() above). REQUIRES: both are valid filters (validate_filter).
+// `plant/#` covers `plant/line1/+` and `plant` itself; `a/+` does not cover
+// `a/#`; `#` covers every filter but those for '$' topics (`$SYS/#`); `#` and
+// `+/#` cover each other. Allocates nothing.
+bool covers(std::string_view a, std::string_view b);
+
 // A trie of filters, each holding a list of values of type T (compared with ==).
 // Not thread-safe: the owner serialises access.
 template <class T>

@@ -885,6 +885,8 @@ void BrokerImpl::deliver(Session& s, const uint8_t* data, size_t size, const Del
 size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topic, Link* source,
                          bool durable, bool* to_link, bool* link_refused) {
   size_t targets = 0;
+  Link* forwarded[16];  // links this message went to (past 16, the peers' dedup windows catch repeats)
+  size_t n_forwarded = 0;
   for (const Target& t : targets_for(topic)) {
     Subscription* sub = t.sub;
     if (t.group) {
@@ -904,6 +906,9 @@ size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topi
     }
     if (sub->link) {
       if (sub->link == source) continue;  // never back where it came from
+      // One copy per link, however many of the peer's filters match: the peer routes it on.
+      if (std::find(forwarded, forwarded + n_forwarded, sub->link) != forwarded + n_forwarded) continue;
+      if (n_forwarded < std::size(forwarded)) forwarded[n_forwarded++] = sub->link;
       if (forward_to(*sub->link, data, size, durable)) {
         if (to_link) *to_link = true;
       } else if (link_refused) {

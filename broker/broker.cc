@@ -44,6 +44,13 @@ struct StringHash {
   size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
 };
 
+// Whether `broker` is on a message's visited path.
+bool on_path(capnp::List<capnp::Text>::Reader visited, std::string_view broker) {
+  for (auto hop : visited)
+    if (std::string_view(hop.cStr(), hop.size()) == broker) return true;
+  return false;
+}
+
 std::string hex(const uint8_t* p, size_t n) {
   static const char* digits = "0123456789abcdef";
   std::string out(n * 2, '0');
@@ -263,10 +270,11 @@ class BrokerImpl final : public Broker {
   void on_zap();
   // Routing
   // Delivers to local subscribers and forwards to links with interest (never
-  // back to `source`). Returns the number of targets; *to_link says whether a
-  // link took it.
+  // back to `source`, nor to a broker on the message's visited path). Returns the
+  // number of targets; *to_link says whether a link took it.
   size_t route(const uint8_t* data, size_t size, std::string_view topic, Link* source, bool durable,
-               bool* to_link = nullptr, bool* link_refused = nullptr);
+               bool* to_link = nullptr, bool* link_refused = nullptr,
+               capnp::List<capnp::Text>::Reader visited = {});
   // Federation
   Status init_links();
   Link& accepted_link(const std::string& peer);
@@ -360,6 +368,8 @@ class BrokerImpl final : public Broker {
   Clock::time_point started_ = Clock::now();
   uint64_t messages_in_ = 0, messages_out_ = 0, bytes_in_ = 0, bytes_out_ = 0;
   uint64_t frames_in_ = 0, frames_out_ = 0;
+  uint64_t path_skips_ = 0;
+  WordBuffer stamp_;  // scratch: an envelope stamped for a link's outbox  // forwards not made: the next broker is on the visited path
   uint64_t drops_ = 0, malformed_ = 0, duplicates_ = 0;
   uint32_t auth_failures_ = 0;
   bool draining_ = false;
@@ -883,7 +893,8 @@ void BrokerImpl::deliver(Session& s, const uint8_t* data, size_t size, const Del
 }
 
 size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topic, Link* source,
-                         bool durable, bool* to_link, bool* link_refused) {
+                         bool durable, bool* to_link, bool* link_refused,
+                         capnp::List<capnp::Text>::Reader visited) {
   size_t targets = 0;
   Link* forwarded[16];  // links this message went to (past 16, the peers' dedup windows catch repeats)
   size_t n_forwarded = 0;
@@ -909,6 +920,10 @@ size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topi
       // One copy per link, however many of the peer's filters match: the peer routes it on.
       if (std::find(forwarded, forwarded + n_forwarded, sub->link) != forwarded + n_forwarded) continue;
       if (n_forwarded < std::size(forwarded)) forwarded[n_forwarded++] = sub->link;
+      if (on_path(visited, sub->link->peer)) {  // that broker had it already: a loop, cut here
+        ++path_skips_;
+        continue;
+      }
       if (forward_to(*sub->link, data, size, durable)) {
         if (to_link) *to_link = true;
       } else if (link_refused) {
@@ -1867,7 +1882,7 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
     }
     if (flags & wire::FLAG_RETAIN) retain(topic, p, n, env.getPayload().size() == 0);
     bool refused = false;
-    route(p, n, topic, &l, durable, nullptr, &refused);
+    route(p, n, topic, &l, durable, nullptr, &refused, env.hasTrace() ? env.getTrace().getPath() : capnp::List<capnp::Text>::Reader());
     if (refused && durable && this_seq) {
       // Our next hop's outbox is full: do not take responsibility for this one.
       // The sender keeps it and resends from here.
@@ -2014,14 +2029,23 @@ bool BrokerImpl::link_send(Link& l, zmq::message_t&& header, std::optional<zmq::
 
 bool BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool durable) {
   if (!l.outbox) return false;
+  // Every copy that crosses a link carries this broker on its visited path.
   if (!durable && l.up() && l.outbox->all_sent(l.sent_seq)) {
     if (l.direct.words() == 0) l.direct.reserve(kOutBatchBytes / 8 + 1024);
-    l.direct.append(data, size & ~size_t{7});
+    if (!codec::append_visited(l.direct, data, size & ~size_t{7}, config_.name).ok()) {
+      ++malformed_;  // its trace is unreadable: not forwarded, counted
+      return true;
+    }
     ++l.direct_count;
     if (l.direct.size() >= kOutBatchBytes) flush_direct(l);
     return true;
   }
-  auto st = l.outbox->append(std::string_view(reinterpret_cast<const char*>(data), size), durable);
+  stamp_.clear();
+  if (!codec::append_visited(stamp_, data, size & ~size_t{7}, config_.name).ok()) {
+    ++malformed_;  // its trace is unreadable: not forwarded, counted (a durable one is not acked)
+    return !durable;
+  }
+  auto st = l.outbox->append(std::string_view(reinterpret_cast<const char*>(stamp_.data()), stamp_.size()), durable);
   if (!durable) ++l.stored;
   if (!st.ok()) {
     if (!durable) ++drops_;  // best-effort overflow: counted in the link's dropped too
@@ -2170,6 +2194,7 @@ void BrokerImpl::fill_mesh_status(wire::MeshStatus::Builder b) {
   b.setSite(config_.site);
   b.setRegion(config_.region);
   b.setDuplicatesDropped(mesh_duplicates_);
+  b.setLoopsCut(path_skips_);
   auto list = b.initLinks(links_.size());
   for (size_t i = 0; i < links_.size(); ++i) {
     const Link& l = *links_[i];

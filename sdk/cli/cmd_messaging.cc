@@ -55,12 +55,13 @@ void print_message(const Message& m, bool json) {
   if (json) {
     std::string parents;
     for (const auto& p : m.parents()) parents += (parents.empty() ? "\"" : ",\"") + p.to_string() + "\"";
+    const std::string path = json_strings(std::vector<std::string>(m.path().begin(), m.path().end()));
     std::printf(
         "{\"topic\":\"%s\",\"id\":\"%s\",\"producer\":\"%s\",\"sequence\":%llu,\"published_at_ns\":%lld,"
-        "\"parents\":[%s],\"stream_seq\":%llu,\"payload\":\"%s\"}\n",
+        "\"parents\":[%s],\"path\":%s,\"stream_seq\":%llu,\"payload\":\"%s\"}\n",
         json_escape(m.topic()).c_str(), m.id().to_string().c_str(), json_escape(m.producer()).c_str(),
         static_cast<unsigned long long>(m.sequence()), static_cast<long long>(m.published_at_ns()),
-        parents.c_str(), static_cast<unsigned long long>(m.stream_seq()),
+        parents.c_str(), path.c_str(), static_cast<unsigned long long>(m.stream_seq()),
         json_escape(m.payload()).c_str());
   } else {
     std::printf("[%.*s] %.*s\n", static_cast<int>(m.topic().size()), m.topic().data(),
@@ -328,15 +329,16 @@ void add_messaging_commands(CLI::App& app, Context& ctx) {
                    json_strings(l.peer_interest) + "}";
         }
         std::printf("{\"broker\":\"%s\",\"tier\":\"%s\",\"site\":\"%s\",\"region\":\"%s\","
-                    "\"duplicates_dropped\":%llu,\"links\":[%s]}\n",
+                    "\"duplicates_dropped\":%llu,\"loops_cut\":%llu,\"links\":[%s]}\n",
                     json_escape(m->broker).c_str(), json_escape(m->tier).c_str(), json_escape(m->site).c_str(),
                     json_escape(m->region).c_str(), static_cast<unsigned long long>(m->duplicates_dropped),
-                    links.c_str());
+                    static_cast<unsigned long long>(m->loops_cut), links.c_str());
         return;
       }
-      std::printf("broker %s: tier %s, site %s, region %s\n", m->broker.c_str(),
-                  m->tier.empty() ? "-" : m->tier.c_str(), m->site.empty() ? "-" : m->site.c_str(),
-                  m->region.empty() ? "-" : m->region.c_str());
+      std::printf("broker %s: tier %s, site %s, region %s; duplicates dropped %llu, loops cut %llu\n",
+                  m->broker.c_str(), m->tier.empty() ? "-" : m->tier.c_str(), m->site.empty() ? "-" : m->site.c_str(),
+                  m->region.empty() ? "-" : m->region.c_str(), static_cast<unsigned long long>(m->duplicates_dropped),
+                  static_cast<unsigned long long>(m->loops_cut));
       std::printf("%-14s %-9s %-14s %-10s %-11s %10s %12s %9s %12s\n", "LINK", "DIR", "PEER", "PEER TIER", "STATE",
                   "BACKLOG", "BACKLOG B", "RTT us", "MSG/S");
       for (const auto& l : m->links) {

@@ -106,6 +106,7 @@ struct MeshStatus {
   region @3 :Text;
   links @4 :List(LinkStatus);
   duplicatesDropped @5 :UInt64;
+  loopsCut @6 :UInt64;     # forwards not made: the next broker was on the message's visited path
 }
 
 struct Error {

@@ -1,5 +1,6 @@
 // libFuzzer target for everything a broker decodes from the network: control
-// frames, batch bodies of envelopes, and credentials inside Hello.
+// frames, batch bodies of envelopes (and the visited-path stamp it writes into
+// them), and credentials inside Hello.
 //
 // Input layout: byte 0 selects what the rest is fed to.
 #include <cstdint>
@@ -53,6 +54,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           for (auto parent : env.getTrace().getParents()) (void)parent.getHi();
         }
       } catch (const kj::Exception&) {
+      }
+      // What a broker does to every envelope it forwards over a link: stamp the visited path,
+      // then read the result back as the next broker would.
+      codec::WordBuffer stamped;
+      if (auto m = codec::append_visited(stamped, p, n, "fuzz-broker"); m.ok()) {
+        try {
+          codec::EnvelopeReader next(stamped.data(), *m);
+          for (auto hop : next.root().getTrace().getPath()) (void)hop.size();
+        } catch (const kj::Exception&) {
+        }
       }
       return true;
     });

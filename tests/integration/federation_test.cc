@@ -116,6 +116,13 @@ TEST_F(FederationTest, FourTierChainEndToEndBothWaysWithRequestReply) {
       if (at_centre.topics[i] == "plant/line1/temp") temps.push_back(at_centre.payloads[i]);
     ASSERT_EQ(temps.size(), 2000u);
     for (int i = 0; i < 2000; ++i) ASSERT_EQ(temps[i], std::to_string(i)) << "order broken at " << i;
+    // Each message names the brokers it crossed, the one it entered the mesh at first.
+    for (const Message& m : at_centre.messages) {
+      if (m.topic() != "plant/line1/temp") continue;
+      ASSERT_EQ(std::vector<std::string>(m.path().begin(), m.path().end()),
+                (std::vector<std::string>{"device", "edge", "regional"}));
+      ASSERT_EQ(m.origin_broker(), "device");
+    }
   }
 
   // Down the chain: a command from the centre reaches a subscriber at the device.
@@ -228,6 +235,26 @@ TEST_F(FederationTest, RingDeliversExactlyOnceToEverySubscriber) {
     }
     EXPECT_EQ(data, 300u) << n;
   }
+  // Each message reached c first either straight from a (path [a]) or through b (path [a, b]).
+  {
+    std::lock_guard lock(inboxes["c"].mu);
+    for (const Message& m : inboxes["c"].messages) {
+      if (m.topic() != "ring/x") continue;
+      const std::vector<std::string> path(m.path().begin(), m.path().end());
+      EXPECT_TRUE(path == std::vector<std::string>{"a"} || path == (std::vector<std::string>{"a", "b"}))
+          << "path of length " << path.size();
+    }
+  }
+  // Every message that went round was stopped twice: once by the dedup window at the broker
+  // its second copy reached, and once more where c's onward copy met b's dedup window or the
+  // visited path (c never sends a copy that came through b back to a, where it started).
+  uint64_t stopped = 0;
+  for (auto& [n, c] : subs) {
+    auto m = c->mesh_status();
+    ASSERT_TRUE(m.ok()) << m.error().to_string();
+    stopped += m->loops_cut + m->duplicates_dropped;
+  }
+  EXPECT_GE(stopped, 2u * 300);
 }
 
 TEST_F(FederationTest, PartitionOfThirtySecondsLosesAndDuplicatesNothing) {

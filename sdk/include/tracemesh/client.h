@@ -54,6 +54,9 @@ class Message {
   int64_t published_at_ns() const { return published_at_ns_; }
   std::string_view reply_to() const { return reply_to_; }
   std::string_view origin_broker() const { return origin_broker_; }
+  // The brokers this message crossed before the one that delivered it, in order (the first is
+  // where it entered the mesh); empty for a message published at the delivering broker.
+  const std::vector<std::string_view>& path() const { return path_; }
   const std::vector<MessageId>& parents() const { return parents_; }
   const Labels& labels() const { return labels_; }
   bool durable() const;
@@ -75,6 +78,7 @@ class Message {
   int64_t published_at_ns_ = 0;
   uint32_t flags_ = 0;
   std::vector<MessageId> parents_;
+  std::vector<std::string_view> path_;
   Labels labels_;
   uint64_t stream_seq_ = 0;
   uint32_t attempt_ = 0;
@@ -167,6 +171,7 @@ struct MeshStatus {
   std::string broker, tier, site, region;
   std::vector<LinkStatus> links;
   uint64_t duplicates_dropped = 0;  // copies that arrived over more than one path
+  uint64_t loops_cut = 0;           // copies not sent: the next broker was on the visited path
 };
 
 struct ClientOptions {

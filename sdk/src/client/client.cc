@@ -84,10 +84,12 @@ class MessageDecoder {
       m.labels_.sensitivity = Sensitivity::internal;
       m.reply_to_ = {};
       m.origin_broker_ = {};
+      m.path_.clear();
       if (env.hasTrace()) {
         auto trace = env.getTrace();
         m.reply_to_ = view(trace.getReplyTo());
         m.origin_broker_ = view(trace.getOriginBroker());
+        for (auto hop : trace.getPath()) m.path_.push_back(view(hop));
         if (trace.hasParents()) {
           for (auto p2 : trace.getParents()) m.parents_.push_back(codec::to_id(p2));
         }
@@ -1241,6 +1243,7 @@ class ClientHandle final : public Client {
     out.site = m.getSite().cStr();
     out.region = m.getRegion().cStr();
     out.duplicates_dropped = m.getDuplicatesDropped();
+    out.loops_cut = m.getLoopsCut();
     for (auto l : m.getLinks()) {
       LinkStatus s;
       s.name = l.getName().cStr();

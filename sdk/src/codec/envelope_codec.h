@@ -43,6 +43,12 @@ struct EnvelopeFields {
 // Returns the number of bytes appended.
 size_t append_envelope(WordBuffer& out, const EnvelopeFields& fields);
 
+// Appends to `out` a copy of envelope `env` (`n` bytes, one message) with `broker` added at the
+// end of trace.path, the brokers it visited, and set as trace.originBroker when that is unset.
+// Nothing else changes. Returns the bytes appended; errors (protocol) for malformed input, with
+// nothing appended.
+Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std::string_view broker);
+
 // Size in bytes of the envelope message that starts at `data`, read from its
 // segment table, or an error when the table is malformed or runs past `size`.
 Result<size_t> envelope_size(const uint8_t* data, size_t size);

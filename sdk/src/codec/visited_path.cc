@@ -1,0 +1,171 @@
+// Stamping a broker into an envelope's visited path as it crosses a link.
+//
+// Every forwarded message is stamped, so the usual case (one segment, as every encoder here
+// writes it) is an edit of the Cap'n Proto words in place: the envelope is copied verbatim, a
+// new path list (the old entries, re-pointed, plus one) and the broker's name are appended at
+// the end of the segment, and the trace's path pointer is turned to the new list; the old list
+// stays behind as unreachable words. Anything else (several segments, an older layout, a far
+// pointer) takes the general path: decode, copy, re-encode.
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "codec/envelope_codec.h"
+
+namespace tracemesh::codec {
+namespace {
+
+constexpr uint64_t kStructPointer = 0;
+constexpr uint64_t kListPointer = 1;
+constexpr uint64_t kByteElements = 2;     // list element size code: 1 byte (Text, Data)
+constexpr uint64_t kPointerElements = 6;  // list element size code: one pointer
+constexpr size_t kEnvelopeTrace = 3;      // Envelope's pointer section: topic, producer, payload, trace
+constexpr size_t kTraceOrigin = 2;        // Trace's pointer section: labels, parents, originBroker, path, ...
+constexpr size_t kTracePath = 3;
+constexpr size_t kTracePointers = 7;
+
+uint64_t pointer_type(uint64_t p) { return p & 3; }
+int64_t pointer_offset(uint64_t p) { return static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2; }
+uint64_t make_pointer(uint64_t type, int64_t offset, uint64_t upper) {
+  return static_cast<uint64_t>(static_cast<uint32_t>(static_cast<int32_t>(offset) * 4) | type) | upper << 32;
+}
+
+// Where the in-place edit writes, found in the input segment (word indexes into it).
+struct Plan {
+  size_t seg_words = 0;
+  size_t trace_slot = 0;        // the envelope's trace pointer
+  bool has_trace = false;
+  size_t trace_pointers = 0;    // first pointer of the trace struct (when has_trace)
+  size_t old_list = 0, old_len = 0;
+  bool set_origin = false;
+};
+
+bool in_bounds(int64_t start, uint64_t words, size_t seg_words) {
+  return start >= 0 && static_cast<uint64_t>(start) <= seg_words && words <= seg_words - start;
+}
+
+// False when the envelope is not one this edit handles; the caller re-encodes it instead.
+bool plan_in_place(const uint8_t* env, size_t n, Plan& plan) {
+  if (n < 16 || n % 8) return false;
+  uint32_t table[2];
+  std::memcpy(table, env, 8);
+  if (table[0] != 0 || (uint64_t{table[1]} + 1) * 8 != n) return false;  // one segment, exactly
+  const auto* seg = reinterpret_cast<const uint64_t*>(env + 8);
+  plan.seg_words = table[1];
+  const uint64_t root = seg[0];
+  if (root == 0 || pointer_type(root) != kStructPointer) return false;
+  const int64_t env_start = 1 + pointer_offset(root);
+  const uint64_t data_words = (root >> 32) & 0xffff, pointers = root >> 48;
+  if (pointers <= kEnvelopeTrace || !in_bounds(env_start, data_words + pointers, plan.seg_words)) return false;
+  plan.trace_slot = env_start + data_words + kEnvelopeTrace;
+  const uint64_t trace = seg[plan.trace_slot];
+  plan.has_trace = trace != 0;
+  if (!plan.has_trace) {
+    plan.set_origin = true;
+    return true;
+  }
+  if (pointer_type(trace) != kStructPointer) return false;
+  const int64_t trace_start = static_cast<int64_t>(plan.trace_slot) + 1 + pointer_offset(trace);
+  const uint64_t trace_data = (trace >> 32) & 0xffff, trace_pointers = trace >> 48;
+  if (trace_pointers <= kTracePath || !in_bounds(trace_start, trace_data + trace_pointers, plan.seg_words))
+    return false;
+  plan.trace_pointers = trace_start + trace_data;
+  plan.set_origin = seg[plan.trace_pointers + kTraceOrigin] == 0;
+  const size_t path_slot = plan.trace_pointers + kTracePath;
+  const uint64_t path = seg[path_slot];
+  if (path == 0) return true;
+  if (pointer_type(path) != kListPointer || ((path >> 32) & 7) != kPointerElements) return false;
+  const int64_t list = static_cast<int64_t>(path_slot) + 1 + pointer_offset(path);
+  plan.old_len = path >> 35;
+  if (!in_bounds(list, plan.old_len, plan.seg_words)) return false;
+  plan.old_list = list;
+  for (size_t i = 0; i < plan.old_len; ++i) {
+    const uint64_t e = seg[plan.old_list + i];
+    if (e != 0 && pointer_type(e) != kListPointer) return false;  // far pointers: general path
+  }
+  return true;
+}
+
+// Writes `text` NUL-terminated at word `at` of `seg` and returns the Text pointer to it from `slot`.
+uint64_t put_text(uint64_t* seg, size_t at, size_t slot, std::string_view text) {
+  const size_t words = (text.size() + 8) / 8;
+  std::memset(seg + at, 0, words * 8);
+  std::memcpy(seg + at, text.data(), text.size());
+  return make_pointer(kListPointer, static_cast<int64_t>(at) - static_cast<int64_t>(slot + 1),
+                      kByteElements | (uint64_t{text.size() + 1} << 3));
+}
+
+Result<size_t> append_visited_general(WordBuffer& out, const uint8_t* env, size_t n, std::string_view broker) {
+  try {
+    capnp::FlatArrayMessageReader reader(kj::arrayPtr(reinterpret_cast<const capnp::word*>(env), n / 8),
+                                         untrusted_options(n));
+    capnp::MallocMessageBuilder builder(static_cast<unsigned>(n / 8 + 64));
+    builder.setRoot(reader.getRoot<wire::Envelope>());
+    auto trace = builder.getRoot<wire::Envelope>().getTrace();
+    std::vector<std::string> path;
+    for (auto p : trace.asReader().getPath()) path.emplace_back(p.cStr(), p.size());
+    auto list = trace.initPath(static_cast<unsigned>(path.size() + 1));
+    for (size_t i = 0; i < path.size(); ++i) list.set(i, path[i]);
+    list.set(path.size(), capnp::Text::Reader(broker.data(), broker.size()));
+    if (!trace.hasOriginBroker()) trace.setOriginBroker(capnp::Text::Reader(broker.data(), broker.size()));
+    auto flat = capnp::messageToFlatArray(builder);
+    out.append(flat.begin(), flat.size() * 8);
+    return flat.size() * 8;
+  } catch (const kj::Exception& e) {
+    return Error(Errc::protocol, std::string("cannot stamp the visited path: ") + e.getDescription().cStr());
+  }
+}
+
+}  // namespace
+
+Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std::string_view broker) {
+  Plan plan;
+  if (!plan_in_place(env, n, plan)) return append_visited_general(out, env, n, broker);
+  const size_t name_words = (broker.size() + 8) / 8;
+  const size_t extra = (plan.has_trace ? 0 : kTracePointers) + plan.old_len + 1 + name_words +
+                       (plan.set_origin ? name_words : 0);
+  const size_t seg_words = plan.seg_words + extra;
+  if (seg_words > UINT32_MAX / 2) return append_visited_general(out, env, n, broker);
+  uint64_t* dst = out.grow(1 + seg_words);
+  std::memcpy(dst, env, n);
+  const uint32_t table[2] = {0, static_cast<uint32_t>(seg_words)};
+  std::memcpy(dst, table, 8);
+  uint64_t* seg = dst + 1;
+  size_t cursor = plan.seg_words;
+  size_t trace_pointers = plan.trace_pointers;
+  if (!plan.has_trace) {  // a Trace with only pointers, all null for now
+    trace_pointers = cursor;
+    std::memset(seg + cursor, 0, kTracePointers * 8);
+    seg[plan.trace_slot] =
+        make_pointer(kStructPointer, static_cast<int64_t>(cursor) - static_cast<int64_t>(plan.trace_slot + 1),
+                     uint64_t{kTracePointers} << 16);
+    cursor += kTracePointers;
+  }
+  // The new path list: the old entries pointing at the same texts, then this broker.
+  const size_t list = cursor;
+  cursor += plan.old_len + 1;
+  for (size_t i = 0; i < plan.old_len; ++i) {
+    const uint64_t e = seg[plan.old_list + i];
+    if (e == 0) {
+      seg[list + i] = 0;
+      continue;
+    }
+    const int64_t target = static_cast<int64_t>(plan.old_list + i) + 1 + pointer_offset(e);
+    seg[list + i] = make_pointer(kListPointer, target - static_cast<int64_t>(list + i + 1), e >> 32);
+  }
+  seg[list + plan.old_len] = put_text(seg, cursor, list + plan.old_len, broker);
+  cursor += name_words;
+  const size_t path_slot = trace_pointers + kTracePath;
+  seg[path_slot] = make_pointer(kListPointer, static_cast<int64_t>(list) - static_cast<int64_t>(path_slot + 1),
+                                kPointerElements | (uint64_t{plan.old_len + 1} << 3));
+  if (plan.set_origin) {
+    seg[trace_pointers + kTraceOrigin] = put_text(seg, cursor, trace_pointers + kTraceOrigin, broker);
+    cursor += name_words;
+  }
+  return (1 + seg_words) * 8;
+}
+
+}  // namespace tracemesh::codec

@@ -1,0 +1,150 @@
+// Stamping brokers into an envelope's visited path, in place and through the general path.
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <gtest/gtest.h>
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include "codec/envelope_codec.h"
+
+namespace tracemesh::codec {
+namespace {
+
+std::vector<std::string> path_of(wire::Envelope::Reader env) {
+  std::vector<std::string> out;
+  for (auto p : env.getTrace().getPath()) out.emplace_back(p.cStr(), p.size());
+  return out;
+}
+
+// Everything but the path and origin must come through unchanged.
+void expect_same_message(wire::Envelope::Reader a, wire::Envelope::Reader b) {
+  EXPECT_EQ(a.getIdHi(), b.getIdHi());
+  EXPECT_EQ(a.getIdLo(), b.getIdLo());
+  EXPECT_EQ(std::string(a.getTopic().cStr()), b.getTopic().cStr());
+  EXPECT_EQ(std::string(a.getProducer().cStr()), b.getProducer().cStr());
+  EXPECT_EQ(a.getSequence(), b.getSequence());
+  EXPECT_EQ(a.getPublishedAtNs(), b.getPublishedAtNs());
+  EXPECT_EQ(a.getFlags(), b.getFlags());
+  EXPECT_EQ(a.getPayload(), b.getPayload());
+  EXPECT_EQ(a.getTrace().getParents().size(), b.getTrace().getParents().size());
+  for (unsigned i = 0; i < a.getTrace().getParents().size(); ++i)
+    EXPECT_EQ(a.getTrace().getParents()[i].getLo(), b.getTrace().getParents()[i].getLo());
+  EXPECT_EQ(std::string(a.getTrace().getReplyTo().cStr()), b.getTrace().getReplyTo().cStr());
+  EXPECT_EQ(a.getTrace().getLabels().getDataClass(), b.getTrace().getLabels().getDataClass());
+}
+
+// Stamps `brokers` one after another, as a message crossing that many links would be.
+WordBuffer stamp_all(const WordBuffer& original, const std::vector<std::string>& brokers) {
+  WordBuffer current;
+  current.append(original.data(), original.size());
+  for (const auto& b : brokers) {
+    WordBuffer next;
+    auto n = append_visited(next, current.data(), current.size(), b);
+    EXPECT_TRUE(n.ok()) << n.error().to_string();
+    EXPECT_EQ(n.ok() ? *n : 0, next.size());
+    auto size = envelope_size(next.data(), next.size());
+    EXPECT_TRUE(size.ok() && *size == next.size()) << "the stamped envelope frames itself";
+    current = std::move(next);
+  }
+  return current;
+}
+
+TEST(VisitedPath, StampsPlainEnvelopesAndKeepsEverythingElse) {
+  EnvelopeFields f;
+  f.id = next_message_id();
+  f.topic = "plant/line1/vibration";
+  f.producer = "line-1";
+  f.sequence = 9;
+  f.published_at_ns = 42;
+  f.payload = std::string(128, 'v');
+  WordBuffer original;
+  append_envelope(original, f);
+  const std::vector<std::string> hops = {"device-gw", "edge-plant-7", "regional", "a-broker-name-longer-than-a-word"};
+  WordBuffer stamped = stamp_all(original, hops);
+  EnvelopeReader a(original.data(), original.size());
+  EnvelopeReader b(stamped.data(), stamped.size());
+  expect_same_message(a.root(), b.root());
+  EXPECT_EQ(path_of(b.root()), hops);
+  EXPECT_STREQ(b.root().getTrace().getOriginBroker().cStr(), "device-gw") << "the first broker is the origin";
+  // In place: old lists stay behind as garbage, but a hop costs a few words, not a re-encode.
+  EXPECT_LE(stamped.size(), original.size() + 8 * (7 + 4 + 10 + 4 + 4 * 5));
+}
+
+TEST(VisitedPath, StampsEnvelopesWithLineageLabelsAndAnExistingOrigin) {
+  Labels labels;
+  labels.data_class = DataClass::quality;
+  labels.regions = {"cn-east", "cn-north"};
+  std::vector<MessageId> parents = {{1, 2}, {3, 4}, {5, 6}};
+  EnvelopeFields f;
+  f.id = next_message_id();
+  f.topic = "plant/line1/quality";
+  f.producer = "inspector";
+  f.labels = &labels;
+  f.parents = parents;
+  f.reply_to = "_INBOX/abc/3";
+  f.origin_broker = "set-by-producer";
+  f.payload = "ok";
+  WordBuffer original;
+  append_envelope(original, f);
+  WordBuffer stamped = stamp_all(original, {"edge", "regional"});
+  EnvelopeReader a(original.data(), original.size());
+  EnvelopeReader b(stamped.data(), stamped.size());
+  expect_same_message(a.root(), b.root());
+  EXPECT_EQ(path_of(b.root()), (std::vector<std::string>{"edge", "regional"}));
+  EXPECT_STREQ(b.root().getTrace().getOriginBroker().cStr(), "set-by-producer") << "an origin is never overwritten";
+}
+
+TEST(VisitedPath, MultiSegmentEnvelopesTakeTheGeneralPath) {
+  // A tiny first segment forces the builder to spread the envelope over several segments.
+  capnp::MallocMessageBuilder builder(4, capnp::AllocationStrategy::FIXED_SIZE);
+  auto env = builder.initRoot<wire::Envelope>();
+  env.setIdHi(1);
+  env.setIdLo(2);
+  env.setTopic("plant/line2/energy");
+  env.setProducer("meter");
+  env.setPayload(capnp::Data::Reader(reinterpret_cast<const kj::byte*>("0123456789"), 10));
+  auto path = env.initTrace().initPath(1);
+  path.set(0, "device");
+  ASSERT_GT(builder.getSegmentsForOutput().size(), 1u);
+  auto flat = capnp::messageToFlatArray(builder);
+  WordBuffer original;
+  original.append(flat.begin(), flat.size() * 8);
+  WordBuffer stamped = stamp_all(original, {"edge"});
+  EnvelopeReader b(stamped.data(), stamped.size());
+  EXPECT_EQ(path_of(b.root()), (std::vector<std::string>{"device", "edge"}));
+  EXPECT_STREQ(b.root().getTopic().cStr(), "plant/line2/energy");
+  EXPECT_EQ(b.root().getPayload().size(), 10u);
+}
+
+TEST(VisitedPath, GarbageIsRefusedAndAppendsNothing) {
+  std::mt19937_64 rng(7);
+  for (int round = 0; round < 2000; ++round) {
+    std::vector<uint64_t> words(1 + rng() % 24);
+    for (auto& w : words) w = rng();
+    if (round % 2) {  // a plausible segment table, random words after it
+      const uint32_t table[2] = {0, static_cast<uint32_t>(words.size() - 1)};
+      std::memcpy(words.data(), table, 8);
+    }
+    WordBuffer out;
+    auto n = append_visited(out, reinterpret_cast<const uint8_t*>(words.data()), words.size() * 8, "edge");
+    if (!n.ok()) {
+      EXPECT_EQ(out.size(), 0u);
+      continue;
+    }
+    // Accepted: the result must read back with this broker last on the path.
+    try {
+      EnvelopeReader r(out.data(), out.size());
+      auto p = r.root().getTrace().getPath();
+      ASSERT_GT(p.size(), 0u);
+      EXPECT_STREQ(p[p.size() - 1].cStr(), "edge");
+    } catch (const kj::Exception&) {
+      // Random words may hold pointers the reader refuses on access; stamping them must
+      // still not have crashed or written outside the output.
+    }
+  }
+}
+
+}  // namespace
+}  // namespace tracemesh::codec

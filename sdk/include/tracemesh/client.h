@@ -53,6 +53,8 @@ class Message {
   uint64_t sequence() const { return sequence_; }
   int64_t published_at_ns() const { return published_at_ns_; }
   std::string_view reply_to() const { return reply_to_; }
+  // The broker the message entered the mesh at (the first of path()), or what the producer set;
+  // empty for a message published at the delivering broker.
   std::string_view origin_broker() const { return origin_broker_; }
   // The brokers this message crossed before the one that delivered it, in order (the first is
   // where it entered the mesh); empty for a message published at the delivering broker.

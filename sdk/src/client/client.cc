@@ -90,6 +90,8 @@ class MessageDecoder {
         m.reply_to_ = view(trace.getReplyTo());
         m.origin_broker_ = view(trace.getOriginBroker());
         for (auto hop : trace.getPath()) m.path_.push_back(view(hop));
+        // Brokers record where a message entered the mesh as the first hop of its path.
+        if (m.origin_broker_.empty() && !m.path_.empty()) m.origin_broker_ = m.path_.front();
         if (trace.hasParents()) {
           for (auto p2 : trace.getParents()) m.parents_.push_back(codec::to_id(p2));
         }

@@ -23,8 +23,7 @@ constexpr uint64_t kListPointer = 1;
 constexpr uint64_t kByteElements = 2;     // list element size code: 1 byte (Text, Data)
 constexpr uint64_t kPointerElements = 6;  // list element size code: one pointer
 constexpr size_t kEnvelopeTrace = 3;      // Envelope's pointer section: topic, producer, payload, trace
-constexpr size_t kTraceOrigin = 2;        // Trace's pointer section: labels, parents, originBroker, path, ...
-constexpr size_t kTracePath = 3;
+constexpr size_t kTracePath = 3;         // Trace's pointer section: labels, parents, originBroker, path, ...
 constexpr size_t kTracePointers = 7;
 
 uint64_t pointer_type(uint64_t p) { return p & 3; }
@@ -40,7 +39,6 @@ struct Plan {
   bool has_trace = false;
   size_t trace_pointers = 0;    // first pointer of the trace struct (when has_trace)
   size_t old_list = 0, old_len = 0;
-  bool set_origin = false;
 };
 
 bool in_bounds(int64_t start, uint64_t words, size_t seg_words) {
@@ -63,17 +61,13 @@ bool plan_in_place(const uint8_t* env, size_t n, Plan& plan) {
   plan.trace_slot = env_start + data_words + kEnvelopeTrace;
   const uint64_t trace = seg[plan.trace_slot];
   plan.has_trace = trace != 0;
-  if (!plan.has_trace) {
-    plan.set_origin = true;
-    return true;
-  }
+  if (!plan.has_trace) return true;
   if (pointer_type(trace) != kStructPointer) return false;
   const int64_t trace_start = static_cast<int64_t>(plan.trace_slot) + 1 + pointer_offset(trace);
   const uint64_t trace_data = (trace >> 32) & 0xffff, trace_pointers = trace >> 48;
   if (trace_pointers <= kTracePath || !in_bounds(trace_start, trace_data + trace_pointers, plan.seg_words))
     return false;
   plan.trace_pointers = trace_start + trace_data;
-  plan.set_origin = seg[plan.trace_pointers + kTraceOrigin] == 0;
   const size_t path_slot = plan.trace_pointers + kTracePath;
   const uint64_t path = seg[path_slot];
   if (path == 0) return true;
@@ -110,7 +104,6 @@ Result<size_t> append_visited_general(WordBuffer& out, const uint8_t* env, size_
     auto list = trace.initPath(static_cast<unsigned>(path.size() + 1));
     for (size_t i = 0; i < path.size(); ++i) list.set(i, path[i]);
     list.set(path.size(), capnp::Text::Reader(broker.data(), broker.size()));
-    if (!trace.hasOriginBroker()) trace.setOriginBroker(capnp::Text::Reader(broker.data(), broker.size()));
     auto flat = capnp::messageToFlatArray(builder);
     out.append(flat.begin(), flat.size() * 8);
     return flat.size() * 8;
@@ -125,8 +118,7 @@ Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std
   Plan plan;
   if (!plan_in_place(env, n, plan)) return append_visited_general(out, env, n, broker);
   const size_t name_words = (broker.size() + 8) / 8;
-  const size_t extra = (plan.has_trace ? 0 : kTracePointers) + plan.old_len + 1 + name_words +
-                       (plan.set_origin ? name_words : 0);
+  const size_t extra = (plan.has_trace ? 0 : kTracePointers) + plan.old_len + 1 + name_words;
   const size_t seg_words = plan.seg_words + extra;
   if (seg_words > UINT32_MAX / 2) return append_visited_general(out, env, n, broker);
   uint64_t* dst = out.grow(1 + seg_words);
@@ -161,10 +153,6 @@ Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std
   const size_t path_slot = trace_pointers + kTracePath;
   seg[path_slot] = make_pointer(kListPointer, static_cast<int64_t>(list) - static_cast<int64_t>(path_slot + 1),
                                 kPointerElements | (uint64_t{plan.old_len + 1} << 3));
-  if (plan.set_origin) {
-    seg[trace_pointers + kTraceOrigin] = put_text(seg, cursor, trace_pointers + kTraceOrigin, broker);
-    cursor += name_words;
-  }
   return (1 + seg_words) * 8;
 }
 

@@ -1882,7 +1882,7 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
     }
     if (flags & wire::FLAG_RETAIN) retain(topic, p, n, env.getPayload().size() == 0);
     bool refused = false;
-    route(p, n, topic, &l, durable, nullptr, &refused, env.hasTrace() ? env.getTrace().getPath() : capnp::List<capnp::Text>::Reader());
+    route(p, n, topic, &l, durable, nullptr, &refused, env.getPath());
     if (refused && durable && this_seq) {
       // Our next hop's outbox is full: do not take responsibility for this one.
       // The sender keeps it and resends from here.

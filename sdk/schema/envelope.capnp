@@ -56,13 +56,15 @@ struct Envelope {
   flags @6 :UInt32;           # bit set of the flag constants below
   payload @7 :Data;           # plaintext, or ciphertext when sealed
   trace @8 :Trace;
+  path @9 :List(Text);        # brokers visited, in order; the first is where it entered the mesh.
+                              # Each broker appends itself when it forwards a copy over a link.
 }
 
 struct Trace {
   labels @0 :Labels;
   parents @1 :List(MessageId);  # lineage: messages this one was derived from
   originBroker @2 :Text;      # broker that first accepted the message
-  path @3 :List(Text);        # brokers visited, in order (federation loop prevention)
+  unusedPath @3 :List(Text);  # never written: the visited path is Envelope.path
   replyTo @4 :Text;           # request/reply: the requester's inbox topic
   headers @5 :List(Header);
   signature @6 :Data;         # optional Ed25519 signature by the producer

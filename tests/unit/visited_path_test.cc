@@ -14,7 +14,7 @@ namespace {
 
 std::vector<std::string> path_of(wire::Envelope::Reader env) {
   std::vector<std::string> out;
-  for (auto p : env.getTrace().getPath()) out.emplace_back(p.cStr(), p.size());
+  for (auto p : env.getPath()) out.emplace_back(p.cStr(), p.size());
   return out;
 }
 
@@ -67,10 +67,10 @@ TEST(VisitedPath, StampsPlainEnvelopesAndKeepsEverythingElse) {
   EnvelopeReader b(stamped.data(), stamped.size());
   expect_same_message(a.root(), b.root());
   EXPECT_EQ(path_of(b.root()), hops);
-  EXPECT_FALSE(b.root().getTrace().hasOriginBroker()) << "the first hop of the path is the origin";
+  EXPECT_FALSE(b.root().hasTrace()) << "a plain message stays without a trace";
   // In place: old lists stay behind as garbage, but a hop costs a few words, not a re-encode:
-  // the trace (7 pointers), the lists (1 + 2 + 3 + 4 words) and the names (2 + 2 + 2 + 5).
-  EXPECT_EQ(stamped.size(), original.size() + 8 * (7 + 10 + 11));
+  // the lists (1 + 2 + 3 + 4 words) and the names (2 + 2 + 2 + 5).
+  EXPECT_EQ(stamped.size(), original.size() + 8 * (10 + 11));
 }
 
 TEST(VisitedPath, StampsEnvelopesWithLineageLabelsAndAnExistingOrigin) {
@@ -106,7 +106,7 @@ TEST(VisitedPath, MultiSegmentEnvelopesTakeTheGeneralPath) {
   env.setTopic("plant/line2/energy");
   env.setProducer("meter");
   env.setPayload(capnp::Data::Reader(reinterpret_cast<const kj::byte*>("0123456789"), 10));
-  auto path = env.initTrace().initPath(1);
+  auto path = env.initPath(1);
   path.set(0, "device");
   ASSERT_GT(builder.getSegmentsForOutput().size(), 1u);
   auto flat = capnp::messageToFlatArray(builder);
@@ -137,7 +137,7 @@ TEST(VisitedPath, GarbageIsRefusedAndAppendsNothing) {
     // Accepted: the result must read back with this broker last on the path.
     try {
       EnvelopeReader r(out.data(), out.size());
-      auto p = r.root().getTrace().getPath();
+      auto p = r.root().getPath();
       ASSERT_GT(p.size(), 0u);
       EXPECT_STREQ(p[p.size() - 1].cStr(), "edge");
     } catch (const kj::Exception&) {

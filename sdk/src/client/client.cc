@@ -85,13 +85,11 @@ class MessageDecoder {
       m.reply_to_ = {};
       m.origin_broker_ = {};
       m.path_.clear();
+      for (auto hop : env.getPath()) m.path_.push_back(view(hop));
       if (env.hasTrace()) {
         auto trace = env.getTrace();
         m.reply_to_ = view(trace.getReplyTo());
         m.origin_broker_ = view(trace.getOriginBroker());
-        for (auto hop : trace.getPath()) m.path_.push_back(view(hop));
-        // Brokers record where a message entered the mesh as the first hop of its path.
-        if (m.origin_broker_.empty() && !m.path_.empty()) m.origin_broker_ = m.path_.front();
         if (trace.hasParents()) {
           for (auto p2 : trace.getParents()) m.parents_.push_back(codec::to_id(p2));
         }
@@ -102,6 +100,8 @@ class MessageDecoder {
           for (auto r : l.getRegions()) m.labels_.regions.emplace_back(r.cStr());
         }
       }
+      // Brokers record where a message entered the mesh as the first hop of its path.
+      if (m.origin_broker_.empty() && !m.path_.empty()) m.origin_broker_ = m.path_.front();
       m.stream_seq_ = d.getStreamSeq();
       m.attempt_ = d.getAttempt();
       fn(static_cast<const Message&>(m));

@@ -44,7 +44,7 @@ struct EnvelopeFields {
 size_t append_envelope(WordBuffer& out, const EnvelopeFields& fields);
 
 // Appends to `out` a copy of envelope `env` (`n` bytes, one message) with `broker` added at the
-// end of trace.path, the brokers it visited (the first is where it entered the mesh). Nothing
+// end of its path, the brokers it visited (the first is where it entered the mesh). Nothing
 // else changes. Returns the bytes appended; errors (protocol) for malformed input, with
 // nothing appended.
 Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std::string_view broker);

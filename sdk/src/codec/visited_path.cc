@@ -3,9 +3,9 @@
 // Every forwarded message is stamped, so the usual case (one segment, as every encoder here
 // writes it) is an edit of the Cap'n Proto words in place: the envelope is copied verbatim, a
 // new path list (the old entries, re-pointed, plus one) and the broker's name are appended at
-// the end of the segment, and the trace's path pointer is turned to the new list; the old list
-// stays behind as unreachable words. Anything else (several segments, an older layout, a far
-// pointer) takes the general path: decode, copy, re-encode.
+// the end of the segment, and the envelope's path pointer is turned to the new list; the old
+// list stays behind as unreachable words. Anything else (several segments, an older layout, a
+// far pointer) takes the general path: decode, copy, re-encode.
 #include <capnp/message.h>
 #include <capnp/serialize.h>
 
@@ -22,9 +22,7 @@ constexpr uint64_t kStructPointer = 0;
 constexpr uint64_t kListPointer = 1;
 constexpr uint64_t kByteElements = 2;     // list element size code: 1 byte (Text, Data)
 constexpr uint64_t kPointerElements = 6;  // list element size code: one pointer
-constexpr size_t kEnvelopeTrace = 3;      // Envelope's pointer section: topic, producer, payload, trace
-constexpr size_t kTracePath = 3;         // Trace's pointer section: labels, parents, originBroker, path, ...
-constexpr size_t kTracePointers = 7;
+constexpr size_t kEnvelopePath = 4;       // Envelope's pointers: topic, producer, payload, trace, path
 
 uint64_t pointer_type(uint64_t p) { return p & 3; }
 int64_t pointer_offset(uint64_t p) { return static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2; }
@@ -35,9 +33,7 @@ uint64_t make_pointer(uint64_t type, int64_t offset, uint64_t upper) {
 // Where the in-place edit writes, found in the input segment (word indexes into it).
 struct Plan {
   size_t seg_words = 0;
-  size_t trace_slot = 0;        // the envelope's trace pointer
-  bool has_trace = false;
-  size_t trace_pointers = 0;    // first pointer of the trace struct (when has_trace)
+  size_t path_slot = 0;  // the envelope's path pointer
   size_t old_list = 0, old_len = 0;
 };
 
@@ -57,22 +53,13 @@ bool plan_in_place(const uint8_t* env, size_t n, Plan& plan) {
   if (root == 0 || pointer_type(root) != kStructPointer) return false;
   const int64_t env_start = 1 + pointer_offset(root);
   const uint64_t data_words = (root >> 32) & 0xffff, pointers = root >> 48;
-  if (pointers <= kEnvelopeTrace || !in_bounds(env_start, data_words + pointers, plan.seg_words)) return false;
-  plan.trace_slot = env_start + data_words + kEnvelopeTrace;
-  const uint64_t trace = seg[plan.trace_slot];
-  plan.has_trace = trace != 0;
-  if (!plan.has_trace) return true;
-  if (pointer_type(trace) != kStructPointer) return false;
-  const int64_t trace_start = static_cast<int64_t>(plan.trace_slot) + 1 + pointer_offset(trace);
-  const uint64_t trace_data = (trace >> 32) & 0xffff, trace_pointers = trace >> 48;
-  if (trace_pointers <= kTracePath || !in_bounds(trace_start, trace_data + trace_pointers, plan.seg_words))
-    return false;
-  plan.trace_pointers = trace_start + trace_data;
-  const size_t path_slot = plan.trace_pointers + kTracePath;
-  const uint64_t path = seg[path_slot];
+  // An envelope from an encoder without the path field has no slot for it: re-encode.
+  if (pointers <= kEnvelopePath || !in_bounds(env_start, data_words + pointers, plan.seg_words)) return false;
+  plan.path_slot = env_start + data_words + kEnvelopePath;
+  const uint64_t path = seg[plan.path_slot];
   if (path == 0) return true;
   if (pointer_type(path) != kListPointer || ((path >> 32) & 7) != kPointerElements) return false;
-  const int64_t list = static_cast<int64_t>(path_slot) + 1 + pointer_offset(path);
+  const int64_t list = static_cast<int64_t>(plan.path_slot) + 1 + pointer_offset(path);
   plan.old_len = path >> 35;
   if (!in_bounds(list, plan.old_len, plan.seg_words)) return false;
   plan.old_list = list;
@@ -98,10 +85,10 @@ Result<size_t> append_visited_general(WordBuffer& out, const uint8_t* env, size_
                                          untrusted_options(n));
     capnp::MallocMessageBuilder builder(static_cast<unsigned>(n / 8 + 64));
     builder.setRoot(reader.getRoot<wire::Envelope>());
-    auto trace = builder.getRoot<wire::Envelope>().getTrace();
+    auto root = builder.getRoot<wire::Envelope>();
     std::vector<std::string> path;
-    for (auto p : trace.asReader().getPath()) path.emplace_back(p.cStr(), p.size());
-    auto list = trace.initPath(static_cast<unsigned>(path.size() + 1));
+    for (auto p : root.asReader().getPath()) path.emplace_back(p.cStr(), p.size());
+    auto list = root.initPath(static_cast<unsigned>(path.size() + 1));
     for (size_t i = 0; i < path.size(); ++i) list.set(i, path[i]);
     list.set(path.size(), capnp::Text::Reader(broker.data(), broker.size()));
     auto flat = capnp::messageToFlatArray(builder);
@@ -118,27 +105,15 @@ Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std
   Plan plan;
   if (!plan_in_place(env, n, plan)) return append_visited_general(out, env, n, broker);
   const size_t name_words = (broker.size() + 8) / 8;
-  const size_t extra = (plan.has_trace ? 0 : kTracePointers) + plan.old_len + 1 + name_words;
-  const size_t seg_words = plan.seg_words + extra;
+  const size_t seg_words = plan.seg_words + plan.old_len + 1 + name_words;
   if (seg_words > UINT32_MAX / 2) return append_visited_general(out, env, n, broker);
   uint64_t* dst = out.grow(1 + seg_words);
   std::memcpy(dst, env, n);
   const uint32_t table[2] = {0, static_cast<uint32_t>(seg_words)};
   std::memcpy(dst, table, 8);
   uint64_t* seg = dst + 1;
-  size_t cursor = plan.seg_words;
-  size_t trace_pointers = plan.trace_pointers;
-  if (!plan.has_trace) {  // a Trace with only pointers, all null for now
-    trace_pointers = cursor;
-    std::memset(seg + cursor, 0, kTracePointers * 8);
-    seg[plan.trace_slot] =
-        make_pointer(kStructPointer, static_cast<int64_t>(cursor) - static_cast<int64_t>(plan.trace_slot + 1),
-                     uint64_t{kTracePointers} << 16);
-    cursor += kTracePointers;
-  }
   // The new path list: the old entries pointing at the same texts, then this broker.
-  const size_t list = cursor;
-  cursor += plan.old_len + 1;
+  const size_t list = plan.seg_words;
   for (size_t i = 0; i < plan.old_len; ++i) {
     const uint64_t e = seg[plan.old_list + i];
     if (e == 0) {
@@ -148,11 +123,10 @@ Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std
     const int64_t target = static_cast<int64_t>(plan.old_list + i) + 1 + pointer_offset(e);
     seg[list + i] = make_pointer(kListPointer, target - static_cast<int64_t>(list + i + 1), e >> 32);
   }
-  seg[list + plan.old_len] = put_text(seg, cursor, list + plan.old_len, broker);
-  cursor += name_words;
-  const size_t path_slot = trace_pointers + kTracePath;
-  seg[path_slot] = make_pointer(kListPointer, static_cast<int64_t>(list) - static_cast<int64_t>(path_slot + 1),
-                                kPointerElements | (uint64_t{plan.old_len + 1} << 3));
+  seg[list + plan.old_len] = put_text(seg, list + plan.old_len + 1, list + plan.old_len, broker);
+  seg[plan.path_slot] =
+      make_pointer(kListPointer, static_cast<int64_t>(list) - static_cast<int64_t>(plan.path_slot + 1),
+                   kPointerElements | (uint64_t{plan.old_len + 1} << 3));
   return (1 + seg_words) * 8;
 }
 

@@ -859,6 +859,22 @@ bool send_all(zmq::socket_t& socket, const std::string& payload, uint64_t count,
   return true;
 }
 
+// Sends every two-part message [address][body] back as it came (a ROUTER echo, or a replier
+// behind a broker), until `stop` is set or the context is shut down.
+void echo_two_parts(zmq::socket_t& socket, const std::atomic<bool>& stop) {
+  zmq::message_t address, body;
+  try {
+    while (!stop.load()) {
+      if (!socket.recv(address, zmq::recv_flags::none)) continue;  // timed out
+      if (!address.more() || !socket.recv(body, zmq::recv_flags::none)) continue;
+      socket.send(address, zmq::send_flags::sndmore);
+      socket.send(body, zmq::send_flags::none);
+    }
+  } catch (const zmq::error_t&) {
+    // ETERM: the context was shut down.
+  }
+}
+
 // Round trips on `dealer` (send one, wait for the answer), after limits.warmup unmeasured ones.
 struct RttLoop {
   std::vector<double> samples_us;
@@ -1117,18 +1133,7 @@ Result<PeerResult> run_zmq_router_broker_rtt(uint64_t count, const RunLimits& li
     replier.connect(endpoint);
     replier.send(zmq::message_t(), zmq::send_flags::none);  // register, before its thread owns it
     ScopedThread replier_thread(
-        [&] {
-          zmq::message_t who, body;
-          try {
-            while (!stop.load()) {
-              if (!replier.recv(who, zmq::recv_flags::none)) continue;
-              if (!who.more() || !replier.recv(body, zmq::recv_flags::none)) continue;
-              replier.send(who, zmq::send_flags::sndmore);
-              replier.send(body, zmq::send_flags::none);
-            }
-          } catch (const zmq::error_t&) {
-          }
-        },
+        [&] { echo_two_parts(replier, stop); },
         [&] { stop = true; });
     const Clock::time_point ready_by = std::min(deadline, Clock::now() + 10s);
     while (!registered.load()) {
@@ -1167,19 +1172,7 @@ Result<PeerResult> run_zmq_router_echo(uint64_t count, const RunLimits& limits) 
 
     std::atomic<bool> stop{false};
     ScopedThread echo(
-        [&] {
-          zmq::message_t identity;
-          zmq::message_t body;
-          try {
-            while (!stop.load()) {
-              if (!router.recv(identity, zmq::recv_flags::none)) continue;
-              if (!identity.more() || !router.recv(body, zmq::recv_flags::none)) continue;
-              router.send(identity, zmq::send_flags::sndmore);
-              router.send(body, zmq::send_flags::none);
-            }
-          } catch (const zmq::error_t&) {
-          }
-        },
+        [&] { echo_two_parts(router, stop); },
         [&] { stop = true; });
 
     dealer.connect(endpoint);

@@ -694,9 +694,10 @@ int run_bench(const BenchFlags& f) {
     }
     std::printf("]}\n");
   } else {
-    std::printf("workload %s, %zu B, %llu messages, CURVE %s, %d run(s), %u cores\n", f.workload.c_str(), f.size,
-                static_cast<unsigned long long>(f.count), f.curve.c_str(), f.runs,
-                std::thread::hardware_concurrency());
+    const std::string count = f.workload == "outage" ? "messages paced by --rate"
+                                                     : std::to_string(f.count) + (rtt ? " round trips" : " messages");
+    std::printf("workload %s, %zu B, %s, CURVE %s, %d run(s), %u cores\n", f.workload.c_str(), f.size,
+                count.c_str(), f.curve.c_str(), f.runs, std::thread::hardware_concurrency());
     for (const auto& v : bench::peer_versions()) std::printf("  %s\n", v.c_str());
     if (rtt)
       std::printf("%-28s %10s %10s %10s %12s\n", "system", "p50 us", "p99 us", "min p50", "tracemesh/x");

@@ -129,8 +129,11 @@ void add_messaging_commands(CLI::App& app, Context& ctx) {
         if (*durable) {
           auto ack = (*client)->publish_durable(*topic, *payload, opts).get();
           if (!ack.ok()) { ctx.exit_code = report("pub", ack.error()); return; }
-          std::printf("stored as seq %llu%s\n", static_cast<unsigned long long>(ack->stream_seq),
-                      ack->duplicate ? " (duplicate)" : "");
+          if (ack->stream_seq)
+            std::printf("stored as seq %llu%s\n", static_cast<unsigned long long>(ack->stream_seq),
+                        ack->duplicate ? " (duplicate)" : "");
+          else  // no stream at this broker: a link's outbox has it on disk
+            std::printf("stored for forwarding (in a link's outbox)%s\n", ack->duplicate ? " (duplicate)" : "");
         } else if (auto s = (*client)->publish(*topic, *payload, opts); !s.ok()) {
           ctx.exit_code = report("pub", s.error());
           return;

@@ -22,6 +22,7 @@
 #include <zmq.hpp>
 
 #include "codec/envelope_codec.h"
+#include "iso_time.h"
 #include "federation/link_interest.h"
 #include "federation/link_outbox.h"
 #include "store/store.h"
@@ -312,6 +313,9 @@ class BrokerImpl final : public Broker {
   void fill_stream_info(wire::StreamInfo::Builder b, const StreamRt& rt);
   // Output
   void send_control(Session& s, zmq::message_t&& frame);
+  // Closes every open session whose credential is revoked or has expired, telling the client
+  // why first. Returns how many were closed.
+  size_t close_unauthorized_sessions();
   void flush_sessions();
   void flush_session(Session& s);
   bool try_send(Session& s, OutFrame& f);
@@ -588,7 +592,9 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
       if (::read(signal_fd, &info, sizeof info) == sizeof info) {
         if (info.ssi_signo == SIGHUP) {
           load_revocations();
-          spdlog::info("SIGHUP: revocation list reloaded ({} entries)", revoked_.size());
+          const size_t closed = close_unauthorized_sessions();
+          spdlog::info("SIGHUP: revocation list reloaded ({} entries); {} open sessions closed", revoked_.size(),
+                       closed);
         } else if (!draining_) {
           spdlog::info("signal {}: draining and shutting down", info.ssi_signo);
           draining_ = true;
@@ -1554,7 +1560,32 @@ void BrokerImpl::drop_session(const std::string& key, const char* why) {
   sessions_.erase(it);
 }
 
+size_t BrokerImpl::close_unauthorized_sessions() {
+  const int64_t now_ms = codec::now_ms();
+  std::vector<std::pair<std::string, std::pair<wire::ErrorCode, std::string>>> closing;
+  for (auto& [k, s] : sessions_) {
+    if (!s->authenticated) continue;
+    const CredentialClaims& c = s->claims;
+    if (revoked_.count(c.id))
+      closing.push_back({k, {wire::ErrorCode::REVOKED, "credential " + c.id + " for '" + c.name +
+                                                         "' has been revoked; session closed"}});
+    else if (c.expires_at_ms != 0 && now_ms >= c.expires_at_ms)
+      closing.push_back({k, {wire::ErrorCode::UNAUTHENTICATED,
+                             "credential " + c.id + " for '" + c.name + "' expired at " +
+                                 iso_time(c.expires_at_ms) + "; session closed"}});
+  }
+  for (auto& [key, why] : closing) {
+    Session& s = *sessions_.at(key);
+    send_control(s, codec::error_frame(why.first, why.second));
+    flush_session(s);
+    spdlog::warn("{}", why.second);
+    drop_session(key, nullptr);
+  }
+  return closing.size();
+}
+
 void BrokerImpl::expire(Clock::time_point now) {
+  close_unauthorized_sessions();  // credentials that expired while their session was open
   std::vector<std::string> dead;
   for (auto& [k, s] : sessions_)
     if (now - s->last_seen > std::chrono::milliseconds(config_.session_timeout_ms)) dead.push_back(k);

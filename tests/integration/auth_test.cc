@@ -1,6 +1,8 @@
 // Authentication at connect against a real tracemeshd: every refusal carries
 // the code and a reason a user can act on, arrives promptly, and is counted.
 #include <cctype>
+#include <csignal>
+#include <fstream>
 
 #include "harness.h"
 
@@ -111,6 +113,29 @@ TEST_F(AuthTest, ExpiredCredentialIsRefused) {
   EXPECT_TRUE(mentions(e.message(), "old-sensor")) << e.message();
 }
 
+TEST_F(AuthTest, SessionIsClosedWhenItsCredentialExpires) {
+  auto p = principal("short-lived", wall_ms() + 3000);
+  std::mutex mu;
+  std::vector<Error> told;
+  auto o = opts(p);
+  o.on_error = [&](const Error& e) {
+    std::lock_guard lock(mu);
+    told.push_back(e);
+  };
+  auto c = Client::connect(o);
+  ASSERT_TRUE(c.ok()) << c.error().to_string();
+  ASSERT_TRUE((*c)->publish("line/a", "while valid").ok());
+  ASSERT_TRUE(wait_until([&] {
+    std::lock_guard lock(mu);
+    for (const auto& e : told)
+      if (e.code() == Errc::unauthenticated && mentions(e.message(), "expired")) return true;
+    return false;
+  }, 10s)) << "a session must not outlive its credential\n" << broker_->log_tail();
+  auto after = (*c)->publish("line/a", "after expiry");
+  ASSERT_FALSE(after.ok());
+  EXPECT_EQ(after.code(), Errc::unauthenticated) << after.error().to_string();
+}
+
 TEST_F(AuthTest, CredentialFromUntrustedOperatorIsRefused) {
   auto rogue = std::make_shared<Identity>(Identity::generate());
   auto p = principal("intruder", 0, rogue);
@@ -144,6 +169,57 @@ TEST_F(AuthTest, RevokedCredentialIsRefused) {
     EXPECT_TRUE(mentions(e.message(), "revoked")) << e.message();
     EXPECT_TRUE(mentions(e.message(), revoked_.credential->claims().id)) << e.message();
   }
+}
+
+TEST_F(AuthTest, SighupClosesSessionsOfNewlyRevokedCredentials) {
+  const auto list = work_->path() / "revoked.txt";
+  { std::ofstream(list) << "# revoked credential ids, one per line\n"; }
+  auto s = spec("hup");
+  s.revoked_file = list.string();
+  auto broker = start_broker(s);
+  ASSERT_NE(broker, nullptr);
+  auto doomed = principal("stolen-tablet");
+  std::mutex mu;
+  std::vector<Error> told;  // what the doomed client's on_error heard
+  auto o = options(*broker, doomed);
+  o.on_error = [&](const Error& e) {
+    std::lock_guard lock(mu);
+    told.push_back(e);
+  };
+  auto victim = Client::connect(o);
+  ASSERT_TRUE(victim.ok()) << victim.error().to_string();
+  auto bystander = connect(*broker, "press-8");
+  Inbox inbox;
+  ASSERT_TRUE(bystander->subscribe("line/#", inbox.handler()).ok());
+  ASSERT_TRUE((*victim)->publish("line/a", "before").ok());
+  ASSERT_TRUE(inbox.wait_for(1));
+
+  { std::ofstream(list, std::ios::app) << doomed.credential->claims().id << "\n"; }
+  ASSERT_EQ(::kill(broker->pid(), SIGHUP), 0);
+  ASSERT_TRUE(wait_until([&] {
+    std::lock_guard lock(mu);
+    for (const auto& e : told)
+      if (e.code() == Errc::revoked) return true;
+    return false;
+  })) << "the open session of a revoked credential must be closed, and the client told why\n"
+      << broker->log_tail();
+  {
+    std::lock_guard lock(mu);
+    for (const auto& e : told)
+      if (e.code() == Errc::revoked) {
+        EXPECT_TRUE(mentions(e.message(), doomed.credential->claims().id)) << e.message();
+      }
+  }
+  auto after = (*victim)->publish("line/a", "after");
+  ASSERT_FALSE(after.ok()) << "a revoked client must not publish any more";
+  EXPECT_EQ(after.code(), Errc::revoked) << after.error().to_string();
+  EXPECT_TRUE(mentions(broker->log_tail(), "has been revoked; session closed")) << broker->log_tail();
+  // Other sessions stay open and keep working.
+  ASSERT_TRUE(bystander->publish("line/b", "still here").ok());
+  ASSERT_TRUE(inbox.wait_for(2));
+  ASSERT_TRUE(bystander->flush().ok());
+  std::lock_guard lock(inbox.mu);
+  EXPECT_EQ(inbox.payloads, (std::vector<std::string>{"before", "still here"}));
 }
 
 TEST_F(AuthTest, CredentialForAnotherKeyIsRefused) {

@@ -303,8 +303,13 @@ Status ClientImpl::start() {
 
 void ClientImpl::shutdown(std::chrono::milliseconds timeout) {
   if (stop_.exchange(true)) return;
+  bool failed;
+  {
+    std::lock_guard lock(mu_);
+    failed = state_ == State::failed;  // refused by the broker: nothing to flush, nobody to tell
+  }
   if (io_thread_.joinable()) {
-    if (timeout.count() > 0) {
+    if (timeout.count() > 0 && !failed) {
       // Let the I/O thread send what is queued, then say goodbye so the broker
       // ends the session at once instead of timing it out.
       stop_ = false;
@@ -838,6 +843,14 @@ void ClientImpl::on_frame(zmq::message_t& header, std::shared_ptr<zmq::message_t
         it->second.set_value(error);
         admin_waiters_.erase(it);
         return;
+      }
+      if (err.getCode() == wire::ErrorCode::REVOKED ||
+          (err.getCode() == wire::ErrorCode::UNAUTHENTICATED && state_ == State::ready)) {
+        // The broker closed the session: the credential was revoked or expired. Reconnecting
+        // with it would only be refused again.
+        state_ = State::failed;
+        last_handshake_error_ = error;
+        space_cv_.notify_all();
       }
       lock.unlock();
       if (opts_.on_error) opts_.on_error(error);

@@ -152,6 +152,7 @@ Status BrokerProcess::write_config() const {
                                                   : std::vector<std::string>{operator_public_key_})
        << "\n"
        << "revoked = " << toml_array(spec_.revoked) << "\n";
+  if (!spec_.revoked_file.empty()) toml << "revoked_file = " << toml_string(spec_.revoked_file) << "\n";
   for (const StreamSpec& stream : spec_.streams) {
     toml << "\n[[stream]]\n"
          << "name = " << toml_string(stream.name) << "\n"

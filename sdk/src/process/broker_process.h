@@ -47,6 +47,7 @@ struct BrokerSpec {
   bool listen_ipc = false;  // ipc://<dir>/broker.sock
   std::vector<StreamSpec> streams;
   std::vector<std::string> revoked;  // credential ids (hex)
+  std::string revoked_file;          // [security] revoked_file: re-read on SIGHUP
   // Federation: tier/site/region and the credential this broker presents on its links.
   std::string tier, site, region;
   std::string credential_path;

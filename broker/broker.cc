@@ -10,7 +10,9 @@
 #include <csignal>
 #include <unistd.h>
 
+#include <array>
 #include <chrono>
+#include <span>
 #include <cstring>
 #include <deque>
 #include <filesystem>
@@ -45,10 +47,10 @@ struct StringHash {
   size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
 };
 
-// Whether `broker` is on a message's visited path.
-bool on_path(capnp::List<capnp::Text>::Reader visited, std::string_view broker) {
-  for (auto hop : visited)
-    if (std::string_view(hop.cStr(), hop.size()) == broker) return true;
+// Whether `name` is in a list of an envelope: a broker on its visited path, a group it delegates.
+bool on_path(capnp::List<capnp::Text>::Reader list, std::string_view name) {
+  for (auto item : list)
+    if (std::string_view(item.cStr(), item.size()) == name) return true;
   return false;
 }
 
@@ -275,7 +277,8 @@ class BrokerImpl final : public Broker {
   // number of targets; *to_link says whether a link took it.
   size_t route(const uint8_t* data, size_t size, std::string_view topic, Link* source, bool durable,
                bool* to_link = nullptr, bool* link_refused = nullptr,
-               capnp::List<capnp::Text>::Reader visited = {});
+               capnp::List<capnp::Text>::Reader visited = {},
+               capnp::List<capnp::Text>::Reader delegated = {});
   // Federation
   Status init_links();
   Link& accepted_link(const std::string& peer);
@@ -291,7 +294,8 @@ class BrokerImpl final : public Broker {
   bool link_send(Link& l, zmq::message_t&& header, std::optional<zmq::message_t> body = std::nullopt);
   void service_links();
   // Queues a message for a link. False when the link's outbox refused it (full).
-  bool forward_to(Link& l, const uint8_t* data, size_t size, bool durable);
+  bool forward_to(Link& l, const uint8_t* data, size_t size, bool durable,
+                  std::span<const std::string_view> groups = {});
   void flush_direct(Link& l);
   // A batch of `count` messages (`bytes`) went out over `l`: link and broker counters.
   void count_forwarded(Link& l, uint32_t count, size_t bytes);
@@ -900,16 +904,37 @@ void BrokerImpl::deliver(Session& s, const uint8_t* data, size_t size, const Del
 
 size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topic, Link* source,
                          bool durable, bool* to_link, bool* link_refused,
-                         capnp::List<capnp::Text>::Reader visited) {
+                         capnp::List<capnp::Text>::Reader visited, capnp::List<capnp::Text>::Reader delegated) {
   size_t targets = 0;
-  Link* forwarded[16];  // links this message went to (past 16, the peers' dedup windows catch repeats)
-  size_t n_forwarded = 0;
+  // One copy per link, however many of the peer's filters match (the peer routes it on),
+  // carrying the queue groups this broker chose the peer for. Past 16 links, the peers'
+  // dedup windows catch repeats.
+  struct Copy {
+    Link* link = nullptr;
+    bool cut = false;  // the peer is on the visited path
+    std::vector<std::string_view> groups;
+  };
+  std::array<Copy, 16> copies;
+  size_t n_copies = 0;
+  auto copy_for = [&](Link* l) -> Copy* {
+    for (size_t i = 0; i < n_copies; ++i)
+      if (copies[i].link == l) return &copies[i];
+    if (n_copies == copies.size()) return nullptr;
+    Copy& c = copies[n_copies++];
+    c.link = l;
+    c.cut = on_path(visited, l->peer);
+    c.groups.clear();
+    return &c;
+  };
   for (const Target& t : targets_for(topic)) {
     Subscription* sub = t.sub;
     if (t.group) {
+      Group& g = *t.group;
+      // A message from a link serves only the groups the sender chose this broker for; the
+      // others were served where it came from.
+      if (source && !on_path(delegated, g.name)) continue;
       // A queue group prefers its local members; linked brokers get a message
       // only when no local member exists.
-      Group& g = *t.group;
       sub = nullptr;
       for (size_t i = 0; i < g.members.size() && !sub; ++i) {
         Subscription* m = g.members[g.next++ % g.members.size()];
@@ -917,28 +942,34 @@ size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topi
       }
       for (size_t i = 0; i < g.members.size() && !sub; ++i) {
         Subscription* m = g.members[g.next++ % g.members.size()];
-        if (m->link != source) sub = m;
+        if (m->link != source && !on_path(visited, m->link->peer)) sub = m;
       }
       if (!sub) continue;
+      if (sub->link) {
+        if (Copy* c = copy_for(sub->link)) c->groups.push_back(g.name);
+        ++targets;
+        continue;
+      }
     }
     if (sub->link) {
       if (sub->link == source) continue;  // never back where it came from
-      // One copy per link, however many of the peer's filters match: the peer routes it on.
-      if (std::find(forwarded, forwarded + n_forwarded, sub->link) != forwarded + n_forwarded) continue;
-      if (n_forwarded < std::size(forwarded)) forwarded[n_forwarded++] = sub->link;
-      if (on_path(visited, sub->link->peer)) {  // that broker had it already: a loop, cut here
-        ++path_skips_;
-        continue;
-      }
-      if (forward_to(*sub->link, data, size, durable)) {
-        if (to_link) *to_link = true;
-      } else if (link_refused) {
-        *link_refused = true;
-      }
+      if (Copy* c = copy_for(sub->link); c && c->cut) continue;
     } else {
       deliver(*sub->session, data, size, Delivery{sub->id, 0, 0}, true);
     }
     ++targets;
+  }
+  for (size_t i = 0; i < n_copies; ++i) {
+    Copy& c = copies[i];
+    if (c.cut) {  // that broker had it already: a loop, cut here
+      ++path_skips_;
+      continue;
+    }
+    if (forward_to(*c.link, data, size, durable, c.groups)) {
+      if (to_link) *to_link = true;
+    } else if (link_refused) {
+      *link_refused = true;
+    }
   }
   return targets;
 }
@@ -1913,7 +1944,7 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
     }
     if (flags & wire::FLAG_RETAIN) retain(topic, p, n, env.getPayload().size() == 0);
     bool refused = false;
-    route(p, n, topic, &l, durable, nullptr, &refused, env.getPath());
+    route(p, n, topic, &l, durable, nullptr, &refused, env.getPath(), env.getGroups());
     if (refused && durable && this_seq) {
       // Our next hop's outbox is full: do not take responsibility for this one.
       // The sender keeps it and resends from here.
@@ -2058,12 +2089,13 @@ bool BrokerImpl::link_send(Link& l, zmq::message_t&& header, std::optional<zmq::
   return true;
 }
 
-bool BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool durable) {
+bool BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool durable,
+                            std::span<const std::string_view> groups) {
   if (!l.outbox) return false;
   // Every copy that crosses a link carries this broker on its visited path.
   if (!durable && l.up() && l.outbox->all_sent(l.sent_seq)) {
     if (l.direct.words() == 0) l.direct.reserve(kOutBatchBytes / 8 + 1024);
-    if (!codec::append_visited(l.direct, data, size & ~size_t{7}, config_.name).ok()) {
+    if (!codec::append_visited(l.direct, data, size & ~size_t{7}, config_.name, groups).ok()) {
       ++malformed_;  // its trace is unreadable: not forwarded, counted
       return true;
     }
@@ -2072,7 +2104,7 @@ bool BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool dura
     return true;
   }
   stamp_.clear();
-  if (!codec::append_visited(stamp_, data, size & ~size_t{7}, config_.name).ok()) {
+  if (!codec::append_visited(stamp_, data, size & ~size_t{7}, config_.name, groups).ok()) {
     ++malformed_;  // its trace is unreadable: not forwarded, counted (a durable one is not acked)
     return !durable;
   }

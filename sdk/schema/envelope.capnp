@@ -58,6 +58,8 @@ struct Envelope {
   trace @8 :Trace;
   path @9 :List(Text);        # brokers visited, in order; the first is where it entered the mesh.
                               # Each broker appends itself when it forwards a copy over a link.
+  groups @10 :List(Text);     # queue groups the receiving broker is to serve with this copy: the
+                              # sender chose it for them. Set per link copy; empty = serve none.
 }
 
 struct Trace {

@@ -257,6 +257,54 @@ TEST_F(FederationTest, RingDeliversExactlyOnceToEverySubscriber) {
   EXPECT_GE(stopped, 2u * 300);
 }
 
+TEST_F(FederationTest, QueueGroupAcrossLinksGivesEachMessageToOneMember) {
+  start("a", "edge");
+  start("b", "regional", {"a"});
+  ASSERT_TRUE(links_up("a", 1));
+  ASSERT_TRUE(links_up("b", 1));
+  auto at_a = client("a", "worker-a");
+  auto at_b = client("b", "worker-b");
+  auto audit = client("b", "audit");
+  auto pub = client("a", "dispatcher");
+  Inbox wa, wb, log;
+  SubscribeOptions group;
+  group.queue_group = "workers";
+  auto sub_a = at_a->subscribe("jobs/#", wa.handler(), group);
+  ASSERT_TRUE(sub_a.ok());
+  ASSERT_TRUE(at_b->subscribe("jobs/#", wb.handler(), group).ok());
+  // A plain subscriber at b too: every job crosses the link for it.
+  ASSERT_TRUE(audit->subscribe("jobs/#", log.handler()).ok());
+  ASSERT_TRUE(await_route(*pub, "jobs/probe", log));
+  auto jobs_of = [](Inbox& in) {
+    std::lock_guard lock(in.mu);
+    std::vector<std::string> out;
+    for (size_t i = 0; i < in.payloads.size(); ++i)
+      if (in.topics[i] == "jobs/run") out.push_back(in.payloads[i]);
+    return out;
+  };
+  auto run = [&](int first, int count) {
+    for (int i = first; i < first + count; ++i) ASSERT_TRUE(pub->publish("jobs/run", std::to_string(i)).ok());
+    ASSERT_TRUE(pub->flush().ok());
+    ASSERT_TRUE(wait_until([&] { return jobs_of(log).size() >= static_cast<size_t>(first + count); }));
+    // The audit copy crossed the link after the group's: once it is in, so is any group copy.
+    ASSERT_TRUE(await_route(*pub, "jobs/marker", log));
+  };
+  run(0, 100);
+  // The group prefers its local member: all at a, none at b, although each job went to b.
+  EXPECT_EQ(jobs_of(wa).size(), 100u);
+  EXPECT_EQ(jobs_of(wb).size(), 0u) << "a job reached two members of one queue group";
+
+  // Without a member at a, the group's jobs go over the link to b's member, once each.
+  ASSERT_TRUE(at_a->unsubscribe(*sub_a).ok());
+  ASSERT_TRUE(at_a->flush().ok());
+  run(100, 100);
+  auto at_b_jobs = jobs_of(wb);
+  std::set<std::string> distinct(at_b_jobs.begin(), at_b_jobs.end());
+  EXPECT_EQ(distinct.size(), at_b_jobs.size()) << "a job reached b's member twice";
+  for (int i = 100; i < 200; ++i) EXPECT_TRUE(distinct.count(std::to_string(i))) << "job " << i << " missing at b";
+  EXPECT_EQ(jobs_of(wa).size(), 100u) << "an unsubscribed member got jobs";
+}
+
 TEST_F(FederationTest, PartitionOfThirtySecondsLosesAndDuplicatesNothing) {
   start("centre", "centre", {}, {{"LINE", {"plant/#"}}});
   start("regional", "regional", {"centre"});

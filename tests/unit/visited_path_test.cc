@@ -97,6 +97,38 @@ TEST(VisitedPath, StampsEnvelopesWithLineageLabelsAndAnExistingOrigin) {
   EXPECT_STREQ(b.root().getTrace().getOriginBroker().cStr(), "set-by-producer") << "the origin is left alone";
 }
 
+TEST(VisitedPath, EachCopyCarriesOnlyTheGroupsItsSenderDelegated) {
+  EnvelopeFields f;
+  f.id = next_message_id();
+  f.topic = "jobs/run";
+  f.producer = "dispatcher";
+  f.payload = "job 1";
+  WordBuffer original;
+  append_envelope(original, f);
+  auto groups_of = [](const WordBuffer& b) {
+    EnvelopeReader r(b.data(), b.size());
+    std::vector<std::string> out;
+    for (auto g : r.root().getGroups()) out.emplace_back(g.cStr(), g.size());
+    return out;
+  };
+  const std::vector<std::string_view> two = {"workers", "a-longer-queue-group-name"};
+  WordBuffer first;
+  ASSERT_TRUE(append_visited(first, original.data(), original.size(), "edge", two).ok());
+  EXPECT_EQ(groups_of(first), (std::vector<std::string>{"workers", "a-longer-queue-group-name"}));
+  // The next broker delegates nothing further: its copy carries no groups, only the path grows.
+  WordBuffer second;
+  ASSERT_TRUE(append_visited(second, first.data(), first.size(), "regional").ok());
+  EXPECT_TRUE(groups_of(second).empty());
+  EnvelopeReader r(second.data(), second.size());
+  EXPECT_EQ(path_of(r.root()), (std::vector<std::string>{"edge", "regional"}));
+  EXPECT_STREQ(r.root().getTopic().cStr(), "jobs/run");
+  // And one that delegates a group again.
+  WordBuffer third;
+  const std::vector<std::string_view> one = {"workers"};
+  ASSERT_TRUE(append_visited(third, second.data(), second.size(), "centre", one).ok());
+  EXPECT_EQ(groups_of(third), std::vector<std::string>{"workers"});
+}
+
 TEST(VisitedPath, MultiSegmentEnvelopesTakeTheGeneralPath) {
   // A tiny first segment forces the builder to spread the envelope over several segments.
   capnp::MallocMessageBuilder builder(4, capnp::AllocationStrategy::FIXED_SIZE);
@@ -115,6 +147,12 @@ TEST(VisitedPath, MultiSegmentEnvelopesTakeTheGeneralPath) {
   WordBuffer stamped = stamp_all(original, {"edge"});
   EnvelopeReader b(stamped.data(), stamped.size());
   EXPECT_EQ(path_of(b.root()), (std::vector<std::string>{"device", "edge"}));
+  WordBuffer delegated;
+  const std::vector<std::string_view> groups = {"workers"};
+  ASSERT_TRUE(append_visited(delegated, original.data(), original.size(), "edge", groups).ok());
+  EnvelopeReader d(delegated.data(), delegated.size());
+  ASSERT_EQ(d.root().getGroups().size(), 1u);
+  EXPECT_STREQ(d.root().getGroups()[0].cStr(), "workers");
   EXPECT_STREQ(b.root().getTopic().cStr(), "plant/line2/energy");
   EXPECT_EQ(b.root().getPayload().size(), 10u);
 }

@@ -47,7 +47,10 @@ size_t append_envelope(WordBuffer& out, const EnvelopeFields& fields);
 // end of its path, the brokers it visited (the first is where it entered the mesh). Nothing
 // else changes. Returns the bytes appended; errors (protocol) for malformed input, with
 // nothing appended.
-Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std::string_view broker);
+// `groups` replaces the envelope's groups: the queue groups the receiving broker is to serve with
+// this copy (none when empty).
+Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std::string_view broker,
+                              std::span<const std::string_view> groups = {});
 
 // Size in bytes of the envelope message that starts at `data`, read from its
 // segment table, or an error when the table is malformed or runs past `size`.

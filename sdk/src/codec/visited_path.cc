@@ -10,6 +10,7 @@
 #include <capnp/serialize.h>
 
 #include <cstring>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -22,7 +23,8 @@ constexpr uint64_t kStructPointer = 0;
 constexpr uint64_t kListPointer = 1;
 constexpr uint64_t kByteElements = 2;     // list element size code: 1 byte (Text, Data)
 constexpr uint64_t kPointerElements = 6;  // list element size code: one pointer
-constexpr size_t kEnvelopePath = 4;       // Envelope's pointers: topic, producer, payload, trace, path
+constexpr size_t kEnvelopePath = 4;       // Envelope's pointers: topic, producer, payload, trace, path, groups
+constexpr size_t kEnvelopeGroups = 5;
 
 uint64_t pointer_type(uint64_t p) { return p & 3; }
 int64_t pointer_offset(uint64_t p) { return static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2; }
@@ -33,7 +35,7 @@ uint64_t make_pointer(uint64_t type, int64_t offset, uint64_t upper) {
 // Where the in-place edit writes, found in the input segment (word indexes into it).
 struct Plan {
   size_t seg_words = 0;
-  size_t path_slot = 0;  // the envelope's path pointer
+  size_t path_slot = 0;  // the envelope's path pointer (its groups pointer follows)
   size_t old_list = 0, old_len = 0;
 };
 
@@ -53,8 +55,8 @@ bool plan_in_place(const uint8_t* env, size_t n, Plan& plan) {
   if (root == 0 || pointer_type(root) != kStructPointer) return false;
   const int64_t env_start = 1 + pointer_offset(root);
   const uint64_t data_words = (root >> 32) & 0xffff, pointers = root >> 48;
-  // An envelope from an encoder without the path field has no slot for it: re-encode.
-  if (pointers <= kEnvelopePath || !in_bounds(env_start, data_words + pointers, plan.seg_words)) return false;
+  // An envelope from an encoder without the path and groups fields has no slots: re-encode.
+  if (pointers <= kEnvelopeGroups || !in_bounds(env_start, data_words + pointers, plan.seg_words)) return false;
   plan.path_slot = env_start + data_words + kEnvelopePath;
   const uint64_t path = seg[plan.path_slot];
   if (path == 0) return true;
@@ -79,7 +81,8 @@ uint64_t put_text(uint64_t* seg, size_t at, size_t slot, std::string_view text) 
                       kByteElements | (uint64_t{text.size() + 1} << 3));
 }
 
-Result<size_t> append_visited_general(WordBuffer& out, const uint8_t* env, size_t n, std::string_view broker) {
+Result<size_t> append_visited_general(WordBuffer& out, const uint8_t* env, size_t n, std::string_view broker,
+                                      std::span<const std::string_view> groups) {
   try {
     capnp::FlatArrayMessageReader reader(kj::arrayPtr(reinterpret_cast<const capnp::word*>(env), n / 8),
                                          untrusted_options(n));
@@ -91,6 +94,12 @@ Result<size_t> append_visited_general(WordBuffer& out, const uint8_t* env, size_
     auto list = root.initPath(static_cast<unsigned>(path.size() + 1));
     for (size_t i = 0; i < path.size(); ++i) list.set(i, path[i]);
     list.set(path.size(), capnp::Text::Reader(broker.data(), broker.size()));
+    if (groups.empty()) {
+      root.disownGroups();
+    } else {
+      auto g = root.initGroups(static_cast<unsigned>(groups.size()));
+      for (size_t i = 0; i < groups.size(); ++i) g.set(i, capnp::Text::Reader(groups[i].data(), groups[i].size()));
+    }
     auto flat = capnp::messageToFlatArray(builder);
     out.append(flat.begin(), flat.size() * 8);
     return flat.size() * 8;
@@ -101,12 +110,15 @@ Result<size_t> append_visited_general(WordBuffer& out, const uint8_t* env, size_
 
 }  // namespace
 
-Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std::string_view broker) {
+Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std::string_view broker,
+                              std::span<const std::string_view> groups) {
   Plan plan;
-  if (!plan_in_place(env, n, plan)) return append_visited_general(out, env, n, broker);
+  if (!plan_in_place(env, n, plan)) return append_visited_general(out, env, n, broker, groups);
   const size_t name_words = (broker.size() + 8) / 8;
-  const size_t seg_words = plan.seg_words + plan.old_len + 1 + name_words;
-  if (seg_words > UINT32_MAX / 2) return append_visited_general(out, env, n, broker);
+  size_t group_words = groups.size();
+  for (auto g : groups) group_words += (g.size() + 8) / 8;
+  const size_t seg_words = plan.seg_words + plan.old_len + 1 + name_words + group_words;
+  if (seg_words > UINT32_MAX / 2) return append_visited_general(out, env, n, broker, groups);
   uint64_t* dst = out.grow(1 + seg_words);
   std::memcpy(dst, env, n);
   const uint32_t table[2] = {0, static_cast<uint32_t>(seg_words)};
@@ -127,6 +139,22 @@ Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std
   seg[plan.path_slot] =
       make_pointer(kListPointer, static_cast<int64_t>(list) - static_cast<int64_t>(plan.path_slot + 1),
                    kPointerElements | (uint64_t{plan.old_len + 1} << 3));
+  // The groups this copy is delegated: replaces what the sender delegated to us.
+  const size_t groups_slot = plan.path_slot - kEnvelopePath + kEnvelopeGroups;
+  if (groups.empty()) {
+    seg[groups_slot] = 0;
+  } else {
+    size_t cursor = list + plan.old_len + 1 + name_words;
+    const size_t glist = cursor;
+    cursor += groups.size();
+    for (size_t i = 0; i < groups.size(); ++i) {
+      seg[glist + i] = put_text(seg, cursor, glist + i, groups[i]);
+      cursor += (groups[i].size() + 8) / 8;
+    }
+    seg[groups_slot] =
+        make_pointer(kListPointer, static_cast<int64_t>(glist) - static_cast<int64_t>(groups_slot + 1),
+                     kPointerElements | (uint64_t{groups.size()} << 3));
+  }
   return (1 + seg_words) * 8;
 }
 

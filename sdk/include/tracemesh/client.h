@@ -203,8 +203,10 @@ struct ClientOptions {
   //   io_thread: inline on the client's I/O thread, one thread hand-off less each way: the
   //     lowest request/reply latency (a replier's answer leaves in the same loop turn). A
   //     handler must then be short, and calls that wait for the broker (request, flush,
-  //     subscribe, unsubscribe's confirmation, stream admin) fail with invalid_argument
-  //     inside it instead of deadlocking; publish and reply work.
+  //     subscribe, stream admin, stats, mesh status) fail with invalid_argument inside it
+  //     instead of deadlocking; publish, reply, unsubscribe and ack work. Waiting on a
+  //     publish_durable future there would deadlock: use the callback form. Do not close or
+  //     destroy the client from such a handler.
   enum class HandlerThread { dispatcher, io_thread };
   HandlerThread handler_thread = HandlerThread::dispatcher;
 };

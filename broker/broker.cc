@@ -1705,24 +1705,10 @@ Status BrokerImpl::init_links() {
     l->outbox = std::move(*box);
     l->sent_seq = l->outbox->stats().acked_seq;
     try {
-      l->dealer = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::dealer);
-      l->dealer->set(zmq::sockopt::linger, 0);
-      l->dealer->set(zmq::sockopt::immediate, 1);
-      l->dealer->set(zmq::sockopt::sndhwm, 64);
-      l->dealer->set(zmq::sockopt::rcvhwm, 64);
-      l->dealer->set(zmq::sockopt::reconnect_ivl, 100);
-      l->dealer->set(zmq::sockopt::reconnect_ivl_max, 5000);  // backoff while the peer is away
-      l->dealer->set(zmq::sockopt::heartbeat_ivl, 1000);
-      l->dealer->set(zmq::sockopt::heartbeat_timeout, 5000);
-      if (lc.curve && lc.endpoint.rfind("tcp://", 0) == 0) {
-        auto server = curve_public_key_of(*decode_key(lc.broker_key));
-        auto pub = identity_->curve_public_key();
-        auto sec = identity_->curve_secret_key();
-        l->dealer->set(zmq::sockopt::curve_serverkey, zmq::const_buffer(server.data(), 32));
-        l->dealer->set(zmq::sockopt::curve_publickey, zmq::const_buffer(pub.data(), 32));
-        l->dealer->set(zmq::sockopt::curve_secretkey, zmq::const_buffer(sec.data(), 32));
-        sodium_memzero(sec.data(), 32);
-      }
+      std::optional<PublicKey> remote;  // config checked the key: it decodes
+      if (lc.curve && lc.endpoint.rfind("tcp://", 0) == 0) remote = *decode_key(lc.broker_key);
+      // Backs off to 5 s while the peer is away.
+      l->dealer = codec::make_dealer(ctx_, std::chrono::milliseconds(5000), *identity_, remote ? &*remote : nullptr);
       const std::string monitor_url = "inproc://tm-link-" + std::to_string(l->id);
       zmq_socket_monitor(l->dealer->handle(), monitor_url.c_str(),
                          ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED |
@@ -1764,19 +1750,9 @@ Link& BrokerImpl::accepted_link(const std::string& peer) {
 void BrokerImpl::send_link_hello(Link& l) {
   capnp::MallocMessageBuilder b(512);
   auto hello = start_frame(b).getRoot<wire::Frame>().initHello();
-  const auto& bytes = credential_->bytes();
-  hello.setCredential(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(bytes.data()), bytes.size()));
-  uint8_t nonce[16];
-  randombytes_buf(nonce, sizeof nonce);
-  hello.setNonce(capnp::Data::Reader(nonce, sizeof nonce));
-  const int64_t ts = codec::now_ms();
-  hello.setTimestampMs(ts);
   PublicKey remote{};
   if (auto k = decode_key(l.config.broker_key); k.ok()) remote = *k;
-  const std::string signed_bytes = codec::hello_signed_bytes(remote, nonce, ts);
-  auto sig = identity_->sign(reinterpret_cast<const uint8_t*>(signed_bytes.data()), signed_bytes.size());
-  hello.setSignature(capnp::Data::Reader(sig.data(), sig.size()));
-  hello.setClientName(config_.name);
+  codec::fill_hello(hello, *identity_, credential_.get(), remote, config_.name);
   hello.setLink(true);
   hello.setTier(config_.tier);
   hello.setSite(config_.site);

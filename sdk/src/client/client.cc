@@ -1,7 +1,6 @@
 // Client: one DEALER connection, an I/O thread that batches and owns the
 // socket, and a dispatcher thread that runs handlers.
 #include <poll.h>
-#include <sodium.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -247,30 +246,16 @@ Status ClientImpl::start() {
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return Error(Errc::io, std::string("eventfd: ") + std::strerror(errno));
   try {
-    sock_ = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::dealer);
-    sock_->set(zmq::sockopt::linger, 0);
-    sock_->set(zmq::sockopt::immediate, 1);
-    // Frames are batches of up to max_batch_bytes: a short pipe keeps the
-    // working set small and cache-hot, and pushes back on the publisher.
-    sock_->set(zmq::sockopt::sndhwm, 64);
-    sock_->set(zmq::sockopt::rcvhwm, 64);
-    sock_->set(zmq::sockopt::reconnect_ivl, 100);
-    sock_->set(zmq::sockopt::reconnect_ivl_max, 2000);
-    sock_->set(zmq::sockopt::heartbeat_ivl, 1000);
-    sock_->set(zmq::sockopt::heartbeat_timeout, 5000);
+    std::optional<PublicKey> curve_key;
     if (tcp && opts_.curve) {
       if (opts_.broker_key.empty())
         return Error(Errc::invalid_argument, "tcp with CURVE needs the broker's public key (--broker-key)");
       auto key = decode_key(opts_.broker_key);
       if (!key.ok()) return Error(Errc::invalid_argument, "broker key: " + key.error().message());
-      auto server = curve_public_key_of(*key);
-      auto pub = opts_.identity->curve_public_key();
-      auto sec = opts_.identity->curve_secret_key();
-      sock_->set(zmq::sockopt::curve_serverkey, zmq::const_buffer(server.data(), 32));
-      sock_->set(zmq::sockopt::curve_publickey, zmq::const_buffer(pub.data(), 32));
-      sock_->set(zmq::sockopt::curve_secretkey, zmq::const_buffer(sec.data(), 32));
-      sodium_memzero(sec.data(), sec.size());
+      curve_key = *key;
     }
+    sock_ = codec::make_dealer(ctx_, std::chrono::milliseconds(2000), *opts_.identity,
+                               curve_key ? &*curve_key : nullptr);
     char monitor_url[64];
     std::snprintf(monitor_url, sizeof monitor_url, "inproc://tm-monitor-%p", static_cast<void*>(this));
     if (zmq_socket_monitor(sock_->handle(), monitor_url,
@@ -565,25 +550,11 @@ void ClientImpl::send_hello() {
   capnp::MallocMessageBuilder b(512);
   auto frame = b.initRoot<wire::Frame>();
   frame.setVersion(wire::PROTOCOL_VERSION);
-  auto hello = frame.initHello();
-  if (opts_.credential) {
-    const auto& bytes = opts_.credential->bytes();
-    hello.setCredential(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(bytes.data()), bytes.size()));
-  }
-  uint8_t nonce[16];
-  randombytes_buf(nonce, sizeof nonce);
-  hello.setNonce(capnp::Data::Reader(nonce, sizeof nonce));
-  const int64_t ts = codec::now_ms();
-  hello.setTimestampMs(ts);
   PublicKey broker_key{};
   if (!opts_.broker_key.empty()) {
     if (auto k = decode_key(opts_.broker_key); k.ok()) broker_key = *k;
   }
-  // Signed proof of key possession, bound to this broker and moment.
-  const std::string signed_bytes = codec::hello_signed_bytes(broker_key, nonce, ts);
-  auto sig = opts_.identity->sign(reinterpret_cast<const uint8_t*>(signed_bytes.data()), signed_bytes.size());
-  hello.setSignature(capnp::Data::Reader(sig.data(), sig.size()));
-  hello.setClientName(producer_);
+  codec::fill_hello(frame.initHello(), *opts_.identity, opts_.credential.get(), broker_key, producer_);
   // Hello jumps the queue: nothing else may precede it on a new connection.
   outq_.push_front(Outgoing{codec::to_message(b), std::nullopt, true});
 }

@@ -249,6 +249,47 @@ std::string hello_signed_bytes(const PublicKey& broker_key, const uint8_t* nonce
   return out;
 }
 
+std::unique_ptr<zmq::socket_t> make_dealer(zmq::context_t& ctx, std::chrono::milliseconds reconnect_max,
+                                           const Identity& identity, const PublicKey* broker_key) {
+  auto s = std::make_unique<zmq::socket_t>(ctx, zmq::socket_type::dealer);
+  s->set(zmq::sockopt::linger, 0);
+  s->set(zmq::sockopt::immediate, 1);
+  s->set(zmq::sockopt::sndhwm, 64);
+  s->set(zmq::sockopt::rcvhwm, 64);
+  s->set(zmq::sockopt::reconnect_ivl, 100);
+  s->set(zmq::sockopt::reconnect_ivl_max, static_cast<int>(reconnect_max.count()));
+  s->set(zmq::sockopt::heartbeat_ivl, 1000);
+  s->set(zmq::sockopt::heartbeat_timeout, 5000);
+  if (broker_key) {
+    auto server = curve_public_key_of(*broker_key);
+    auto pub = identity.curve_public_key();
+    auto sec = identity.curve_secret_key();
+    s->set(zmq::sockopt::curve_serverkey, zmq::const_buffer(server.data(), 32));
+    s->set(zmq::sockopt::curve_publickey, zmq::const_buffer(pub.data(), 32));
+    s->set(zmq::sockopt::curve_secretkey, zmq::const_buffer(sec.data(), 32));
+    sodium_memzero(sec.data(), sec.size());
+  }
+  return s;
+}
+
+void fill_hello(wire::Hello::Builder hello, const Identity& identity, const Credential* credential,
+                const PublicKey& broker_key, std::string_view name) {
+  if (credential) {
+    const auto& bytes = credential->bytes();
+    hello.setCredential(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(bytes.data()), bytes.size()));
+  }
+  uint8_t nonce[16];
+  randombytes_buf(nonce, sizeof nonce);
+  hello.setNonce(capnp::Data::Reader(nonce, sizeof nonce));
+  const int64_t ts = now_ms();
+  hello.setTimestampMs(ts);
+  // Signed proof of key possession, bound to this broker and moment.
+  const std::string signed_bytes = hello_signed_bytes(broker_key, nonce, ts);
+  auto sig = identity.sign(reinterpret_cast<const uint8_t*>(signed_bytes.data()), signed_bytes.size());
+  hello.setSignature(capnp::Data::Reader(sig.data(), sig.size()));
+  hello.setClientName(capnp::Text::Reader(name.data(), name.size()));
+}
+
 MessageId next_message_id() {
   static const uint64_t process_random = [] {
     if (sodium_init() < 0) std::abort();

@@ -6,7 +6,9 @@
 #include <capnp/serialize.h>
 
 #include <cstdint>
+#include <chrono>
 #include <functional>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -15,6 +17,7 @@
 
 #include "codec/word_buffer.h"
 #include "tracemesh/client.h"
+#include "tracemesh/identity.h"
 #include "tracemesh/status.h"
 #include "tracemesh/wire/envelope.capnp.h"
 #include "tracemesh/wire/frame.capnp.h"
@@ -112,6 +115,20 @@ zmq::message_t error_frame(wire::ErrorCode code, std::string_view message,
 // broker's public key (zeros when the client does not know it) | nonce (16
 // bytes) | timestamp (ms, little-endian).
 std::string hello_signed_bytes(const PublicKey& broker_key, const uint8_t* nonce16, int64_t timestamp_ms);
+
+// Makes the DEALER socket a client or a dialing broker talks to a broker through: no linger,
+// nothing queued before the connection is up, a short pipe of batch frames (64 each way: it
+// keeps the working set small and pushes back on the sender), reconnects from 100 ms backing off
+// to `reconnect_max`, heartbeats every second (dead after 5 s). With `broker_key` set, CURVE
+// with the identity's derived key pair.
+std::unique_ptr<zmq::socket_t> make_dealer(zmq::context_t& ctx, std::chrono::milliseconds reconnect_max,
+                                           const Identity& identity, const PublicKey* broker_key);
+
+// Fills a Hello with what authenticates its sender: the credential (if any), a fresh nonce, the
+// time, `name`, and the sender's signature over hello_signed_bytes() bound to `broker_key`
+// (zeros when the sender does not know the broker's key).
+void fill_hello(wire::Hello::Builder hello, const Identity& identity, const Credential* credential,
+                const PublicKey& broker_key, std::string_view name);
 
 // A fresh message id: 64 random bits per process plus a counter.
 MessageId next_message_id();

@@ -71,6 +71,13 @@ class FederationTest : public MeshTest {
     }, timeout);
   }
 
+  // Two brokers, `b` dialing `a`, with their link up on both sides.
+  bool start_pair(const std::string& a, const std::string& a_tier, const std::string& b, const std::string& b_tier) {
+    start(a, a_tier);
+    start(b, b_tier, {a});
+    return links_up(a, 1) && links_up(b, 1);
+  }
+
   std::map<std::string, Node> nodes_;
 };
 
@@ -258,10 +265,7 @@ TEST_F(FederationTest, RingDeliversExactlyOnceToEverySubscriber) {
 }
 
 TEST_F(FederationTest, QueueGroupAcrossLinksGivesEachMessageToOneMember) {
-  start("a", "edge");
-  start("b", "regional", {"a"});
-  ASSERT_TRUE(links_up("a", 1));
-  ASSERT_TRUE(links_up("b", 1));
+  ASSERT_TRUE(start_pair("a", "edge", "b", "regional"));
   auto at_a = client("a", "worker-a");
   auto at_b = client("b", "worker-b");
   auto audit = client("b", "audit");
@@ -442,10 +446,7 @@ std::map<std::string, int> payload_counts(Inbox& inbox) {
 }
 
 TEST_F(FederationTest, InterestIsCollapsedWhereOneFilterCovers) {
-  start("a", "centre");
-  start("b", "edge", {"a"});
-  ASSERT_TRUE(links_up("b", 1));
-  ASSERT_TRUE(links_up("a", 1));
+  ASSERT_TRUE(start_pair("a", "centre", "b", "edge"));
   auto at_a = client("a", "probe-a");
   auto at_b = client("b", "probe-b");
   // The interest under plant/ on the one link: what B advertises, and what A heard.

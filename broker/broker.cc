@@ -300,6 +300,7 @@ class BrokerImpl final : public Broker {
   // A batch of `count` messages (`bytes`) went out over `l`: link and broker counters.
   void count_forwarded(Link& l, uint32_t count, size_t bytes);
   bool mesh_seen(const MessageId& id);
+  void reserve_mesh_dedup();
   // Queues a durable append to `rt` (committed by the storage writer).
   void store_append(StreamRt& rt, const uint8_t* p, size_t n, const MessageId& id, DedupEntry& dedup,
                     PendingWrite pending);
@@ -1676,6 +1677,12 @@ void BrokerImpl::retain(std::string_view topic, const uint8_t* p, size_t n, bool
   writes_.push_back(std::move(op));
 }
 
+void BrokerImpl::reserve_mesh_dedup() {
+  // A broker with links routes every message through the window: size it once (8 MiB of
+  // buckets) rather than rehashing it, message by message, as traffic grows.
+  if (seen_.bucket_count() < (1u << 20)) seen_.reserve(1u << 20);
+}
+
 bool BrokerImpl::mesh_seen(const MessageId& id) {
   if (!seen_.insert(id).second) return true;
   seen_order_.emplace_back(codec::now_ns(), id);
@@ -1684,6 +1691,7 @@ bool BrokerImpl::mesh_seen(const MessageId& id) {
 
 Status BrokerImpl::init_links() {
   if (config_.links.empty()) return Status::Ok();
+  reserve_mesh_dedup();
   auto cred = Credential::load(config_.credential_path);
   if (!cred.ok()) return Error(cred.error().code(), "broker.credential: " + cred.error().message());
   if (cred->claims().subject != identity_->public_key())
@@ -1728,6 +1736,7 @@ Status BrokerImpl::init_links() {
 
 Link& BrokerImpl::accepted_link(const std::string& peer) {
   if (auto it = accepted_links_.find(peer); it != accepted_links_.end()) return *it->second;
+  reserve_mesh_dedup();
   auto l = std::make_unique<Link>();
   l->id = static_cast<uint32_t>(links_.size() + 1);
   l->name = peer;

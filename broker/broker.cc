@@ -10,7 +10,6 @@
 #include <csignal>
 #include <unistd.h>
 
-#include <array>
 #include <chrono>
 #include <span>
 #include <cstring>
@@ -164,6 +163,13 @@ struct Group {
   std::string pattern, name;
   std::vector<Subscription*> members;
   size_t next = 0;
+};
+
+// One message's copy for a link, as route() collects them.
+struct LinkCopy {
+  Link* link = nullptr;
+  bool cut = false;  // the peer is on the message's visited path
+  std::vector<std::string_view> groups;  // queue groups the peer is chosen to serve
 };
 
 // What a topic routes to: a plain subscription or a queue group.
@@ -377,8 +383,9 @@ class BrokerImpl final : public Broker {
   Clock::time_point started_ = Clock::now();
   uint64_t messages_in_ = 0, messages_out_ = 0, bytes_in_ = 0, bytes_out_ = 0;
   uint64_t frames_in_ = 0, frames_out_ = 0;
-  uint64_t path_skips_ = 0;
-  WordBuffer stamp_;  // scratch: an envelope stamped for a link's outbox  // forwards not made: the next broker is on the visited path
+  uint64_t path_skips_ = 0;  // forwards not made: the next broker is on the visited path
+  WordBuffer stamp_;         // scratch: an envelope stamped for a link's outbox
+  std::vector<LinkCopy> copies_;  // scratch of route(): one entry per link a message goes to
   uint64_t drops_ = 0, malformed_ = 0, duplicates_ = 0;
   uint32_t auth_failures_ = 0;
   bool draining_ = false;
@@ -908,20 +915,14 @@ size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topi
                          capnp::List<capnp::Text>::Reader visited, capnp::List<capnp::Text>::Reader delegated) {
   size_t targets = 0;
   // One copy per link, however many of the peer's filters match (the peer routes it on),
-  // carrying the queue groups this broker chose the peer for. Past 16 links, the peers'
-  // dedup windows catch repeats.
-  struct Copy {
-    Link* link = nullptr;
-    bool cut = false;  // the peer is on the visited path
-    std::vector<std::string_view> groups;
-  };
-  std::array<Copy, 16> copies;
+  // carrying the queue groups this broker chose the peer for. The copies' storage is kept
+  // from message to message.
   size_t n_copies = 0;
-  auto copy_for = [&](Link* l) -> Copy* {
+  auto copy_for = [&](Link* l) -> LinkCopy* {
     for (size_t i = 0; i < n_copies; ++i)
-      if (copies[i].link == l) return &copies[i];
-    if (n_copies == copies.size()) return nullptr;
-    Copy& c = copies[n_copies++];
+      if (copies_[i].link == l) return &copies_[i];
+    if (n_copies == copies_.size()) copies_.emplace_back();
+    LinkCopy& c = copies_[n_copies++];
     c.link = l;
     c.cut = on_path(visited, l->peer);
     c.groups.clear();
@@ -947,21 +948,21 @@ size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topi
       }
       if (!sub) continue;
       if (sub->link) {
-        if (Copy* c = copy_for(sub->link)) c->groups.push_back(g.name);
+        copy_for(sub->link)->groups.push_back(g.name);
         ++targets;
         continue;
       }
     }
     if (sub->link) {
       if (sub->link == source) continue;  // never back where it came from
-      if (Copy* c = copy_for(sub->link); c && c->cut) continue;
+      if (copy_for(sub->link)->cut) continue;
     } else {
       deliver(*sub->session, data, size, Delivery{sub->id, 0, 0}, true);
     }
     ++targets;
   }
   for (size_t i = 0; i < n_copies; ++i) {
-    Copy& c = copies[i];
+    LinkCopy& c = copies_[i];
     if (c.cut) {  // that broker had it already: a loop, cut here
       ++path_skips_;
       continue;

@@ -65,6 +65,23 @@ class Loader {
     return Status::Ok();
   }
 
+  // Calls fn(table) for each table of the array of tables `name` ([[name]] in the file), after
+  // checking its keys against `known`.
+  template <typename Fn>
+  Status each_table(const char* name, std::initializer_list<const char*> known, Fn fn) const {
+    const toml::node* node = root_.get(name);
+    if (!node) return Status::Ok();
+    const toml::array* arr = node->as_array();
+    if (!arr) return error(node, name, std::string("use [[") + name + "]] tables");
+    for (const auto& item : *arr) {
+      const toml::table* t = item.as_table();
+      if (!t) return error(&item, name, "expected a table");
+      if (auto s = check_keys(*t, name, known); !s.ok()) return s;
+      if (auto s = fn(t); !s.ok()) return s;
+    }
+    return Status::Ok();
+  }
+
   Result<BrokerConfig> load() {
     BrokerConfig c;
     c.path = path_;
@@ -146,71 +163,62 @@ class Loader {
       }
     }
 
-    if (const toml::node* streams = root_.get("stream")) {
-      const toml::array* arr = streams->as_array();
-      if (!arr) return error(streams, "stream", "use [[stream]] tables");
-      for (const auto& item : *arr) {
-        const toml::table* t = item.as_table();
-        if (!t) return error(&item, "stream", "expected a table");
-        if (auto s = check_keys(*t, "stream", {"name", "subjects", "max_messages", "max_bytes", "max_age_ms"});
-            !s.ok())
-          return s.error();
-        StreamConfig sc;
-        TM_GET(t, "stream", "name", sc.name);
-        TM_GET(t, "stream", "subjects", sc.subjects);
-        TM_GET(t, "stream", "max_messages", sc.max_messages);
-        TM_GET(t, "stream", "max_bytes", sc.max_bytes);
-        TM_GET(t, "stream", "max_age_ms", sc.max_age_ms);
-        if (sc.name.empty()) return error(t, "stream.name", "required");
-        if (sc.subjects.empty()) return error(t, "stream.subjects", "at least one topic filter is required");
-        for (const auto& subj : sc.subjects)
-          if (auto s = validate_filter(subj); !s.ok())
-            return error(t->get("subjects"), "stream.subjects", s.error().message());
-        c.streams.push_back(std::move(sc));
+    auto stream_table = [&](const toml::table* t) -> Status {
+      StreamConfig sc;
+      TM_GET(t, "stream", "name", sc.name);
+      TM_GET(t, "stream", "subjects", sc.subjects);
+      TM_GET(t, "stream", "max_messages", sc.max_messages);
+      TM_GET(t, "stream", "max_bytes", sc.max_bytes);
+      TM_GET(t, "stream", "max_age_ms", sc.max_age_ms);
+      if (sc.name.empty()) return error(t, "stream.name", "required");
+      if (sc.subjects.empty()) return error(t, "stream.subjects", "at least one topic filter is required");
+      for (const auto& subj : sc.subjects)
+        if (auto s = validate_filter(subj); !s.ok())
+          return error(t->get("subjects"), "stream.subjects", s.error().message());
+      c.streams.push_back(std::move(sc));
+      return Status::Ok();
+    };
+    if (auto s = each_table("stream", {"name", "subjects", "max_messages", "max_bytes", "max_age_ms"}, stream_table);
+      !s.ok())
+      return s.error();
+    auto link_table = [&](const toml::table* t) -> Status {
+      LinkConfig l;
+      std::string overflow = "drop-oldest";
+      TM_GET(t, "link", "name", l.name);
+      TM_GET(t, "link", "endpoint", l.endpoint);
+      TM_GET(t, "link", "broker_key", l.broker_key);
+      TM_GET(t, "link", "kind", l.kind);
+      TM_GET(t, "link", "curve", l.curve);
+      TM_GET(t, "link", "outbox_bytes", l.outbox_bytes);
+      TM_GET(t, "link", "overflow", overflow);
+      if (l.name.empty()) return error(t, "link.name", "required");
+      if (l.name.find_first_of("/ \t") != std::string::npos)
+        return error(t->get("name"), "link.name", "must not contain '/' or spaces");
+      if (l.endpoint.rfind("tcp://", 0) != 0 && l.endpoint.rfind("ipc://", 0) != 0)
+        return error(t->get("endpoint"), "link.endpoint", "'" + l.endpoint + "' must start with tcp:// or ipc://");
+      if (l.curve && l.endpoint.rfind("tcp://", 0) == 0) {
+        if (auto k = decode_key(l.broker_key); !k.ok())
+          return error(t->get("broker_key") ? t->get("broker_key") : t, "link.broker_key", k.error().message());
       }
-    }
-    if (const toml::node* links = root_.get("link")) {
-      const toml::array* arr = links->as_array();
-      if (!arr) return error(links, "link", "use [[link]] tables");
-      for (const auto& item : *arr) {
-        const toml::table* t = item.as_table();
-        if (!t) return error(&item, "link", "expected a table");
-        if (auto s = check_keys(*t, "link", {"name", "endpoint", "broker_key", "kind", "curve", "outbox_bytes",
-                                             "overflow"});
-            !s.ok())
-          return s.error();
-        LinkConfig l;
-        std::string overflow = "drop-oldest";
-        TM_GET(t, "link", "name", l.name);
-        TM_GET(t, "link", "endpoint", l.endpoint);
-        TM_GET(t, "link", "broker_key", l.broker_key);
-        TM_GET(t, "link", "kind", l.kind);
-        TM_GET(t, "link", "curve", l.curve);
-        TM_GET(t, "link", "outbox_bytes", l.outbox_bytes);
-        TM_GET(t, "link", "overflow", overflow);
-        if (l.name.empty()) return error(t, "link.name", "required");
-        if (l.name.find_first_of("/ \t") != std::string::npos)
-          return error(t->get("name"), "link.name", "must not contain '/' or spaces");
-        if (l.endpoint.rfind("tcp://", 0) != 0 && l.endpoint.rfind("ipc://", 0) != 0)
-          return error(t->get("endpoint"), "link.endpoint", "'" + l.endpoint + "' must start with tcp:// or ipc://");
-        if (l.curve && l.endpoint.rfind("tcp://", 0) == 0) {
-          if (auto k = decode_key(l.broker_key); !k.ok())
-            return error(t->get("broker_key") ? t->get("broker_key") : t, "link.broker_key", k.error().message());
-        }
-        if (l.kind != "upstream" && l.kind != "peer")
-          return error(t->get("kind"), "link.kind", "'" + l.kind + "' is not upstream or peer");
-        if (overflow != "drop-oldest" && overflow != "reject")
-          return error(t->get("overflow"), "link.overflow", "'" + overflow + "' is not drop-oldest or reject");
-        l.drop_oldest = overflow == "drop-oldest";
-        if (l.outbox_bytes == 0) return error(t->get("outbox_bytes"), "link.outbox_bytes", "must be greater than 0");
-        for (const auto& other : c.links)
-          if (other.name == l.name) return error(t->get("name"), "link.name", "'" + l.name + "' is used twice");
-        c.links.push_back(std::move(l));
-      }
-      if (!c.links.empty() && c.credential_path.empty())
-        return error(broker, "broker.credential",
-                     "required when [[link]]s are configured (the credential this broker presents)");
-    }
+      if (l.kind != "upstream" && l.kind != "peer")
+        return error(t->get("kind"), "link.kind", "'" + l.kind + "' is not upstream or peer");
+      if (overflow != "drop-oldest" && overflow != "reject")
+        return error(t->get("overflow"), "link.overflow", "'" + overflow + "' is not drop-oldest or reject");
+      l.drop_oldest = overflow == "drop-oldest";
+      if (l.outbox_bytes == 0) return error(t->get("outbox_bytes"), "link.outbox_bytes", "must be greater than 0");
+      for (const auto& other : c.links)
+        if (other.name == l.name) return error(t->get("name"), "link.name", "'" + l.name + "' is used twice");
+      c.links.push_back(std::move(l));
+      return Status::Ok();
+    };
+    if (auto s = each_table("link",
+                          {"name", "endpoint", "broker_key", "kind", "curve", "outbox_bytes", "overflow"},
+                          link_table);
+      !s.ok())
+      return s.error();
+    if (!c.links.empty() && c.credential_path.empty())
+      return error(broker, "broker.credential",
+                   "required when [[link]]s are configured (the credential this broker presents)");
 #undef TM_GET
     return c;
   }

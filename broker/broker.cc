@@ -297,7 +297,9 @@ class BrokerImpl final : public Broker {
   void add_interest(const std::string& key, uint32_t origin, int delta);
   void link_up(Link& l);
   void link_down(Link& l, const std::string& why);
-  bool link_send(Link& l, zmq::message_t&& header, std::optional<zmq::message_t> body = std::nullopt);
+  // Sends header (+ body) to the link's peer; false when it would block or the
+  // peer is gone, and then `body` is left as it was.
+  bool link_send(Link& l, zmq::message_t&& header, zmq::message_t* body = nullptr);
   void service_links();
   // Queues a message for a link. False when the link's outbox refused it (full).
   bool forward_to(Link& l, const uint8_t* data, size_t size, bool durable,
@@ -2046,7 +2048,7 @@ void BrokerImpl::link_down(Link& l, const std::string& why) {
   if (l.outbox) l.sent_seq = l.outbox->stats().acked_seq;
 }
 
-bool BrokerImpl::link_send(Link& l, zmq::message_t&& header, std::optional<zmq::message_t> body) {
+bool BrokerImpl::link_send(Link& l, zmq::message_t&& header, zmq::message_t* body) {
   if (l.dialed) {
     try {
       if (body) {
@@ -2066,7 +2068,7 @@ bool BrokerImpl::link_send(Link& l, zmq::message_t&& header, std::optional<zmq::
   if (!s.queued.empty()) return false;  // back-pressure: the outbox keeps it
   OutFrame f;
   f.header = std::move(header);
-  f.body = std::move(body);
+  if (body) f.body = std::move(*body);
   f.bytes = f.header.size() + (f.body ? f.body->size() : 0);
   if (!s.out_meta.empty() || !s.acks_out.empty()) flush_session(s);
   if (try_send(s, f)) return true;
@@ -2122,16 +2124,16 @@ void BrokerImpl::flush_direct(Link& l) {
   fwd.setCount(l.direct_count);
   const size_t bytes = l.direct.size();
   const uint32_t count = l.direct_count;
-  WordBuffer frame = std::move(l.direct);
-  l.direct = WordBuffer();
+  zmq::message_t frame = take_buffer(std::move(l.direct));  // handed to ZeroMQ without a copy
   l.direct_count = 0;
-  if (l.up() && link_send(l, codec::to_message(b), zmq::message_t(frame.data(), frame.size()))) {
+  if (l.up() && link_send(l, codec::to_message(b), &frame)) {
     count_forwarded(l, count, bytes);
     return;
   }
   // The link is busy or gone: these go to the outbox, in order, ahead of what follows.
   l.stored += count;
-  (void)codec::for_each_envelope(frame.data(), frame.size(), count, [&](const uint8_t* p, size_t n) {
+  (void)codec::for_each_envelope(static_cast<const uint8_t*>(frame.data()), frame.size(), count,
+                                 [&](const uint8_t* p, size_t n) {
     if (!l.outbox->append(std::string_view(reinterpret_cast<const char*>(p), n), false).ok()) ++drops_;
     return true;
   });
@@ -2215,7 +2217,8 @@ void BrokerImpl::service_links() {
       fwd.setFirstSeq(last - count + 1);
       fwd.setCount(count);
       const size_t bytes = body.size();
-      if (!link_send(l, codec::to_message(b), take_buffer(std::move(body)))) break;
+      zmq::message_t frame = take_buffer(std::move(body));
+      if (!link_send(l, codec::to_message(b), &frame)) break;
       l.sent_seq = last;
       count_forwarded(l, count, bytes);
     }

@@ -118,6 +118,7 @@ struct Link {
   LinkConfig config;                        // dialed links
   std::unique_ptr<zmq::socket_t> dealer;    // dialed links
   std::unique_ptr<zmq::socket_t> monitor;   // dialed links
+  bool recheck = false;                     // dealer sent on or left unread (see BrokerImpl::run)
   std::string session_key;                  // accepted links, while up
   State state = State::connecting;
   std::string peer, peer_tier, peer_site, last_error;
@@ -277,6 +278,7 @@ class BrokerImpl final : public Broker {
   void on_consumer_ack(Session& s, wire::ConsumerAck::Reader ack);
   void on_admin(Session& s, wire::AdminRequest::Reader req);
   void on_zap();
+  bool answer_zap();  // one request; false when none was waiting
   // Routing
   // Delivers to local subscribers and forwards to links with interest (never
   // back to `source`, nor to a broker on the message's visited path). Returns the
@@ -348,6 +350,7 @@ class BrokerImpl final : public Broker {
     std::unique_ptr<zmq::socket_t> socket;
     std::string endpoint;  // as bound (resolved port)
     bool curve = false;
+    bool recheck = false;  // sent on, or left unread: ask ZMQ_EVENTS before sleeping (see run)
   };
   std::vector<Listener> listeners_;
 
@@ -564,22 +567,33 @@ Status BrokerImpl::write_ready_file(const std::string& path) {
 }
 
 Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
-  std::vector<zmq::pollitem_t> items;
-  for (auto& l : listeners_) items.push_back({l.socket->handle(), 0, ZMQ_POLLIN, 0});
-  const size_t zap_index = items.size();
-  items.push_back({zap_->handle(), 0, ZMQ_POLLIN, 0});
-  const size_t writer_index = items.size();
-  items.push_back({nullptr, writer_->notify_fd(), ZMQ_POLLIN, 0});
-  const size_t signal_index = items.size();
-  items.push_back({nullptr, signal_fd, signal_fd >= 0 ? short(ZMQ_POLLIN) : short(0), 0});
+  // The loop sleeps in poll(2) on plain fds, ZeroMQ sockets included through
+  // their ZMQ_FD. That fd announces what arrives after a socket was read
+  // empty; so every socket is read until EAGAIN, and a socket that was sent on
+  // since (a send may take the announcement) is asked for ZMQ_EVENTS before
+  // sleeping. zmq_poll would ask every socket twice per wake, at two syscalls
+  // each; on a VM a syscall costs about a microsecond.
+  std::vector<pollfd> items;
+  auto add = [&](int fd) {
+    items.push_back({fd, POLLIN, 0});
+    return items.size() - 1;
+  };
+  for (auto& l : listeners_) add(l.socket->get(zmq::sockopt::fd));
+  const size_t zap_index = add(zap_->get(zmq::sockopt::fd));
+  const size_t writer_index = add(writer_->notify_fd());
+  const size_t signal_index = add(signal_fd);  // poll(2) skips a negative fd
   const size_t links_index = items.size();
   std::vector<Link*> dialed;
   for (auto& l : links_) {
     if (!l->dialed) continue;
     dialed.push_back(l.get());
-    items.push_back({l->dealer->handle(), 0, ZMQ_POLLIN, 0});
-    items.push_back({l->monitor->handle(), 0, ZMQ_POLLIN, 0});
+    add(l->dealer->get(zmq::sockopt::fd));
+    add(l->monitor->get(zmq::sockopt::fd));
+    l->recheck = true;
   }
+  for (auto& l : listeners_) l.recheck = true;
+  for (Link* l : dialed) on_link_monitor(*l);  // what arrived before the loop started
+  std::vector<uint8_t> listener_ready(listeners_.size()), dealer_ready(dialed.size());
 
   if (auto s = write_ready_file(ready_file); !s.ok()) return s;
   spdlog::info("broker '{}' ready; key {}", config_.name, encode_key(identity_->public_key()));
@@ -594,14 +608,23 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
       if (!s->queued.empty()) queued_output = true;
     for (auto& l : links_)  // backlog to send while the link is up: come back soon
       if (l->up() && l->outbox && l->sent_seq < l->outbox->stats().last_seq) queued_output = true;
-    const auto timeout = queued_output ? std::chrono::milliseconds(1) : std::chrono::milliseconds(50);
-    try {
-      zmq::poll(items.data(), items.size(), timeout);
-    } catch (const zmq::error_t& e) {
-      if (e.num() == EINTR) continue;
-      return Error(Errc::internal, std::string("poll: ") + e.what());
+    bool ready = false;
+    for (size_t i = 0; i < listeners_.size(); ++i) {
+      if (!std::exchange(listeners_[i].recheck, false)) continue;
+      listener_ready[i] = listeners_[i].socket->get(zmq::sockopt::events) & ZMQ_POLLIN;
+      ready = ready || listener_ready[i];
     }
-    if (items[signal_index].revents & ZMQ_POLLIN) {
+    for (size_t i = 0; i < dialed.size(); ++i) {
+      if (!std::exchange(dialed[i]->recheck, false)) continue;
+      dealer_ready[i] = dialed[i]->dealer->get(zmq::sockopt::events) & ZMQ_POLLIN;
+      ready = ready || dealer_ready[i];
+    }
+    const int timeout_ms = ready ? 0 : queued_output ? 1 : 50;
+    if (::poll(items.data(), items.size(), timeout_ms) < 0) {
+      if (errno == EINTR) continue;
+      return Error(Errc::internal, std::string("poll: ") + std::strerror(errno));
+    }
+    if (items[signal_index].revents & POLLIN) {
       signalfd_siginfo info;
       if (::read(signal_fd, &info, sizeof info) == sizeof info) {
         if (info.ssi_signo == SIGHUP) {
@@ -616,13 +639,14 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
         }
       }
     }
-    if (items[zap_index].revents & ZMQ_POLLIN) on_zap();
+    if (items[zap_index].revents & POLLIN) on_zap();
     for (size_t i = 0; i < listeners_.size(); ++i)
-      if (items[i].revents & ZMQ_POLLIN) on_readable(i);
-    if (items[writer_index].revents & ZMQ_POLLIN) on_write_results();
+      if (std::exchange(listener_ready[i], 0) || (items[i].revents & POLLIN)) on_readable(i);
+    if (items[writer_index].revents & POLLIN) on_write_results();
     for (size_t i = 0; i < dialed.size(); ++i) {
-      if (items[links_index + 2 * i + 1].revents & ZMQ_POLLIN) on_link_monitor(*dialed[i]);
-      if (items[links_index + 2 * i].revents & ZMQ_POLLIN) on_link_socket(*dialed[i]);
+      if (items[links_index + 2 * i + 1].revents & POLLIN) on_link_monitor(*dialed[i]);
+      if (std::exchange(dealer_ready[i], 0) || (items[links_index + 2 * i].revents & POLLIN))
+        on_link_socket(*dialed[i]);
     }
 
     const auto now = Clock::now();
@@ -666,17 +690,24 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
 }
 
 void BrokerImpl::on_zap() {
+  // Until none is left: the loop sleeps on ZeroMQ's fd, which only announces
+  // what arrives after the socket was read empty.
+  while (answer_zap()) {
+  }
+}
+
+bool BrokerImpl::answer_zap() {
   // RFC 27 ZAP: every CURVE client is let through; the credential check
   // happens at Hello, bound to the key the client used here (user id).
   std::vector<zmq::message_t> parts;
   while (true) {
     zmq::message_t part;
-    if (!zap_->recv(part, zmq::recv_flags::dontwait)) return;
+    if (!zap_->recv(part, zmq::recv_flags::dontwait)) return !parts.empty();
     const bool more = part.more();
     parts.push_back(std::move(part));
     if (!more) break;
   }
-  if (parts.size() < 6) return;
+  if (parts.size() < 6) return true;
   std::string user_id;
   if (parts.size() >= 7 && parts[6].size() == 32) user_id = hex(static_cast<const uint8_t*>(parts[6].data()), 32);
   zap_->send(zmq::str_buffer("1.0"), zmq::send_flags::sndmore);
@@ -685,6 +716,7 @@ void BrokerImpl::on_zap() {
   zap_->send(zmq::str_buffer("OK"), zmq::send_flags::sndmore);
   zap_->send(zmq::buffer(user_id), zmq::send_flags::sndmore);
   zap_->send(zmq::message_t(), zmq::send_flags::none);
+  return true;
 }
 
 void BrokerImpl::on_readable(size_t listener) {
@@ -707,6 +739,7 @@ void BrokerImpl::on_readable(size_t listener) {
     }
     on_frame(listener, rid, header, has_body ? &body : nullptr);
   }
+  listeners_[listener].recheck = true;  // more may wait: do not sleep on the fd
 }
 
 void BrokerImpl::on_frame(size_t listener, zmq::message_t& rid, zmq::message_t& header,
@@ -1499,6 +1532,7 @@ void BrokerImpl::send_control(Session& s, zmq::message_t&& frame) {
 
 bool BrokerImpl::try_send(Session& s, OutFrame& f) {
   auto& sock = *listeners_[s.listener].socket;
+  listeners_[s.listener].recheck = true;
   try {
     if (!sock.send(zmq::buffer(s.routing_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait))
       return false;
@@ -1771,6 +1805,7 @@ void BrokerImpl::send_link_hello(Link& l) {
   hello.setRegion(config_.region);
   l.state = Link::State::handshaking;
   try {
+    l.recheck = true;
     l.dealer->send(codec::to_message(b), zmq::send_flags::dontwait);
   } catch (const zmq::error_t&) {
   }
@@ -1837,6 +1872,7 @@ void BrokerImpl::on_link_socket(Link& l) {
       spdlog::warn("link '{}': malformed frame: {}", l.name, e.getDescription().cStr());
     }
   }
+  l.recheck = true;  // more may wait: do not sleep on the fd
 }
 
 bool BrokerImpl::on_link_frame(Link& l, wire::Frame::Reader frame, zmq::message_t* body) {
@@ -2050,6 +2086,7 @@ void BrokerImpl::link_down(Link& l, const std::string& why) {
 
 bool BrokerImpl::link_send(Link& l, zmq::message_t&& header, zmq::message_t* body) {
   if (l.dialed) {
+    l.recheck = true;
     try {
       if (body) {
         if (!l.dealer->send(header, zmq::send_flags::sndmore | zmq::send_flags::dontwait)) return false;

@@ -32,6 +32,53 @@ TEST_F(PubSubTest, PublishedMessagesReachSubscriberInOrder) {
   EXPECT_EQ(inbox.messages[999].sequence(), 1000u);
 }
 
+// A publish made while the client is quiet goes straight to the socket from the
+// caller's thread; publishes that follow closely are batched by the I/O thread.
+// Switching between the two must keep the order and lose nothing.
+TEST_F(PubSubTest, QuietAndBurstPublishesKeepTheirOrder) {
+  auto pub = connect(*broker_, "line-1");
+  auto sub = connect(*broker_, "dashboard");
+  ASSERT_TRUE(pub && sub);
+  Inbox inbox;
+  ASSERT_TRUE(sub->subscribe("plant/line1/energy", inbox.handler()).ok());
+  int next = 0;
+  for (int round = 0; round < 40; ++round) {
+    ASSERT_TRUE(pub->publish("plant/line1/energy", std::to_string(next++)).ok());
+    ASSERT_TRUE(inbox.wait_for(next)) << "round " << round;  // the client is quiet again
+    for (int i = 0; i < 25; ++i) ASSERT_TRUE(pub->publish("plant/line1/energy", std::to_string(next++)).ok());
+  }
+  ASSERT_TRUE(inbox.wait_for(next));
+  std::lock_guard lock(inbox.mu);
+  ASSERT_EQ(inbox.payloads.size(), size_t(next));
+  for (int i = 0; i < next; ++i) {
+    EXPECT_EQ(inbox.payloads[i], std::to_string(i));
+    EXPECT_EQ(inbox.messages[i].sequence(), uint64_t(i + 1));
+  }
+}
+
+TEST_F(PubSubTest, ConcurrentRequestsFromOneClientEachGetTheirOwnReply) {
+  auto server = connect(*broker_, "server");
+  auto client = connect(*broker_, "client");
+  Client* s = server.get();
+  ASSERT_TRUE(server->subscribe("svc/echo", [s](const Message& m) {
+    (void)s->reply(m, "echo:" + std::string(m.payload()));
+  }).ok());
+  std::atomic<int> wrong{0}, failed{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 50; ++i) {
+        const std::string ask = std::to_string(t) + "/" + std::to_string(i);
+        auto reply = client->request("svc/echo", ask, 5s);
+        if (!reply.ok()) ++failed;
+        else if (reply->payload() != "echo:" + ask) ++wrong;
+      }
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failed.load(), 0);
+  EXPECT_EQ(wrong.load(), 0);
+}
+
 TEST_F(PubSubTest, WildcardsMatchLevels) {
   auto pub = connect(*broker_);
   auto sub = connect(*broker_);

@@ -188,7 +188,9 @@ struct ClientOptions {
   std::shared_ptr<const Credential> credential;  // required
   std::chrono::milliseconds connect_timeout{5000};
   // Batching: a frame is sent when the I/O thread is idle, or when this many
-  // bytes are queued.
+  // bytes are queued. A best-effort publish or request made while the client is
+  // quiet (nothing queued, none sent in the last 50 us) goes out at once from
+  // the caller's thread.
   size_t max_batch_bytes = 256 * 1024;
   // publish() blocks (up to publish_block_timeout) once this much is queued.
   size_t max_pending_bytes = 16 * 1024 * 1024;

@@ -722,6 +722,57 @@ TEST_F(DurableTest, EveryAckedMessageSurvivesKill9) {
   EXPECT_EQ(wrong, 0u) << "stored payloads differ from what was acked";
 }
 
+// A full store (here a 4 MiB LMDB map; a full disk reads the same) refuses new
+// durable publishes with storage_full, keeps serving, and loses nothing it acked,
+// before or after a restart.
+TEST_F(DurableTest, FullStoreAnswersStorageFullAndKeepsEverythingItAcked) {
+  auto s = spec("small");
+  s.streams = {{"SENSORS", {"plant/+/vibration/#"}}};
+  s.broker_extra = "store_map_bytes = 4194304";
+  auto small = start_broker(s);
+  ASSERT_NE(small, nullptr);
+  auto pub = connect(*small, "line-1");
+  ASSERT_NE(pub, nullptr);
+  const std::string filler(16 * 1024, 'v');
+  std::set<std::string> acked;
+  Error refused;
+  for (int i = 0; i < 1000 && refused.code() == Errc::ok; ++i) {
+    const std::string payload = std::to_string(i) + ":" + filler;
+    auto r = pub->publish_durable(kSensorTopic, payload).get();
+    if (r.ok())
+      acked.insert(payload);
+    else
+      refused = r.error();
+  }
+  ASSERT_EQ(refused.code(), Errc::storage_full) << refused.to_string();
+  EXPECT_NE(refused.message().find("full"), std::string::npos) << refused.message();
+  EXPECT_GT(acked.size(), 20u);
+
+  // Still serving: best-effort traffic flows and a second refusal is just as clear.
+  auto app = connect(*small, "dashboard");
+  ASSERT_NE(app, nullptr);
+  Inbox live;
+  ASSERT_TRUE(app->subscribe("plant/line1/temperature", live.handler()).ok());
+  ASSERT_TRUE(pub->publish("plant/line1/temperature", "21.5").ok());
+  ASSERT_TRUE(live.wait_for(1));
+  auto again = pub->publish_durable(kSensorTopic, "more:" + filler).get();
+  ASSERT_FALSE(again.ok());
+  EXPECT_EQ(again.error().code(), Errc::storage_full);
+
+  auto payloads = [&](const std::string& consumer) {
+    auto c = connect(*small, consumer);
+    std::set<std::string> out;
+    if (!c) return out;
+    for (const auto& [id, payload] : read_back(*c, "SENSORS", consumer)) out.insert(payload);
+    return out;
+  };
+  EXPECT_EQ(payloads("auditor-1"), acked);
+  app.reset();
+  pub.reset();
+  ASSERT_TRUE(small->restart().ok()) << small->log_tail();
+  EXPECT_EQ(payloads("auditor-2"), acked) << "after a restart";
+}
+
 TEST_F(DurableTest, StoredButUnackedDurablesResentAfterRestartAreDeduplicated) {
   // The publisher goes through a relay that holds back the broker's acks, so every message
   // is on disk while the client still thinks none is.

@@ -122,15 +122,25 @@ Status LinkOutbox::commit() {
   MDB_txn* txn;
   int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
   if (rc) return mdb_error("begin", rc, options_.dir);
-  const uint64_t incoming = pending_bytes_;
+  uint64_t incoming = pending_bytes_;
   if (stats_.bytes + incoming > options_.budget_bytes && options_.drop_oldest) {
     if (auto s = drop_best_effort(txn, incoming); !s.ok()) {
       mdb_txn_abort(txn);
       return s;
     }
+    // What is left stored is durable: the arriving best-effort messages are now
+    // the oldest ones, and go first.
+    for (auto& p : pending_) {
+      if (stats_.bytes + incoming <= options_.budget_bytes) break;
+      if (p.durable) continue;
+      p.dropped = true;
+      incoming -= p.envelope.size();
+      stats_.dropped++;
+    }
   }
   Stats next = stats_;
   for (const auto& p : pending_) {
+    if (p.dropped) continue;
     const uint64_t seq = ++next.last_seq;
     const uint64_t be = htobe64(seq);
     MDB_val k{8, const_cast<uint64_t*>(&be)};

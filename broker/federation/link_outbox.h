@@ -80,6 +80,7 @@ class LinkOutbox {
   struct Pending {
     std::string envelope;
     bool durable;
+    bool dropped = false;  // best-effort overflow at commit
   };
   std::vector<Pending> pending_;
   uint64_t pending_bytes_ = 0;  // sum of pending_ envelope sizes

@@ -1,0 +1,164 @@
+// LinkOutbox against a real LMDB environment in a temporary directory: order,
+// acks, numbering across reopen, the byte budget and both overflow policies.
+#include "federation/link_outbox.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "process/temp_dir.h"
+
+namespace tracemesh::broker {
+namespace {
+
+struct Read {
+  uint64_t seq;
+  bool durable;
+  std::string envelope;
+};
+
+class LinkOutboxTest : public ::testing::Test {
+ protected:
+  std::unique_ptr<LinkOutbox> open(uint64_t budget = 1 << 20, bool drop_oldest = true) {
+    LinkOutbox::Options o;
+    o.dir = (dir_.path() / "outbox").string();
+    o.budget_bytes = budget;
+    o.drop_oldest = drop_oldest;
+    o.map_bytes = 64ull << 20;
+    auto box = LinkOutbox::open(o);
+    EXPECT_TRUE(box.ok()) << box.error().to_string();
+    return box.ok() ? std::move(*box) : nullptr;
+  }
+  static std::vector<Read> all(LinkOutbox& box, uint64_t after = 0) {
+    std::vector<Read> out;
+    EXPECT_TRUE(box.read(after, 1 << 20, [&](const LinkOutbox::Entry& e) {
+                     out.push_back({e.seq, e.durable, std::string(e.envelope)});
+                     return true;
+                   }).ok());
+    return out;
+  }
+  // An 8-byte-multiple body, as Cap'n Proto envelopes are.
+  static std::string body(int i, size_t bytes = 64) {
+    std::string s(bytes, '.');
+    const std::string tag = std::to_string(i);
+    s.replace(0, tag.size(), tag);
+    return s;
+  }
+
+  process::TempDir dir_ = process::TempDir::create("tm-outbox-").value();
+};
+
+TEST_F(LinkOutboxTest, KeepsOrderAndDeletesWhatWasAcked) {
+  auto box = open();
+  for (int i = 1; i <= 5; ++i) ASSERT_TRUE(box->append(body(i), i == 3).ok());
+  EXPECT_EQ(box->stats().messages, 0u) << "nothing counts before the commit";
+  EXPECT_FALSE(box->idle());
+  ASSERT_TRUE(box->commit().ok());
+  auto got = all(*box);
+  ASSERT_EQ(got.size(), 5u);
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_EQ(got[i].seq, uint64_t(i + 1));
+    EXPECT_EQ(got[i].envelope, body(i + 1));
+    EXPECT_EQ(got[i].durable, i + 1 == 3);
+  }
+  EXPECT_EQ(box->stats().bytes, 5u * 64);
+  EXPECT_FALSE(box->all_sent(4));
+  EXPECT_TRUE(box->all_sent(5));
+
+  ASSERT_TRUE(box->ack(3).ok());
+  got = all(*box);
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0].seq, 4u);
+  EXPECT_EQ(box->stats().messages, 2u);
+  EXPECT_EQ(box->stats().acked_seq, 3u);
+  EXPECT_EQ(all(*box, 4).size(), 1u);
+}
+
+TEST_F(LinkOutboxTest, BacklogAndNumberingSurviveReopen) {
+  {
+    auto box = open();
+    for (int i = 1; i <= 4; ++i) ASSERT_TRUE(box->append(body(i), false).ok());
+    ASSERT_TRUE(box->commit().ok());
+    ASSERT_TRUE(box->ack(2).ok());
+  }
+  {
+    auto box = open();
+    EXPECT_EQ(box->stats().messages, 2u);
+    EXPECT_EQ(box->stats().acked_seq, 2u);
+    EXPECT_EQ(box->stats().last_seq, 4u);
+    ASSERT_TRUE(box->ack(4).ok());
+  }
+  // Empty now: the next entry must not reuse a number the peer has seen.
+  auto box = open();
+  EXPECT_TRUE(box->idle());
+  EXPECT_EQ(box->stats().last_seq, 4u);
+  ASSERT_TRUE(box->append(body(5), false).ok());
+  ASSERT_TRUE(box->commit().ok());
+  auto got = all(*box);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].seq, 5u);
+}
+
+TEST_F(LinkOutboxTest, FullBudgetDropsOldestBestEffortAndCountsIt) {
+  auto box = open(10 * 64);
+  for (int i = 1; i <= 10; ++i) ASSERT_TRUE(box->append(body(i), false).ok());
+  ASSERT_TRUE(box->commit().ok());
+  for (int i = 11; i <= 14; ++i) ASSERT_TRUE(box->append(body(i), false).ok());
+  ASSERT_TRUE(box->commit().ok());
+  EXPECT_EQ(box->stats().dropped, 4u);
+  EXPECT_LE(box->stats().bytes, 10u * 64);
+  auto got = all(*box);
+  ASSERT_EQ(got.size(), 10u);
+  EXPECT_EQ(got.front().envelope, body(5)) << "the oldest four go";
+  EXPECT_EQ(got.back().envelope, body(14));
+}
+
+TEST_F(LinkOutboxTest, DurableIsNeverDroppedAndIsRefusedWhenFull) {
+  auto box = open(6 * 64);
+  for (int i = 1; i <= 4; ++i) ASSERT_TRUE(box->append(body(i), true).ok());
+  for (int i = 5; i <= 6; ++i) ASSERT_TRUE(box->append(body(i), false).ok());
+  ASSERT_TRUE(box->commit().ok());
+  // Full: a durable publish is pushed back, not dropped and not stored.
+  auto refused = box->append(body(7), true);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code(), Errc::overloaded);
+  // Best-effort overflow takes best-effort entries only, oldest first.
+  ASSERT_TRUE(box->append(body(8), false).ok());
+  ASSERT_TRUE(box->commit().ok());
+  auto got = all(*box);
+  std::vector<std::string> bodies;
+  for (const auto& r : got) bodies.push_back(r.envelope);
+  EXPECT_EQ(bodies, (std::vector<std::string>{body(1), body(2), body(3), body(4), body(6), body(8)}));
+  EXPECT_EQ(box->stats().dropped, 1u);
+}
+
+TEST_F(LinkOutboxTest, BestEffortOverDurableFillStaysWithinTheBudget) {
+  // When durable entries fill the budget, arriving best-effort messages are the
+  // oldest best-effort ones left: they are dropped, and counted.
+  auto box = open(4 * 64);
+  for (int i = 1; i <= 4; ++i) ASSERT_TRUE(box->append(body(i), true).ok());
+  ASSERT_TRUE(box->commit().ok());
+  for (int i = 5; i <= 7; ++i) ASSERT_TRUE(box->append(body(i), false).ok());
+  ASSERT_TRUE(box->commit().ok());
+  EXPECT_EQ(box->stats().bytes, 4u * 64);
+  EXPECT_EQ(box->stats().dropped, 3u);
+  EXPECT_EQ(all(*box).size(), 4u);
+}
+
+TEST_F(LinkOutboxTest, RejectPolicyRefusesTheNewest) {
+  auto box = open(3 * 64, /*drop_oldest=*/false);
+  for (int i = 1; i <= 3; ++i) ASSERT_TRUE(box->append(body(i), false).ok());
+  ASSERT_TRUE(box->commit().ok());
+  auto refused = box->append(body(4), false);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code(), Errc::overloaded);
+  ASSERT_TRUE(box->commit().ok());
+  EXPECT_EQ(box->stats().dropped, 1u);
+  auto got = all(*box);
+  ASSERT_EQ(got.size(), 3u);
+  EXPECT_EQ(got.back().envelope, body(3));
+}
+
+}  // namespace
+}  // namespace tracemesh::broker

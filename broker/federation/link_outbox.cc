@@ -63,6 +63,7 @@ Status LinkOutbox::open_env() {
     stats_.last_seq = seq;
     stats_.messages++;
     stats_.bytes += v.mv_size - 1;
+    if (static_cast<const uint8_t*>(v.mv_data)[0] != 0) stats_.durable_bytes += v.mv_size - 1;
   }
   mdb_cursor_close(cur);
   // An empty outbox keeps its numbering in a meta key so seqs never repeat.
@@ -79,15 +80,17 @@ Status LinkOutbox::open_env() {
 }
 
 Status LinkOutbox::append(std::string_view envelope, bool durable) {
-  const uint64_t queued = pending_bytes_;
-  if (stats_.bytes + queued + envelope.size() > options_.budget_bytes) {
-    if (durable)
-      return Error(Errc::overloaded, "link outbox full (" + std::to_string(options_.budget_bytes) +
+  if (durable) {
+    // Durable messages displace best-effort ones (at commit); only durable
+    // messages that fill the budget by themselves push back.
+    if (stats_.durable_bytes + pending_durable_bytes_ + envelope.size() > options_.budget_bytes)
+      return Error(Errc::overloaded, "link outbox full of durable messages (" +
+                                         std::to_string(options_.budget_bytes) +
                                          " bytes): durable publishes wait for the link to drain");
-    if (!options_.drop_oldest) {
-      stats_.dropped++;
-      return Error(Errc::overloaded, "link outbox full: best-effort message dropped (overflow = reject)");
-    }
+    pending_durable_bytes_ += envelope.size();
+  } else if (!options_.drop_oldest && stats_.bytes + pending_bytes_ + envelope.size() > options_.budget_bytes) {
+    stats_.dropped++;
+    return Error(Errc::overloaded, "link outbox full: best-effort message dropped (overflow = reject)");
   }
   pending_.push_back({std::string(envelope), durable});
   pending_bytes_ += envelope.size();
@@ -123,13 +126,13 @@ Status LinkOutbox::commit() {
   int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
   if (rc) return mdb_error("begin", rc, options_.dir);
   uint64_t incoming = pending_bytes_;
-  if (stats_.bytes + incoming > options_.budget_bytes && options_.drop_oldest) {
+  if (stats_.bytes + incoming > options_.budget_bytes) {
+    // Oldest best-effort first: stored ones (under either policy, to make room
+    // for durable messages), then arriving ones.
     if (auto s = drop_best_effort(txn, incoming); !s.ok()) {
       mdb_txn_abort(txn);
       return s;
     }
-    // What is left stored is durable: the arriving best-effort messages are now
-    // the oldest ones, and go first.
     for (auto& p : pending_) {
       if (stats_.bytes + incoming <= options_.budget_bytes) break;
       if (p.durable) continue;
@@ -149,7 +152,7 @@ Status LinkOutbox::commit() {
     if (rc) {
       mdb_txn_abort(txn);
       pending_.clear();
-      pending_bytes_ = 0;
+      pending_bytes_ = pending_durable_bytes_ = 0;
       return mdb_error("put", rc, options_.dir);
     }
     auto* out = static_cast<uint8_t*>(v.mv_data);
@@ -157,13 +160,14 @@ Status LinkOutbox::commit() {
     std::memcpy(out + 1, p.envelope.data(), p.envelope.size());
     next.messages++;
     next.bytes += p.envelope.size();
+    if (p.durable) next.durable_bytes += p.envelope.size();
   }
   MDB_val mk{5, const_cast<char*>("\xffmeta")};
   MDB_val mv{8, &next.last_seq};
   mdb_put(txn, db_, &mk, &mv, 0);
   rc = mdb_txn_commit(txn);
   pending_.clear();
-  pending_bytes_ = 0;
+  pending_bytes_ = pending_durable_bytes_ = 0;
   if (rc) return mdb_error("commit", rc, options_.dir);
   next.dropped = stats_.dropped;
   stats_ = next;
@@ -211,6 +215,7 @@ Status LinkOutbox::ack(uint64_t upto) {
     if (key_seq(k) > upto) break;
     next.messages--;
     next.bytes -= v.mv_size - 1;
+    if (static_cast<const uint8_t*>(v.mv_data)[0] != 0) next.durable_bytes -= v.mv_size - 1;
     mdb_cursor_del(cur, 0);
     // After a delete the cursor already stands on the next record.
     rc = mdb_cursor_get(cur, &k, &v, MDB_GET_CURRENT);

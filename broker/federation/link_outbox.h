@@ -5,7 +5,9 @@
 // there while the link is up, and deleted once the remote broker acked it. While
 // the link is down the outbox keeps accepting up to its byte budget, then
 // applies the overflow policy to best-effort messages; durable messages are
-// never dropped (the broker refuses new durable publishes for the link instead).
+// never dropped. A durable message displaces the oldest best-effort ones; only
+// when durable messages fill the budget by themselves does the broker refuse new
+// durable publishes for the link (pushback).
 //
 // The environment is opened with MDB_NOSYNC: a commit survives a crash of the
 // broker process (the pages are in the kernel's cache) but not of the machine.
@@ -43,6 +45,7 @@ class LinkOutbox {
   };
   struct Stats {
     uint64_t messages = 0, bytes = 0;      // backlog (not yet acked by the remote)
+    uint64_t durable_bytes = 0;            // of which durable
     uint64_t dropped = 0;                  // best-effort messages dropped by overflow
     uint64_t last_seq = 0, acked_seq = 0;
   };
@@ -50,8 +53,9 @@ class LinkOutbox {
   static Result<std::unique_ptr<LinkOutbox>> open(const Options& options);
   ~LinkOutbox();
 
-  // Queues one message; committed by commit(). Errors: overloaded when the budget
-  // is full and the message is durable (or overflow policy refuses the newest).
+  // Queues one message; committed by commit(). Errors: overloaded when the message
+  // is durable and durable messages fill the budget, or when it is best-effort,
+  // the budget is full and the overflow policy refuses the newest.
   Status append(std::string_view envelope, bool durable);
   // Commits what append() queued since the last commit (one transaction).
   Status commit();
@@ -84,6 +88,7 @@ class LinkOutbox {
   };
   std::vector<Pending> pending_;
   uint64_t pending_bytes_ = 0;  // sum of pending_ envelope sizes
+  uint64_t pending_durable_bytes_ = 0;  // of which durable
   Stats stats_;
 };
 

@@ -19,7 +19,8 @@ class FederationTest : public MeshTest {
   // Starts a broker with its own identity and a credential with role "broker",
   // dialing `upstreams` (names of already started nodes).
   Node& start(const std::string& name, const std::string& tier, std::vector<std::string> upstreams = {},
-              std::vector<process::StreamSpec> streams = {}, bool broker_role = true) {
+              std::vector<process::StreamSpec> streams = {}, bool broker_role = true,
+              uint64_t outbox_bytes = 0) {
     const auto dir = work_->path() / name;
     std::filesystem::create_directories(dir);
     Identity id = Identity::generate();
@@ -44,6 +45,7 @@ class FederationTest : public MeshTest {
       l.name = up;
       l.endpoint = nodes_[up].broker->tcp_endpoint();
       l.broker_key = nodes_[up].key;
+      l.outbox_bytes = outbox_bytes;
       s.links.push_back(l);
     }
     auto b = process::BrokerProcess::start(std::move(s), id_path, encode_key(operator_->public_key()));
@@ -381,6 +383,74 @@ TEST_F(FederationTest, PartitionOfThirtySecondsLosesAndDuplicatesNothing) {
   EXPECT_EQ(unique.size(), stored.size()) << "duplicates at the centre";
   for (size_t i = 1; i < stored.size(); ++i) ASSERT_LT(stored[i - 1], stored[i]) << "order broken at " << i;
   for (int id : acked_ids) EXPECT_TRUE(unique.count(id)) << "acked message " << id << " lost";
+}
+
+// While its uplink is down, an edge with a 256 KiB outbox keeps the newest
+// best-effort data (dropping the oldest, counted), lets durable data displace
+// best-effort, pushes durable publishers back once durable data fills the
+// budget, and delivers every durable message it acked once the link heals.
+TEST_F(FederationTest, OutboxBudgetDropsOldestBestEffortAndPushesBackDurableWhileCut) {
+  constexpr uint64_t kBudget = 256 * 1024;
+  start("centre", "centre", {}, {{"LINE", {"plant/line1/vibration"}}});
+  start("edge", "edge", {"centre"}, {}, true, kBudget);
+  ASSERT_TRUE(links_up("edge", 1));
+  auto app = client("centre", "centre-app");
+  Inbox probe;
+  ASSERT_TRUE(app->subscribe("plant/line1/temp", probe.handler()).ok());
+  auto line = client("edge", "line-1");
+  ASSERT_TRUE(await_route(*line, "plant/line1/temp", probe));
+
+  // The centre's interest stays known at the edge while the centre is away.
+  nodes_["centre"].broker->kill9();
+  ASSERT_TRUE(wait_until([&] {
+    auto m = line->mesh_status();
+    return m.ok() && m->links.size() == 1 && m->links[0].state != "up";
+  }));
+  const std::string kib(1024, 'x');
+  for (int i = 0; i < 1000; ++i) ASSERT_TRUE(line->publish("plant/line1/temp", std::to_string(i) + ":" + kib).ok());
+  ASSERT_TRUE(line->flush().ok());
+  auto cut = line->mesh_status();
+  ASSERT_TRUE(cut.ok());
+  EXPECT_GT(cut->links[0].dropped, 0u) << "1 MB of best-effort into a 256 KiB outbox drops nothing?";
+  EXPECT_LE(cut->links[0].backlog_bytes, kBudget);
+  EXPECT_GT(cut->links[0].backlog_messages, 100u) << "the newest best-effort data is kept";
+
+  std::vector<std::string> acked;
+  Error refused;
+  for (int i = 0; i < 2000 && refused.code() == Errc::ok; ++i) {
+    const std::string payload = "d" + std::to_string(i) + ":" + kib;
+    auto r = line->publish_durable("plant/line1/vibration", payload).get();
+    if (r.ok())
+      acked.push_back(payload);
+    else
+      refused = r.error();
+  }
+  ASSERT_EQ(refused.code(), Errc::overloaded) << refused.to_string();
+  EXPECT_GT(acked.size(), 150u) << "durable data displaces best-effort data in the outbox";
+  EXPECT_LE(acked.size(), kBudget / 1024);
+
+  ASSERT_TRUE(nodes_["centre"].broker->restart().ok());
+  ASSERT_TRUE(wait_until([&] {
+    auto m = line->mesh_status();
+    return m.ok() && m->links[0].state == "up" && m->links[0].backlog_messages == 0;
+  }, 30s));
+  auto more = line->publish_durable("plant/line1/vibration", "after:" + kib).get();
+  EXPECT_TRUE(more.ok()) << "drained: durable publishes are taken again; " << more.error().to_string();
+
+  std::mutex mu;
+  std::set<std::string> stored;
+  auto reader = client("centre", "auditor");
+  ASSERT_TRUE(reader->consume("LINE", "audit", [&](const Message& m) {
+    std::lock_guard lock(mu);
+    stored.insert(std::string(m.payload()));
+    m.ack();
+  }).ok());
+  ASSERT_TRUE(wait_until([&] {
+    std::lock_guard lock(mu);
+    for (const auto& a : acked)
+      if (!stored.count(a)) return false;
+    return true;
+  }, 30s)) << "acked durable messages missing at the centre";
 }
 
 TEST_F(FederationTest, KillNineOfEdgeLosesNoAckedDurableMessage) {

@@ -114,23 +114,44 @@ TEST_F(LinkOutboxTest, FullBudgetDropsOldestBestEffortAndCountsIt) {
   EXPECT_EQ(got.back().envelope, body(14));
 }
 
-TEST_F(LinkOutboxTest, DurableIsNeverDroppedAndIsRefusedWhenFull) {
+TEST_F(LinkOutboxTest, DurableDisplacesBestEffortAndIsRefusedOnlyWhenDurableFillsTheBudget) {
   auto box = open(6 * 64);
   for (int i = 1; i <= 4; ++i) ASSERT_TRUE(box->append(body(i), true).ok());
   for (int i = 5; i <= 6; ++i) ASSERT_TRUE(box->append(body(i), false).ok());
   ASSERT_TRUE(box->commit().ok());
-  // Full: a durable publish is pushed back, not dropped and not stored.
-  auto refused = box->append(body(7), true);
-  ASSERT_FALSE(refused.ok());
-  EXPECT_EQ(refused.error().code(), Errc::overloaded);
+  // Full, but partly of best-effort: a durable message takes the oldest best-effort's place.
+  ASSERT_TRUE(box->append(body(7), true).ok());
+  ASSERT_TRUE(box->commit().ok());
+  EXPECT_EQ(box->stats().dropped, 1u);
   // Best-effort overflow takes best-effort entries only, oldest first.
   ASSERT_TRUE(box->append(body(8), false).ok());
   ASSERT_TRUE(box->commit().ok());
-  auto got = all(*box);
+  EXPECT_EQ(box->stats().dropped, 2u);
   std::vector<std::string> bodies;
-  for (const auto& r : got) bodies.push_back(r.envelope);
-  EXPECT_EQ(bodies, (std::vector<std::string>{body(1), body(2), body(3), body(4), body(6), body(8)}));
-  EXPECT_EQ(box->stats().dropped, 1u);
+  for (const auto& r : all(*box)) bodies.push_back(r.envelope);
+  EXPECT_EQ(bodies, (std::vector<std::string>{body(1), body(2), body(3), body(4), body(7), body(8)}));
+  // One more durable displaces the last best-effort; then durable fills the budget
+  // and the next durable publish is pushed back: not dropped, not stored.
+  ASSERT_TRUE(box->append(body(9), true).ok());
+  ASSERT_TRUE(box->commit().ok());
+  auto refused = box->append(body(10), true);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code(), Errc::overloaded);
+  ASSERT_TRUE(box->commit().ok());
+  bodies.clear();
+  for (const auto& r : all(*box)) {
+    bodies.push_back(r.envelope);
+    EXPECT_TRUE(r.durable);
+  }
+  EXPECT_EQ(bodies, (std::vector<std::string>{body(1), body(2), body(3), body(4), body(7), body(9)}));
+  // Acks free durable room again, also after a reopen.
+  ASSERT_TRUE(box->ack(2).ok());
+  box.reset();
+  box = open(6 * 64);
+  EXPECT_EQ(box->stats().durable_bytes, 4u * 64);
+  EXPECT_TRUE(box->append(body(11), true).ok());
+  EXPECT_TRUE(box->append(body(12), true).ok());
+  EXPECT_FALSE(box->append(body(13), true).ok());
 }
 
 TEST_F(LinkOutboxTest, BestEffortOverDurableFillStaysWithinTheBudget) {

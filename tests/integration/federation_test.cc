@@ -161,6 +161,54 @@ TEST_F(FederationTest, FourTierChainEndToEndBothWaysWithRequestReply) {
   EXPECT_GT(status->links[0].forwarded, 2000u);
 }
 
+// A retained value set at the edge, where nobody listened yet, reaches a late
+// subscriber two brokers away once its interest arrives, and reaches it once.
+TEST_F(FederationTest, RetainedValueReachesALateSubscriberAcrossTheMesh) {
+  start("centre", "centre");
+  start("regional", "regional", {"centre"});
+  start("edge", "edge", {"regional"});
+  ASSERT_TRUE(links_up("edge", 1));
+  ASSERT_TRUE(links_up("regional", 2));
+  auto line = client("edge", "line-1");
+  PublishOptions retain;
+  retain.retain = true;
+  ASSERT_TRUE(line->publish("plant/line1/state", "running", retain).ok());
+  ASSERT_TRUE(line->flush().ok());
+
+  auto app = client("centre", "centre-app");
+  Inbox state;
+  ASSERT_TRUE(app->subscribe("plant/line1/#", state.handler()).ok());
+  ASSERT_TRUE(state.wait_for(1, 15s)) << "the retained value did not travel to the late subscriber";
+  // Anything sent behind it on the same links has arrived: a second copy would have too.
+  ASSERT_TRUE(await_route(*line, "plant/line1/probe", state));
+  {
+    std::lock_guard lock(state.mu);
+    size_t copies = 0;
+    for (size_t i = 0; i < state.payloads.size(); ++i) {
+      if (state.topics[i] != "plant/line1/state") continue;
+      ++copies;
+      EXPECT_EQ(state.payloads[i], "running");
+      EXPECT_TRUE(state.messages[i].retained());
+      EXPECT_EQ(state.messages[i].origin_broker(), "edge");
+    }
+    EXPECT_EQ(copies, 1u);
+  }
+
+  // A new value passes through the regional broker on its way to the centre;
+  // a late subscriber there gets that one from the regional broker's own copy.
+  ASSERT_TRUE(line->publish("plant/line1/state", "stopped", retain).ok());
+  ASSERT_TRUE(wait_until([&] {
+    std::lock_guard lock(state.mu);
+    return state.payloads.back() == "stopped";
+  }));
+  auto ops = client("regional", "ops");
+  Inbox at_regional;
+  ASSERT_TRUE(ops->subscribe("plant/+/state", at_regional.handler()).ok());
+  ASSERT_TRUE(at_regional.wait_for(1));
+  std::lock_guard lock(at_regional.mu);
+  EXPECT_EQ(at_regional.payloads[0], "stopped");
+}
+
 TEST_F(FederationTest, DiamondAndRingDeliverExactlyOnce) {
   // Diamond: top dials left and right; both dial bottom.
   start("bottom", "centre");

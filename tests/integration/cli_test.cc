@@ -343,6 +343,60 @@ TEST_F(CliTest, StreamCreateListInfoJson) {
   EXPECT_EQ(not_captured.exit_code, 6) << not_captured.err;
 }
 
+TEST_F(CliTest, MeshStatusShowsTheBrokerAndItsLinksAsTextAndJson) {
+  // An edge broker that dials the fixture's broker.
+  Identity edge_id = Identity::generate();
+  const std::string id_path = (work_->path() / "edge.key").string();
+  ASSERT_TRUE(edge_id.save(id_path).ok());
+  CredentialClaims claims;
+  claims.subject = edge_id.public_key();
+  claims.name = "edge-plant1";
+  claims.tier = "edge";
+  claims.roles = {"broker"};
+  const std::string cred_path = (work_->path() / "edge.cred").string();
+  ASSERT_TRUE(Credential::issue(*operator_, claims).save(cred_path).ok());
+  auto s = spec("edge-plant1");
+  s.tier = "edge";
+  s.site = "plant-1";
+  s.region = "eu";
+  s.credential_path = cred_path;
+  process::LinkSpec up;
+  up.name = "uplink";
+  up.endpoint = broker_->tcp_endpoint();
+  up.broker_key = broker_key(*broker_);
+  s.links.push_back(up);
+  auto started = process::BrokerProcess::start(std::move(s), id_path, encode_key(operator_->public_key()));
+  ASSERT_TRUE(started.ok()) << started.error().to_string();
+  auto edge = std::move(*started);
+  auto probe = connect(*edge, "probe");
+  ASSERT_NE(probe, nullptr);
+  ASSERT_TRUE(wait_until([&] {
+    auto m = probe->mesh_status();
+    return m.ok() && m->links.size() == 1 && m->links[0].state == "up";
+  }, 15s));
+
+  Files f = files("ops");
+  Run text = cli(cat({"mesh", "status"}, conn(f, *edge)));
+  ASSERT_EQ(text.exit_code, 0) << text.err;
+  for (const char* expected : {"edge-plant1", "edge", "plant-1", "uplink", "up", "dialed"})
+    EXPECT_NE(text.out.find(expected), std::string::npos) << "no '" << expected << "' in:\n" << text.out;
+
+  Run json = cli(cat({"mesh", "status", "--json"}, conn(f, *edge)));
+  ASSERT_EQ(json.exit_code, 0) << json.err;
+  EXPECT_EQ(count_of(json.out, "\n"), 1u) << "one JSON object: " << json.out;
+  EXPECT_EQ(json.out.front(), '{') << json.out;
+  for (const char* expected : {"\"broker\":\"edge-plant1\"", "\"tier\":\"edge\"", "\"site\":\"plant-1\"",
+                               "\"region\":\"eu\"", "\"name\":\"uplink\"", "\"state\":\"up\"",
+                               "\"peer\":\"broker\"", "\"backlog_messages\":0", "\"rtt_us\":"})
+    EXPECT_NE(json.out.find(expected), std::string::npos) << "no " << expected << " in: " << json.out;
+
+  // The accepting side lists the same link, accepted, under the peer's name.
+  Run other = cli(cat({"mesh", "status", "--json"}, conn(f, *broker_)));
+  ASSERT_EQ(other.exit_code, 0) << other.err;
+  EXPECT_NE(other.out.find("\"direction\":\"accepted\""), std::string::npos) << other.out;
+  EXPECT_NE(other.out.find("\"peer\":\"edge-plant1\""), std::string::npos) << other.out;
+}
+
 TEST_F(CliTest, HelpOnEverySubcommandExitsZero) {
   Run top = cli({"--help"});
   ASSERT_EQ(top.exit_code, 0) << top.err;

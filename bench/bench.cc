@@ -699,7 +699,9 @@ int run_bench(const BenchFlags& f) {
     std::printf("workload %s, %zu B, %s, CURVE %s, %d run(s), %u cores\n", f.workload.c_str(), f.size,
                 count.c_str(), f.curve.c_str(), f.runs, std::thread::hardware_concurrency());
     for (const auto& v : bench::peer_versions()) std::printf("  %s\n", v.c_str());
-    if (rtt)
+    if (f.crash)
+      std::printf("%-28s %s\n", "system", "kill -9 check");
+    else if (rtt)
       std::printf("%-28s %10s %10s %10s %12s\n", "system", "p50 us", "p99 us", "min p50", "tracemesh/x");
     else
       std::printf("%-28s %12s %12s %12s %10s %12s\n", "system", "median/s", "min/s", "max/s", "loss", "tracemesh/x");
@@ -707,6 +709,10 @@ int run_bench(const BenchFlags& f) {
       const Row& r = rows[name];
       if (!r.error.empty()) {
         std::printf("%-28s error: %s\n", r.system.c_str(), r.error.c_str());
+        continue;
+      }
+      if (f.crash) {  // a correctness check: no rate to show, only what was lost
+        std::printf("%-28s %s\n", r.system.c_str(), r.note.c_str());
         continue;
       }
       if (rtt) {

@@ -80,6 +80,28 @@ class FederationTest : public MeshTest {
     return links_up(a, 1) && links_up(b, 1);
   }
 
+  // Whether stream `stream` at `node` comes to hold every payload in `expected`,
+  // read through a fresh durable consumer.
+  bool stream_holds(const std::string& node, const std::string& stream, const std::set<std::string>& expected,
+                    std::chrono::milliseconds timeout = 30s) {
+    // Declared before the client: its handler runs until the client is destroyed.
+    std::mutex mu;
+    std::set<std::string> stored;
+    auto reader = client(node, "auditor");
+    if (!reader || !reader->consume(stream, "audit", [&](const Message& m) {
+          std::lock_guard lock(mu);
+          stored.insert(std::string(m.payload()));
+          m.ack();
+        }).ok())
+      return false;
+    return wait_until([&] {
+      std::lock_guard lock(mu);
+      for (const auto& e : expected)
+        if (!stored.count(e)) return false;
+      return true;
+    }, timeout);
+  }
+
   std::map<std::string, Node> nodes_;
 };
 
@@ -485,20 +507,8 @@ TEST_F(FederationTest, OutboxBudgetDropsOldestBestEffortAndPushesBackDurableWhil
   auto more = line->publish_durable("plant/line1/vibration", "after:" + kib).get();
   EXPECT_TRUE(more.ok()) << "drained: durable publishes are taken again; " << more.error().to_string();
 
-  std::mutex mu;
-  std::set<std::string> stored;
-  auto reader = client("centre", "auditor");
-  ASSERT_TRUE(reader->consume("LINE", "audit", [&](const Message& m) {
-    std::lock_guard lock(mu);
-    stored.insert(std::string(m.payload()));
-    m.ack();
-  }).ok());
-  ASSERT_TRUE(wait_until([&] {
-    std::lock_guard lock(mu);
-    for (const auto& a : acked)
-      if (!stored.count(a)) return false;
-    return true;
-  }, 30s)) << "acked durable messages missing at the centre";
+  EXPECT_TRUE(stream_holds("centre", "LINE", std::set<std::string>(acked.begin(), acked.end())))
+      << "acked durable messages missing at the centre";
 }
 
 TEST_F(FederationTest, KillNineOfEdgeLosesNoAckedDurableMessage) {
@@ -538,21 +548,7 @@ TEST_F(FederationTest, KillNineOfEdgeLosesNoAckedDurableMessage) {
   }
   ASSERT_GT(acked.size(), 0u);
   ASSERT_TRUE(nodes_["edge"].broker->restart().ok());
-  // Declared before the client: its handler runs until the client is destroyed.
-  std::mutex smu;
-  std::set<std::string> stored;
-  auto reader = client("centre", "auditor");
-  ASSERT_TRUE(reader->consume("LINE", "audit", [&](const Message& m) {
-    std::lock_guard lock(smu);
-    stored.insert(std::string(m.payload()));
-    m.ack();
-  }).ok());
-  ASSERT_TRUE(wait_until([&] {
-    std::lock_guard lock(smu);
-    for (const auto& a : acked)
-      if (!stored.count(a)) return false;
-    return true;
-  }, 30s));
+  EXPECT_TRUE(stream_holds("centre", "LINE", acked)) << "acked durable messages missing at the centre";
 }
 
 // How often each payload arrived, and the payloads that arrived more than once.

@@ -14,6 +14,16 @@ class PubSubTest : public MeshTest {
     broker_ = start_broker(s);
     ASSERT_NE(broker_, nullptr);
   }
+  // A client "server" answering svc/echo with "echo:" and the request's payload.
+  std::unique_ptr<Client> echo_server() {
+    auto server = connect(*broker_, "server");
+    if (!server) return nullptr;
+    Client* s = server.get();
+    EXPECT_TRUE(server->subscribe("svc/echo", [s](const Message& m) {
+      (void)s->reply(m, "echo:" + std::string(m.payload()));
+    }).ok());
+    return server;
+  }
   std::unique_ptr<process::BrokerProcess> broker_;
 };
 
@@ -57,12 +67,9 @@ TEST_F(PubSubTest, QuietAndBurstPublishesKeepTheirOrder) {
 }
 
 TEST_F(PubSubTest, ConcurrentRequestsFromOneClientEachGetTheirOwnReply) {
-  auto server = connect(*broker_, "server");
+  auto server = echo_server();
   auto client = connect(*broker_, "client");
-  Client* s = server.get();
-  ASSERT_TRUE(server->subscribe("svc/echo", [s](const Message& m) {
-    (void)s->reply(m, "echo:" + std::string(m.payload()));
-  }).ok());
+  ASSERT_TRUE(server && client);
   std::atomic<int> wrong{0}, failed{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t)
@@ -124,12 +131,9 @@ TEST_F(PubSubTest, QueueGroupDeliversEachMessageToOneMember) {
 }
 
 TEST_F(PubSubTest, RequestReplyAndNoResponders) {
-  auto server = connect(*broker_, "server");
+  auto server = echo_server();
   auto client = connect(*broker_, "client");
-  Client* s = server.get();
-  ASSERT_TRUE(server->subscribe("svc/echo", [s](const Message& m) {
-    (void)s->reply(m, "echo:" + std::string(m.payload()));
-  }).ok());
+  ASSERT_TRUE(server && client);
   auto reply = client->request("svc/echo", "hi", 2s);
   ASSERT_TRUE(reply.ok()) << reply.error().to_string();
   EXPECT_EQ(reply->payload(), "echo:hi");

@@ -38,6 +38,11 @@ class LinkOutboxTest : public ::testing::Test {
                    }).ok());
     return out;
   }
+  // Appends body(from..to) and commits them.
+  static void put(LinkOutbox& box, int from, int to, bool durable) {
+    for (int i = from; i <= to; ++i) ASSERT_TRUE(box.append(body(i), durable).ok());
+    ASSERT_TRUE(box.commit().ok());
+  }
   // An 8-byte-multiple body, as Cap'n Proto envelopes are.
   static std::string body(int i, size_t bytes = 64) {
     std::string s(bytes, '.');
@@ -102,10 +107,8 @@ TEST_F(LinkOutboxTest, BacklogAndNumberingSurviveReopen) {
 
 TEST_F(LinkOutboxTest, FullBudgetDropsOldestBestEffortAndCountsIt) {
   auto box = open(10 * 64);
-  for (int i = 1; i <= 10; ++i) ASSERT_TRUE(box->append(body(i), false).ok());
-  ASSERT_TRUE(box->commit().ok());
-  for (int i = 11; i <= 14; ++i) ASSERT_TRUE(box->append(body(i), false).ok());
-  ASSERT_TRUE(box->commit().ok());
+  put(*box, 1, 10, false);
+  put(*box, 11, 14, false);
   EXPECT_EQ(box->stats().dropped, 4u);
   EXPECT_LE(box->stats().bytes, 10u * 64);
   auto got = all(*box);
@@ -116,9 +119,8 @@ TEST_F(LinkOutboxTest, FullBudgetDropsOldestBestEffortAndCountsIt) {
 
 TEST_F(LinkOutboxTest, DurableDisplacesBestEffortAndIsRefusedOnlyWhenDurableFillsTheBudget) {
   auto box = open(6 * 64);
-  for (int i = 1; i <= 4; ++i) ASSERT_TRUE(box->append(body(i), true).ok());
-  for (int i = 5; i <= 6; ++i) ASSERT_TRUE(box->append(body(i), false).ok());
-  ASSERT_TRUE(box->commit().ok());
+  put(*box, 1, 4, true);
+  put(*box, 5, 6, false);
   // Full, but partly of best-effort: a durable message takes the oldest best-effort's place.
   ASSERT_TRUE(box->append(body(7), true).ok());
   ASSERT_TRUE(box->commit().ok());
@@ -158,10 +160,8 @@ TEST_F(LinkOutboxTest, BestEffortOverDurableFillStaysWithinTheBudget) {
   // When durable entries fill the budget, arriving best-effort messages are the
   // oldest best-effort ones left: they are dropped, and counted.
   auto box = open(4 * 64);
-  for (int i = 1; i <= 4; ++i) ASSERT_TRUE(box->append(body(i), true).ok());
-  ASSERT_TRUE(box->commit().ok());
-  for (int i = 5; i <= 7; ++i) ASSERT_TRUE(box->append(body(i), false).ok());
-  ASSERT_TRUE(box->commit().ok());
+  put(*box, 1, 4, true);
+  put(*box, 5, 7, false);
   EXPECT_EQ(box->stats().bytes, 4u * 64);
   EXPECT_EQ(box->stats().dropped, 3u);
   EXPECT_EQ(all(*box).size(), 4u);
@@ -169,8 +169,7 @@ TEST_F(LinkOutboxTest, BestEffortOverDurableFillStaysWithinTheBudget) {
 
 TEST_F(LinkOutboxTest, RejectPolicyRefusesTheNewest) {
   auto box = open(3 * 64, /*drop_oldest=*/false);
-  for (int i = 1; i <= 3; ++i) ASSERT_TRUE(box->append(body(i), false).ok());
-  ASSERT_TRUE(box->commit().ok());
+  put(*box, 1, 3, false);
   auto refused = box->append(body(4), false);
   ASSERT_FALSE(refused.ok());
   EXPECT_EQ(refused.error().code(), Errc::overloaded);

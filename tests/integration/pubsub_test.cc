@@ -86,6 +86,33 @@ TEST_F(PubSubTest, ConcurrentRequestsFromOneClientEachGetTheirOwnReply) {
   EXPECT_EQ(wrong.load(), 0);
 }
 
+// Many CURVE handshakes at once (the broker answers each over ZAP) and a
+// request from each new session: none may stall waiting for a wake-up.
+TEST_F(PubSubTest, ManyClientsConnectAndRequestAtOnce) {
+  auto server = echo_server();
+  ASSERT_NE(server, nullptr);
+  constexpr int kClients = 24;
+  std::atomic<int> answered{0};
+  std::vector<std::string> errors(kClients);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kClients; ++t)
+    threads.emplace_back([&, t] {
+      auto c = Client::connect(options(*broker_, principal("client-" + std::to_string(t)), false));
+      if (!c.ok()) {
+        errors[t] = c.error().to_string();
+        return;
+      }
+      auto reply = (*c)->request("svc/echo", std::to_string(t), 10s);
+      if (!reply.ok())
+        errors[t] = reply.error().to_string();
+      else if (reply->payload() == "echo:" + std::to_string(t))
+        ++answered;
+    });
+  for (auto& t : threads) t.join();
+  for (int t = 0; t < kClients; ++t) EXPECT_EQ(errors[t], "") << "client " << t;
+  EXPECT_EQ(answered.load(), kClients);
+}
+
 TEST_F(PubSubTest, WildcardsMatchLevels) {
   auto pub = connect(*broker_);
   auto sub = connect(*broker_);

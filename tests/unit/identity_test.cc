@@ -246,7 +246,10 @@ TEST(KeyTextTest, DecodeRejectsWrongLengthAndBadText) {
   };
   const Case cases[] = {
       {"", "is empty"},
-      {good.substr(0, 42), "not valid base64url"},  // 42 chars leave a dangling partial byte
+      // 42 characters leave 4 bits over: set, they are not valid base64url; clear, 31 bytes.
+      // ('B' and 'A' as the 42nd character; a random key's own 42nd is either, 1 in 16 times clear.)
+      {good.substr(0, 41) + "B", "not valid base64url"},
+      {good.substr(0, 41) + "A", "expected 32 bytes, got 31"},
       {good.substr(0, 40), "expected 32 bytes, got 30"},
       {good + "AAAA", "expected 32 bytes, got 35"},
       {good + "=", "not valid base64url"},            // padding is not accepted

@@ -1997,6 +1997,8 @@ void BrokerImpl::on_interest(Link& l, wire::Interest::Reader interest) {
   auto remove = [&](const std::string& key) {
     auto it = l.remote.find(key);
     if (it == l.remote.end()) return;
+    spdlog::debug("link '{}': peer is no longer interested in '{}'{}", l.name, it->second->pattern,
+                  it->second->group.empty() ? "" : " (group " + it->second->group + ")");
     detach_subscription(it->second.get());
     l.remote.erase(it);
     add_interest(key, l.id, -1);
@@ -2036,7 +2038,7 @@ void BrokerImpl::on_interest(Link& l, wire::Interest::Reader interest) {
     }
     route_cache_.clear();
     l.remote[key] = std::move(sub);
-    spdlog::debug("link '{}': peer is interested in '{}'", l.name, filter);
+    spdlog::debug("link '{}': peer is interested in '{}'{}", l.name, filter, group.empty() ? "" : " (group " + group + ")");
     add_interest(key, l.id, +1);
   }
 }

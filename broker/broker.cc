@@ -22,6 +22,7 @@
 #include <unordered_set>
 #include <zmq.hpp>
 
+#include "admin_http.h"
 #include "codec/envelope_codec.h"
 #include "iso_time.h"
 #include "federation/link_interest.h"
@@ -339,6 +340,8 @@ class BrokerImpl final : public Broker {
   void expire(Clock::time_point now);
   void load_revocations();
   Status write_ready_file(const std::string& path);
+  // The counters in the Prometheus text format, for the admin HTTP endpoint.
+  std::string render_metrics() const;
 
   BrokerConfig config_;
   std::unique_ptr<Identity> identity_;
@@ -346,6 +349,8 @@ class BrokerImpl final : public Broker {
   std::unique_ptr<StorageWriter> writer_;
   zmq::context_t ctx_{2};  // two I/O threads: CURVE work of different peers runs in parallel
   std::unique_ptr<zmq::socket_t> zap_;
+  std::unique_ptr<AdminHttp> admin_http_;  // [admin] http; null when off
+  Clock::time_point next_metrics_{};
   struct Listener {
     std::unique_ptr<zmq::socket_t> socket;
     std::string endpoint;  // as bound (resolved port)
@@ -517,6 +522,11 @@ Status BrokerImpl::init() {
     }
     listeners_.push_back(std::move(l));
   }
+  if (!config_.admin_http.empty()) {
+    auto http = AdminHttp::start(config_.admin_http);
+    if (!http.ok()) return Error(http.error().code(), config_.path + ": admin.http: " + http.error().message());
+    admin_http_ = std::move(*http);
+  }
   return init_links();
 }
 
@@ -558,6 +568,7 @@ Status BrokerImpl::write_ready_file(const std::string& path) {
   {
     std::ofstream out(tmp, std::ios::trunc);
     for (const auto& l : listeners_) out << l.endpoint << "\n";
+    if (admin_http_) out << admin_http_->url() << "\n";
     if (!out) return Error(Errc::io, tmp + ": cannot write ready file");
   }
   std::error_code ec;
@@ -599,6 +610,7 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
   spdlog::info("broker '{}' ready; key {}", config_.name, encode_key(identity_->public_key()));
   for (const auto& l : listeners_)
     spdlog::info("listening on {}{}", l.endpoint, l.curve ? " (CURVE)" : "");
+  if (admin_http_) spdlog::info("admin http on {} (/healthz, /metrics)", admin_http_->url());
 
   Clock::time_point next_sweep = Clock::now() + std::chrono::seconds(1);
   Clock::time_point drain_deadline{};
@@ -650,6 +662,10 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     }
 
     const auto now = Clock::now();
+    if (admin_http_ && now >= next_metrics_) {  // also the loop's heartbeat for /healthz
+      next_metrics_ = now + std::chrono::seconds(1);
+      admin_http_->publish(render_metrics());
+    }
     if (now >= next_sweep) {
       next_sweep = now + std::chrono::milliseconds(200);
       expire(now);
@@ -2277,6 +2293,124 @@ void BrokerImpl::service_links() {
       link_send(l, codec::to_message(b));
     }
   }
+}
+
+namespace {
+
+// Prometheus text exposition: one family at a time, HELP and TYPE first.
+class MetricsText {
+ public:
+  void family(const char* name, const char* type, const char* help) {
+    name_ = name;
+    out_ += "# HELP ";
+    out_ += name;
+    out_ += ' ';
+    out_ += help;
+    out_ += "\n# TYPE ";
+    out_ += name;
+    out_ += ' ';
+    out_ += type;
+    out_ += '\n';
+  }
+  // A sample of the current family; labels as name/value pairs.
+  void sample(double value, std::initializer_list<std::pair<const char*, std::string_view>> labels = {}) {
+    out_ += name_;
+    if (labels.size()) {
+      out_ += '{';
+      bool first = true;
+      for (const auto& [k, v] : labels) {
+        if (!first) out_ += ',';
+        first = false;
+        out_ += k;
+        out_ += "=\"";
+        for (char c : v) {
+          if (c == '\\' || c == '"') out_ += '\\';
+          if (c == '\n') {
+            out_ += "\\n";
+            continue;
+          }
+          out_ += c;
+        }
+        out_ += '"';
+      }
+      out_ += '}';
+    }
+    out_ += ' ';
+    out_ += fmt::format("{}", value);
+    out_ += '\n';
+  }
+  std::string take() { return std::move(out_); }
+
+ private:
+  const char* name_ = "";
+  std::string out_;
+};
+
+}  // namespace
+
+std::string BrokerImpl::render_metrics() const {
+  MetricsText m;
+  uint32_t clients = 0, subs = 0;
+  for (const auto& [k, sess] : sessions_) {
+    if (!sess->authenticated) continue;
+    ++clients;
+    subs += sess->subs.size();
+  }
+  m.family("tracemesh_uptime_seconds", "gauge", "Seconds since the broker started.");
+  m.sample(std::chrono::duration<double>(Clock::now() - started_).count());
+  m.family("tracemesh_clients", "gauge", "Authenticated sessions (clients and accepted links).");
+  m.sample(clients);
+  m.family("tracemesh_subscriptions", "gauge", "Subscriptions of those sessions.");
+  m.sample(subs);
+  m.family("tracemesh_messages_in_total", "counter", "Messages received from clients and links.");
+  m.sample(static_cast<double>(messages_in_));
+  m.family("tracemesh_messages_out_total", "counter", "Messages delivered to clients and forwarded on links.");
+  m.sample(static_cast<double>(messages_out_));
+  m.family("tracemesh_bytes_in_total", "counter", "Envelope bytes received.");
+  m.sample(static_cast<double>(bytes_in_));
+  m.family("tracemesh_bytes_out_total", "counter", "Envelope bytes delivered and forwarded.");
+  m.sample(static_cast<double>(bytes_out_));
+  m.family("tracemesh_slow_consumer_drops_total", "counter",
+           "Best-effort messages dropped for subscribers whose queue was full, and by link overflow.");
+  m.sample(static_cast<double>(drops_));
+  m.family("tracemesh_malformed_frames_total", "counter", "Frames and envelopes rejected as malformed.");
+  m.sample(static_cast<double>(malformed_));
+  m.family("tracemesh_duplicates_dropped_total", "counter", "Durable publishes dropped as resends (dedup window).");
+  m.sample(static_cast<double>(duplicates_));
+  m.family("tracemesh_auth_failures_total", "counter", "Sessions refused at hello.");
+  m.sample(static_cast<double>(auth_failures_));
+  m.family("tracemesh_mesh_duplicates_dropped_total", "counter", "Copies that arrived over more than one path.");
+  m.sample(static_cast<double>(mesh_duplicates_));
+  m.family("tracemesh_mesh_loops_cut_total", "counter", "Copies not sent: the next broker was on the visited path.");
+  m.sample(static_cast<double>(path_skips_));
+
+  m.family("tracemesh_stream_messages", "gauge", "Messages stored in a stream.");
+  for (const auto& [name, rt] : streams_) m.sample(static_cast<double>(rt->state.messages), {{"stream", name}});
+  m.family("tracemesh_stream_bytes", "gauge", "Bytes stored in a stream.");
+  for (const auto& [name, rt] : streams_) m.sample(static_cast<double>(rt->state.bytes), {{"stream", name}});
+  m.family("tracemesh_consumer_pending", "gauge", "Messages delivered to a durable consumer and not yet acked.");
+  for (const auto& [name, rt] : streams_)
+    for (const auto& [cn, c] : rt->consumers)
+      m.sample(static_cast<double>(c->in_flight.size()), {{"stream", name}, {"consumer", cn}});
+
+  m.family("tracemesh_link_up", "gauge", "1 while the federation link is up.");
+  for (const auto& l : links_) m.sample(l->up() ? 1 : 0, {{"link", l->name}, {"peer", l->peer}});
+  m.family("tracemesh_link_backlog_messages", "gauge", "Messages in the link's outbox, not yet acked by the peer.");
+  for (const auto& l : links_)
+    m.sample(l->outbox ? static_cast<double>(l->outbox->stats().messages) : 0, {{"link", l->name}});
+  m.family("tracemesh_link_backlog_bytes", "gauge", "Bytes in the link's outbox, not yet acked by the peer.");
+  for (const auto& l : links_)
+    m.sample(l->outbox ? static_cast<double>(l->outbox->stats().bytes) : 0, {{"link", l->name}});
+  m.family("tracemesh_link_dropped_total", "counter", "Best-effort messages dropped by the link outbox's overflow policy.");
+  for (const auto& l : links_)
+    m.sample(l->outbox ? static_cast<double>(l->outbox->stats().dropped) : 0, {{"link", l->name}});
+  m.family("tracemesh_link_rtt_seconds", "gauge", "Last measured round trip to the peer.");
+  for (const auto& l : links_) m.sample(l->rtt_us / 1e6, {{"link", l->name}});
+  m.family("tracemesh_link_forwarded_total", "counter", "Messages forwarded over the link.");
+  for (const auto& l : links_) m.sample(static_cast<double>(l->forwarded), {{"link", l->name}});
+  m.family("tracemesh_link_received_total", "counter", "Messages received over the link.");
+  for (const auto& l : links_) m.sample(static_cast<double>(l->received), {{"link", l->name}});
+  return m.take();
 }
 
 void BrokerImpl::fill_mesh_status(wire::MeshStatus::Builder b) {

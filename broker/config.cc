@@ -90,7 +90,7 @@ class Loader {
       if (p.empty() || fs::path(p).is_absolute()) return p;
       return (base / p).lexically_normal().string();
     };
-    if (auto s = check_keys(root_, "", {"broker", "security", "limits", "stream", "link"}); !s.ok())
+    if (auto s = check_keys(root_, "", {"broker", "security", "limits", "admin", "stream", "link"}); !s.ok())
       return s.error();
     const toml::table* broker = root_["broker"].as_table();
     if (!broker) return error(nullptr, "[broker]", "missing section");
@@ -160,6 +160,20 @@ class Loader {
         const toml::node* n = lim->get(k);
         if (n && n->is_integer() && n->as_integer()->get() == 0)
           return error(n, std::string("limits.") + k, "must be greater than 0");
+      }
+    }
+
+    if (const toml::table* admin = root_["admin"].as_table()) {
+      if (auto s = check_keys(*admin, "admin", {"http"}); !s.ok()) return s.error();
+      TM_GET(admin, "admin", "http", c.admin_http);
+      if (!c.admin_http.empty()) {
+        const auto colon = c.admin_http.rfind(':');
+        const std::string port = colon == std::string::npos ? "" : c.admin_http.substr(colon + 1);
+        if (colon == 0 || colon == std::string::npos || port.empty() || port.size() > 5 ||
+            port.find_first_not_of("0123456789") != std::string::npos || std::stoul(port) > 65535)
+          return error(admin->get("http"), "admin.http",
+                       "expected HOST:PORT (port 0 = any free port), or \"\" for no admin HTTP; got '" +
+                           c.admin_http + "'");
       }
     }
 

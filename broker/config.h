@@ -39,6 +39,8 @@ struct BrokerConfig {
   uint32_t default_ack_wait_ms = 30000;
   uint64_t dedup_window_ms = 120000;
   uint32_t session_timeout_ms = 10000;
+  // Admin HTTP (/healthz, /metrics): HOST:PORT, loopback by default; "" = none.
+  std::string admin_http = "127.0.0.1:8222";
   std::vector<StreamConfig> streams;
   // Federation.
   std::string tier;                   // device | edge | regional | centre ("" = standalone)

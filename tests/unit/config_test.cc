@@ -64,5 +64,26 @@ TEST_F(ConfigTest, ErrorsNameFileLineAndField) {
   EXPECT_EQ(load_config((dir_.path() / "missing.toml").string()).error().code(), Errc::not_found);
 }
 
+TEST_F(ConfigTest, AdminHttpDefaultsToLoopbackAndIsChecked) {
+  const std::string base = "[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"tcp://a:1\"]\n"
+                           "[security]\noperators = [\"" + op_ + "\"]\n";
+  auto defaults = load_config(write(base));
+  ASSERT_TRUE(defaults.ok()) << defaults.error().to_string();
+  EXPECT_EQ(defaults->admin_http, "127.0.0.1:8222");
+  auto off = load_config(write(base + "[admin]\nhttp = \"\"\n"));
+  ASSERT_TRUE(off.ok()) << off.error().to_string();
+  EXPECT_EQ(off->admin_http, "");
+  for (const char* bad : {"8222", "127.0.0.1:", "127.0.0.1:http", "127.0.0.1:70000", ":80"}) {
+    auto c = load_config(write(base + "[admin]\nhttp = \"" + bad + "\"\n"));
+    ASSERT_FALSE(c.ok()) << bad;
+    EXPECT_NE(c.error().message().find("broker.toml:8"), std::string::npos) << c.error().message();
+    EXPECT_NE(c.error().message().find("admin.http: expected HOST:PORT"), std::string::npos) << c.error().message();
+  }
+  auto unknown = load_config(write(base + "[admin]\nport = 1\n"));
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_NE(unknown.error().message().find("admin.port: unknown setting"), std::string::npos)
+      << unknown.error().message();
+}
+
 }  // namespace
 }  // namespace tracemesh::broker

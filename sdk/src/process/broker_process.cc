@@ -153,6 +153,7 @@ Status BrokerProcess::write_config() const {
        << "\n"
        << "revoked = " << toml_array(spec_.revoked) << "\n";
   if (!spec_.revoked_file.empty()) toml << "revoked_file = " << toml_string(spec_.revoked_file) << "\n";
+  toml << "\n[admin]\nhttp = " << toml_string(spec_.admin_http) << "\n";
   for (const StreamSpec& stream : spec_.streams) {
     toml << "\n[[stream]]\n"
          << "name = " << toml_string(stream.name) << "\n"
@@ -231,9 +232,13 @@ Status BrokerProcess::launch() {
 
   std::ifstream ready(ready_path());
   std::vector<std::string> lines;
+  http_url_.clear();
   for (std::string line; std::getline(ready, line);) {
     while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
-    if (!line.empty()) lines.push_back(line);
+    if (line.rfind("http://", 0) == 0)
+      http_url_ = line;  // the admin HTTP endpoint
+    else if (!line.empty())
+      lines.push_back(line);
   }
   const size_t expected = (spec_.listen_tcp ? 1 : 0) + (spec_.listen_ipc ? 1 : 0);
   if (lines.size() != expected) {

@@ -60,6 +60,9 @@ struct BrokerSpec {
   // The tracemeshd binary. Empty: $TRACEMESHD, else "tracemeshd" found on PATH.
   std::string tracemeshd;
   std::vector<std::string> extra_args;  // appended to the command line
+  // [admin] http: any free loopback port by default (the broker's own default, a
+  // fixed port, would collide between brokers on one machine). "" = none.
+  std::string admin_http = "127.0.0.1:0";
   std::chrono::milliseconds ready_timeout{20000};
 };
 
@@ -85,6 +88,8 @@ class BrokerProcess {
   // Endpoints with real ports, from the ready file. "" if not listening on that transport.
   const std::string& tcp_endpoint() const { return tcp_endpoint_; }
   const std::string& ipc_endpoint() const { return ipc_endpoint_; }
+  // The admin HTTP endpoint, "http://127.0.0.1:PORT"; empty when BrokerSpec::admin_http is "".
+  const std::string& http_url() const { return http_url_; }
   // Every line of the ready file, in the order of `listen`.
   const std::vector<std::string>& endpoints() const { return endpoints_; }
 
@@ -130,6 +135,7 @@ class BrokerProcess {
   std::vector<std::string> endpoints_;
   std::string tcp_endpoint_;
   std::string ipc_endpoint_;
+  std::string http_url_;
 };
 
 }  // namespace tracemesh::process

@@ -2356,33 +2356,38 @@ std::string BrokerImpl::render_metrics() const {
     ++clients;
     subs += sess->subs.size();
   }
-  m.family("tracemesh_uptime_seconds", "gauge", "Seconds since the broker started.");
-  m.sample(std::chrono::duration<double>(Clock::now() - started_).count());
-  m.family("tracemesh_clients", "gauge", "Authenticated sessions (clients and accepted links).");
-  m.sample(clients);
-  m.family("tracemesh_subscriptions", "gauge", "Subscriptions of those sessions.");
-  m.sample(subs);
-  m.family("tracemesh_messages_in_total", "counter", "Messages received from clients and links.");
-  m.sample(static_cast<double>(messages_in_));
-  m.family("tracemesh_messages_out_total", "counter", "Messages delivered to clients and forwarded on links.");
-  m.sample(static_cast<double>(messages_out_));
-  m.family("tracemesh_bytes_in_total", "counter", "Envelope bytes received.");
-  m.sample(static_cast<double>(bytes_in_));
-  m.family("tracemesh_bytes_out_total", "counter", "Envelope bytes delivered and forwarded.");
-  m.sample(static_cast<double>(bytes_out_));
-  m.family("tracemesh_slow_consumer_drops_total", "counter",
-           "Best-effort messages dropped for subscribers whose queue was full, and by link overflow.");
-  m.sample(static_cast<double>(drops_));
-  m.family("tracemesh_malformed_frames_total", "counter", "Frames and envelopes rejected as malformed.");
-  m.sample(static_cast<double>(malformed_));
-  m.family("tracemesh_duplicates_dropped_total", "counter", "Durable publishes dropped as resends (dedup window).");
-  m.sample(static_cast<double>(duplicates_));
-  m.family("tracemesh_auth_failures_total", "counter", "Sessions refused at hello.");
-  m.sample(static_cast<double>(auth_failures_));
-  m.family("tracemesh_mesh_duplicates_dropped_total", "counter", "Copies that arrived over more than one path.");
-  m.sample(static_cast<double>(mesh_duplicates_));
-  m.family("tracemesh_mesh_loops_cut_total", "counter", "Copies not sent: the next broker was on the visited path.");
-  m.sample(static_cast<double>(path_skips_));
+  struct Scalar {
+    const char* name;
+    const char* type;
+    const char* help;
+    double value;
+  };
+  const Scalar scalars[] = {
+      {"tracemesh_uptime_seconds", "gauge", "Seconds since the broker started.",
+       std::chrono::duration<double>(Clock::now() - started_).count()},
+      {"tracemesh_clients", "gauge", "Authenticated sessions (clients and accepted links).", double(clients)},
+      {"tracemesh_subscriptions", "gauge", "Subscriptions of those sessions.", double(subs)},
+      {"tracemesh_messages_in_total", "counter", "Messages received from clients and links.", double(messages_in_)},
+      {"tracemesh_messages_out_total", "counter", "Messages delivered to clients and forwarded on links.",
+       double(messages_out_)},
+      {"tracemesh_bytes_in_total", "counter", "Envelope bytes received.", double(bytes_in_)},
+      {"tracemesh_bytes_out_total", "counter", "Envelope bytes delivered and forwarded.", double(bytes_out_)},
+      {"tracemesh_slow_consumer_drops_total", "counter",
+       "Best-effort messages dropped for subscribers whose queue was full, and by link overflow.", double(drops_)},
+      {"tracemesh_malformed_frames_total", "counter", "Frames and envelopes rejected as malformed.",
+       double(malformed_)},
+      {"tracemesh_duplicates_dropped_total", "counter", "Durable publishes dropped as resends (dedup window).",
+       double(duplicates_)},
+      {"tracemesh_auth_failures_total", "counter", "Sessions refused at hello.", double(auth_failures_)},
+      {"tracemesh_mesh_duplicates_dropped_total", "counter", "Copies that arrived over more than one path.",
+       double(mesh_duplicates_)},
+      {"tracemesh_mesh_loops_cut_total", "counter", "Copies not sent: the next broker was on the visited path.",
+       double(path_skips_)},
+  };
+  for (const Scalar& sc : scalars) {
+    m.family(sc.name, sc.type, sc.help);
+    m.sample(sc.value);
+  }
 
   m.family("tracemesh_stream_messages", "gauge", "Messages stored in a stream.");
   for (const auto& [name, rt] : streams_) m.sample(static_cast<double>(rt->state.messages), {{"stream", name}});
@@ -2395,21 +2400,30 @@ std::string BrokerImpl::render_metrics() const {
 
   m.family("tracemesh_link_up", "gauge", "1 while the federation link is up.");
   for (const auto& l : links_) m.sample(l->up() ? 1 : 0, {{"link", l->name}, {"peer", l->peer}});
-  m.family("tracemesh_link_backlog_messages", "gauge", "Messages in the link's outbox, not yet acked by the peer.");
-  for (const auto& l : links_)
-    m.sample(l->outbox ? static_cast<double>(l->outbox->stats().messages) : 0, {{"link", l->name}});
-  m.family("tracemesh_link_backlog_bytes", "gauge", "Bytes in the link's outbox, not yet acked by the peer.");
-  for (const auto& l : links_)
-    m.sample(l->outbox ? static_cast<double>(l->outbox->stats().bytes) : 0, {{"link", l->name}});
-  m.family("tracemesh_link_dropped_total", "counter", "Best-effort messages dropped by the link outbox's overflow policy.");
-  for (const auto& l : links_)
-    m.sample(l->outbox ? static_cast<double>(l->outbox->stats().dropped) : 0, {{"link", l->name}});
-  m.family("tracemesh_link_rtt_seconds", "gauge", "Last measured round trip to the peer.");
-  for (const auto& l : links_) m.sample(l->rtt_us / 1e6, {{"link", l->name}});
-  m.family("tracemesh_link_forwarded_total", "counter", "Messages forwarded over the link.");
-  for (const auto& l : links_) m.sample(static_cast<double>(l->forwarded), {{"link", l->name}});
-  m.family("tracemesh_link_received_total", "counter", "Messages received over the link.");
-  for (const auto& l : links_) m.sample(static_cast<double>(l->received), {{"link", l->name}});
+  struct PerLink {
+    const char* name;
+    const char* type;
+    const char* help;
+    double (*value)(const Link&);
+  };
+  static const PerLink per_link[] = {
+      {"tracemesh_link_backlog_messages", "gauge", "Messages in the link's outbox, not yet acked by the peer.",
+       [](const Link& l) { return l.outbox ? double(l.outbox->stats().messages) : 0.0; }},
+      {"tracemesh_link_backlog_bytes", "gauge", "Bytes in the link's outbox, not yet acked by the peer.",
+       [](const Link& l) { return l.outbox ? double(l.outbox->stats().bytes) : 0.0; }},
+      {"tracemesh_link_dropped_total", "counter", "Best-effort messages dropped by the link outbox's overflow policy.",
+       [](const Link& l) { return l.outbox ? double(l.outbox->stats().dropped) : 0.0; }},
+      {"tracemesh_link_rtt_seconds", "gauge", "Last measured round trip to the peer.",
+       [](const Link& l) { return l.rtt_us / 1e6; }},
+      {"tracemesh_link_forwarded_total", "counter", "Messages forwarded over the link.",
+       [](const Link& l) { return double(l.forwarded); }},
+      {"tracemesh_link_received_total", "counter", "Messages received over the link.",
+       [](const Link& l) { return double(l.received); }},
+  };
+  for (const PerLink& f : per_link) {
+    m.family(f.name, f.type, f.help);
+    for (const auto& l : links_) m.sample(f.value(*l), {{"link", l->name}});
+  }
   return m.take();
 }
 

@@ -500,6 +500,14 @@ TEST_F(FederationTest, OutboxBudgetDropsOldestBestEffortAndPushesBackDurableWhil
   EXPECT_GT(cut->links[0].dropped, 0u) << "1 MB of best-effort into a 256 KiB outbox drops nothing?";
   EXPECT_LE(cut->links[0].backlog_bytes, kBudget);
   EXPECT_GT(cut->links[0].backlog_messages, 100u) << "the newest best-effort data is kept";
+  // The same, as a monitoring system scrapes it.
+  HttpReply scraped;
+  EXPECT_TRUE(wait_until([&] {
+    scraped = http_get(nodes_["edge"].broker->http_url(), "/metrics");
+    return metric(scraped.body, "tracemesh_link_dropped_total{link=\"centre\"}") > 0;
+  })) << scraped.body;
+  EXPECT_EQ(metric(scraped.body, "tracemesh_link_up{link=\"centre\",peer=\"centre\"}"), 0) << scraped.body;
+  EXPECT_GT(metric(scraped.body, "tracemesh_link_backlog_bytes{link=\"centre\"}"), 0) << scraped.body;
 
   std::vector<std::string> acked;
   Error refused;

@@ -2,7 +2,11 @@
 // on ephemeral ports in temp dirs, and authenticated clients.
 #pragma once
 
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -10,6 +14,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -37,6 +42,51 @@ inline bool wait_until(const std::function<bool()>& cond, std::chrono::milliseco
 // Collects what a subscription receives. The handler shares the collected state, so a
 // message arriving while a test tears down (clients are often declared before their inbox)
 // never touches a destroyed Inbox.
+struct HttpReply {
+  int status = 0;
+  std::string headers, body;
+};
+
+// GET `path` from `url` ("http://127.0.0.1:PORT"), HTTP/1.1, Connection: close.
+inline HttpReply http_get(const std::string& url, const std::string& path, const std::string& method = "GET") {
+  HttpReply r;
+  const auto colon = url.rfind(':');
+  const int port = std::stoi(url.substr(colon + 1));
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return r;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  ::inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  timeval tv{5, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return r;
+  }
+  const std::string request = method + " " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+  (void)::send(fd, request.data(), request.size(), MSG_NOSIGNAL);
+  std::string raw;
+  char buf[4096];
+  for (ssize_t n; (n = ::recv(fd, buf, sizeof buf, 0)) > 0;) raw.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  const auto end = raw.find("\r\n\r\n");
+  if (raw.rfind("HTTP/1.1 ", 0) != 0 || end == std::string::npos) return r;
+  r.status = std::stoi(raw.substr(9, 3));
+  r.headers = raw.substr(0, end);
+  r.body = raw.substr(end + 4);
+  return r;
+}
+
+// The value of a sample in Prometheus text, or -1; `series` is the name with its
+// labels as the broker writes them: tracemesh_link_up{link="a",peer="a"}.
+inline double metric(const std::string& text, const std::string& series) {
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);)
+    if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
+  return -1;
+}
+
 struct Inbox {
   struct State {
     std::mutex mu;

@@ -33,7 +33,7 @@ class AdminHttp {
   // The metrics text served until the next publish; also the loop's heartbeat.
   void publish(std::string metrics);
 
-  // What a request gets: status code, content type, body. Public for tests.
+  // What a request gets: status code, content type, body (called by the connections).
   struct Response {
     unsigned status;
     std::string content_type;

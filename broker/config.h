@@ -40,7 +40,7 @@ struct BrokerConfig {
   uint64_t dedup_window_ms = 120000;
   uint32_t session_timeout_ms = 10000;
   // Admin HTTP (/healthz, /metrics): HOST:PORT, loopback by default; "" = none.
-  std::string admin_http = "127.0.0.1:8222";
+  std::string admin_http = "127.0.0.1:7071";
   std::vector<StreamConfig> streams;
   // Federation.
   std::string tier;                   // device | edge | regional | centre ("" = standalone)

@@ -69,11 +69,11 @@ TEST_F(ConfigTest, AdminHttpDefaultsToLoopbackAndIsChecked) {
                            "[security]\noperators = [\"" + op_ + "\"]\n";
   auto defaults = load_config(write(base));
   ASSERT_TRUE(defaults.ok()) << defaults.error().to_string();
-  EXPECT_EQ(defaults->admin_http, "127.0.0.1:8222");
+  EXPECT_EQ(defaults->admin_http, "127.0.0.1:7071");
   auto off = load_config(write(base + "[admin]\nhttp = \"\"\n"));
   ASSERT_TRUE(off.ok()) << off.error().to_string();
   EXPECT_EQ(off->admin_http, "");
-  for (const char* bad : {"8222", "127.0.0.1:", "127.0.0.1:http", "127.0.0.1:70000", ":80"}) {
+  for (const char* bad : {"7071", "127.0.0.1:", "127.0.0.1:http", "127.0.0.1:70000", ":80"}) {
     auto c = load_config(write(base + "[admin]\nhttp = \"" + bad + "\"\n"));
     ASSERT_FALSE(c.ok()) << bad;
     EXPECT_NE(c.error().message().find("broker.toml:8"), std::string::npos) << c.error().message();

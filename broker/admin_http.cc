@@ -17,7 +17,6 @@ using tcp = asio::ip::tcp;
 
 namespace {
 
-constexpr auto kStalledAfter = std::chrono::seconds(5);  // no publish for this long: unhealthy
 constexpr auto kIoTimeout = std::chrono::seconds(5);     // a client that sends or reads nothing
 
 // One connection: read a request, answer it, close.
@@ -75,11 +74,13 @@ struct AdminHttp::Impl {
 
 AdminHttp::AdminHttp() : impl_(std::make_unique<Impl>()), published_at_(std::chrono::steady_clock::now()) {}
 
-Result<std::unique_ptr<AdminHttp>> AdminHttp::start(const std::string& host_port) {
+Result<std::unique_ptr<AdminHttp>> AdminHttp::start(const std::string& host_port,
+                                                    std::chrono::milliseconds stalled_after) {
   const auto colon = host_port.rfind(':');
   if (colon == std::string::npos) return Error(Errc::invalid_argument, "admin http '" + host_port + "': expected HOST:PORT");
   const std::string host = host_port.substr(0, colon), port = host_port.substr(colon + 1);
   std::unique_ptr<AdminHttp> a(new AdminHttp());
+  a->stalled_after_ = stalled_after;
   beast::error_code ec;
   tcp::resolver resolver(a->impl_->io);
   auto found = resolver.resolve(host, port, tcp::resolver::numeric_service, ec);
@@ -122,10 +123,10 @@ AdminHttp::Response AdminHttp::respond(const std::string& method, const std::str
   std::lock_guard lock(mu_);
   if (path == "/metrics") return {200, "text/plain; version=0.0.4; charset=utf-8", metrics_};
   const auto quiet = std::chrono::steady_clock::now() - published_at_;
-  if (quiet > kStalledAfter)
+  if (quiet > stalled_after_)
     return {503, "text/plain",
             "broker loop stalled: no progress for " +
-                std::to_string(std::chrono::duration_cast<std::chrono::seconds>(quiet).count()) + " s\n"};
+                std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(quiet).count()) + " ms\n"};
   return {200, "text/plain", "ok\n"};
 }
 

@@ -21,9 +21,11 @@ namespace tracemesh::broker {
 
 class AdminHttp {
  public:
-  // Listens on "HOST:PORT" (port 0: any free port). Errors: invalid_argument
+  // Listens on "HOST:PORT" (port 0: any free port). /healthz turns 503 when
+  // nothing was published for `stalled_after`. Errors: invalid_argument
   // (unknown host), io (cannot bind).
-  static Result<std::unique_ptr<AdminHttp>> start(const std::string& host_port);
+  static Result<std::unique_ptr<AdminHttp>> start(const std::string& host_port,
+                                                  std::chrono::milliseconds stalled_after = std::chrono::seconds(5));
   ~AdminHttp();
   AdminHttp(const AdminHttp&) = delete;
   AdminHttp& operator=(const AdminHttp&) = delete;
@@ -46,6 +48,7 @@ class AdminHttp {
   AdminHttp();
   std::unique_ptr<Impl> impl_;
   std::string url_;
+  std::chrono::milliseconds stalled_after_{0};
   std::mutex mu_;
   std::string metrics_;
   std::chrono::steady_clock::time_point published_at_;

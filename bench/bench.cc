@@ -178,6 +178,48 @@ Result<PeerResult> run_fanin(const BenchFlags& f) {
   return r;
 }
 
+// fanout-1x8: one publisher, eight subscriber clients that each get every message.
+constexpr int kFanout = 8;
+
+Result<PeerResult> run_fanout(const BenchFlags& f) {
+  Rig rig;
+  if (auto s = rig.start(f, false); !s.ok()) return s.error();
+  std::vector<std::unique_ptr<Client>> subs;
+  std::vector<std::unique_ptr<ThroughputMeter>> meters;
+  for (int i = 0; i < kFanout; ++i) {
+    auto c = rig.client("bench-sub-" + std::to_string(i));
+    if (!c.ok()) return c.error();
+    meters.push_back(std::make_unique<ThroughputMeter>());
+    if (auto s = (*c)->subscribe("bench/fanout", meters.back()->handler()); !s.ok()) return s.error();
+    subs.push_back(std::move(*c));
+  }
+  auto pub = rig.client("bench-pub");
+  if (!pub.ok()) return pub.error();
+  const std::string payload(f.size, 'x');
+  for (uint64_t i = 0; i < f.count; ++i)
+    if (auto st = (*pub)->publish("bench/fanout", payload); !st.ok()) return st.error();
+  (void)(*pub)->flush(60s);
+  for (auto& m : meters) m->wait(f.count, 2s);
+  PeerResult r;
+  r.system = std::string("tracemesh") + (rig.curve ? " (CURVE)" : "");
+  r.workload = "fanout-1x" + std::to_string(kFanout);
+  r.sent = f.count * kFanout;
+  Clock::time_point first = Clock::time_point::max(), last{};
+  for (auto& m : meters) {
+    r.received += m->received;
+    first = std::min(first, m->first);
+    last = std::max(last, m->last);
+  }
+  const double secs = seconds(last - first);
+  r.msgs_per_sec = secs > 0 && r.received > uint64_t(kFanout) ? (r.received - kFanout) / secs : 0;
+  r.note = std::to_string(kFanout) + " subscriber clients, deliveries/s";
+  auto stats = (*pub)->stats();
+  if (stats.ok() && stats->slow_consumer_drops)
+    r.note += "; " + std::to_string(stats->slow_consumer_drops) + " dropped as slow consumer";
+  for (auto& c : subs) c->close();  // before the meters their handlers write to
+  return r;
+}
+
 Result<PeerResult> run_rtt(const BenchFlags& f) {
   Rig rig;
   if (auto s = rig.start(f, false); !s.ok()) return s.error();
@@ -584,6 +626,7 @@ Result<PeerResult> run_tracemesh(const BenchFlags& f) {
   if (f.workload == "outage") return run_outage(f);
   if (f.workload == "fanin") return run_fanin(f);
   if (f.workload == "rtt") return run_rtt(f);
+  if (f.workload == "fanout") return run_fanout(f);
   return run_durable(f);
 }
 
@@ -605,6 +648,8 @@ std::vector<Result<PeerResult>> run_peers(const BenchFlags& f) {
     out.push_back(bench::run_mosquitto_fanin(f.size, std::min<uint64_t>(f.count, 300000), 0, limits));
     out.push_back(bench::run_zmq_pushpull(f.size, f.count, limits));
     out.push_back(bench::run_zmq_proxy(f.size, f.count, f.curve == "on", 1, limits));
+  } else if (f.workload == "fanout") {
+    out.push_back(bench::run_nats_fanout(f.size, f.count, kFanout, limits));
   } else if (f.workload == "rtt") {
     out.push_back(bench::run_nats_rtt(f.count, limits));
     out.push_back(bench::run_zmq_router_echo(f.count, limits));
@@ -761,10 +806,10 @@ void add_bench_command(CLI::App& app, Context& ctx) {
   auto* cmd = app.add_subcommand(
       "bench", "benchmark a workload on a local tracemeshd, optionally beside nats-server, mosquitto and ZeroMQ");
   cmd->add_option("workload", f->workload,
-                  "fanin | rtt | durable | chain (4 brokers; with --peers also the 1-broker fanin) | outage "
-                  "(see docs/benchmarks.md)")
+                  "fanin | fanout (1 publisher, 8 subscribers) | rtt | durable | chain (4 brokers; with --peers "
+                  "also the 1-broker fanin) | outage (see docs/benchmarks.md)")
       ->required()
-      ->check(CLI::IsMember({"fanin", "rtt", "durable", "chain", "outage"}));
+      ->check(CLI::IsMember({"fanin", "fanout", "rtt", "durable", "chain", "outage"}));
   cmd->add_option("-s,--size", f->size, "payload bytes")->capture_default_str()->check(CLI::Range(1, 16 << 20));
   cmd->add_option("-n,--count", f->count, "messages (rtt: round trips)")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--curve", f->curve, "CURVE on the broker's tcp endpoint: on | off")
@@ -787,6 +832,7 @@ void add_bench_command(CLI::App& app, Context& ctx) {
       return;
     }
     if (f->workload == "rtt" && f->count == 1000000) f->count = 10000;
+    if (f->workload == "fanout" && f->count == 1000000) f->count = 250000;  // 2 M deliveries
     ctx.exit_code = run_bench(*f);
   });
 }

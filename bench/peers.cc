@@ -102,6 +102,8 @@ class ArrivalCounter {
   }
   uint64_t received() const { return received_.load(std::memory_order_acquire); }
   bool done() const { return received() >= expected_; }
+  int64_t first_ticks() const { return first_.load(std::memory_order_relaxed); }
+  int64_t last_ticks() const { return last_.load(std::memory_order_relaxed); }
   // True if every expected message arrived before the deadline.
   bool wait_until(Clock::time_point deadline) {
     std::unique_lock<std::mutex> lock(mu_);
@@ -441,6 +443,89 @@ Result<PeerResult> run_nats_fanin(size_t size, uint64_t count, const RunLimits& 
   if (dropped > 0)
     result.note += "; client dropped " + std::to_string(dropped) + " (slow consumer)";
   finish_fanin(result, counter, sent, hit_deadline, started);
+  return result;
+}
+
+Result<PeerResult> run_nats_fanout(size_t size, uint64_t count, int subscribers, const RunLimits& limits) {
+  if (Status valid = validate(size, count); !valid) return valid.error();
+  if (subscribers < 1) return Error(Errc::invalid_argument, "subscribers must be at least 1");
+  const Clock::time_point started = Clock::now();
+  const Clock::time_point deadline = started + limits.deadline;
+  auto server = start_nats_server(deadline, false);
+  if (!server) return server.error();
+  const char* subject = "bench.fanout";
+  struct Receiver {
+    NatsPtr<natsConnection> conn;
+    NatsPtr<natsSubscription> sub;
+    std::unique_ptr<ArrivalCounter> counter;
+  };
+  std::vector<Receiver> receivers;
+  for (int i = 0; i < subscribers; ++i) {
+    auto conn = nats_connect((*server)->port(), false);
+    if (!conn) return conn.error();
+    auto sub = nats_subscribe_sync(conn->get(), subject);
+    if (!sub) return sub.error();
+    receivers.push_back(Receiver{std::move(*conn), std::move(*sub), std::make_unique<ArrivalCounter>(count)});
+  }
+  auto pub_conn = nats_connect((*server)->port(), false);
+  if (!pub_conn) return pub_conn.error();
+  // The subscriptions must be registered before the first publish.
+  for (auto& r : receivers)
+    if (natsStatus st = natsConnection_FlushTimeout(r.conn.get(), ms_left(deadline)); st != NATS_OK)
+      return nats_error("flush subscriber", st);
+
+  std::atomic<bool> stop{false};
+  std::vector<std::unique_ptr<ScopedThread>> threads;
+  for (auto& r : receivers)
+    threads.push_back(std::make_unique<ScopedThread>(
+        [&, rp = &r] {
+          while (!rp->counter->done() && !stop.load() && Clock::now() < deadline) {
+            natsMsg* msg = nullptr;
+            natsStatus st = natsSubscription_NextMsg(&msg, rp->sub.get(), kPollMs);
+            if (st == NATS_OK) {
+              rp->counter->record();
+              natsMsg_Destroy(msg);
+            } else if (st != NATS_TIMEOUT && st != NATS_SLOW_CONSUMER) {
+              break;  // connection closed
+            }
+          }
+        },
+        [&] { stop = true; }));
+
+  const std::string payload = make_payload(size);
+  uint64_t sent = 0;
+  bool hit_deadline = false;
+  for (; sent < count; ++sent) {
+    if (sent % kDeadlineCheckEvery == 0 && Clock::now() >= deadline) {
+      hit_deadline = true;
+      break;
+    }
+    natsStatus st = natsConnection_Publish(pub_conn->get(), subject, payload.data(), static_cast<int>(payload.size()));
+    if (st != NATS_OK) return nats_error("publish", st);
+  }
+  natsStatus st = natsConnection_FlushTimeout(pub_conn->get(), ms_left(deadline));
+  if (st != NATS_OK && st != NATS_TIMEOUT) return nats_error("flush publisher", st);
+  for (auto& r : receivers)
+    if (!r.counter->wait_until(deadline)) hit_deadline = true;
+  for (auto& t : threads) t->join();
+
+  PeerResult result;
+  result.system = "nats-server";
+  result.workload = "fanout-1x" + std::to_string(subscribers);
+  result.sent = sent * subscribers;
+  int64_t first = INT64_MAX, last = 0;
+  for (auto& r : receivers) {
+    result.received += r.counter->received();
+    first = std::min(first, r.counter->first_ticks());
+    last = std::max(last, r.counter->last_ticks());
+  }
+  const double span = std::chrono::duration<double>(Clock::duration(last - first)).count();
+  result.msgs_per_sec = span > 0 && result.received > static_cast<uint64_t>(subscribers)
+                            ? (result.received - subscribers) / span
+                            : 0;
+  result.note = "core pub/sub, " + std::to_string(subscribers) + " subscriber connections, deliveries/s";
+  if (hit_deadline) result.note += "; deadline reached";
+  if (result.received < result.sent) result.note += "; lost " + std::to_string(result.sent - result.received);
   return result;
 }
 

@@ -10,6 +10,7 @@ echo "# $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores"
 set -x
 $tm bench fanin --size 128 --count 1000000 --curve off --peers --runs "$runs"
 $tm bench fanin --size 128 --count 1000000 --curve on --peers --runs "$runs"
+$tm bench fanout --size 128 --count 250000 --peers --runs "$runs"
 $tm bench rtt --count 10000 --peers --runs "$runs"
 $tm bench durable --size 128 --count 300000 --peers --runs "$runs"
 $tm bench durable --size 128 --count 100000 --crash

@@ -397,6 +397,14 @@ TEST_F(CliTest, MeshStatusShowsTheBrokerAndItsLinksAsTextAndJson) {
   EXPECT_NE(other.out.find("\"peer\":\"edge-plant1\""), std::string::npos) << other.out;
 }
 
+TEST_F(CliTest, BenchFanoutCountsEveryDeliveryToEverySubscriber) {
+  Run r = cli({"bench", "fanout", "-n", "2000", "--json", "--tracemeshd", TRACEMESHD_PATH}, 60s);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("\"workload\":\"fanout\""), std::string::npos) << r.out;
+  // Eight subscribers, each with all 2000 messages, nothing lost.
+  EXPECT_NE(r.out.find("\"sent\":16000,\"received\":16000"), std::string::npos) << r.out;
+}
+
 TEST_F(CliTest, HelpOnEverySubcommandExitsZero) {
   Run top = cli({"--help"});
   ASSERT_EQ(top.exit_code, 0) << top.err;

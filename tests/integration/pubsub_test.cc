@@ -1,5 +1,7 @@
 // Pub/sub, wildcards, queue groups, request/reply and retained values
 // against a real tracemeshd.
+#include <future>
+
 #include "harness.h"
 
 namespace tracemesh::testing {
@@ -111,6 +113,41 @@ TEST_F(PubSubTest, ManyClientsConnectAndRequestAtOnce) {
   for (auto& t : threads) t.join();
   for (int t = 0; t < kClients; ++t) EXPECT_EQ(errors[t], "") << "client " << t;
   EXPECT_EQ(answered.load(), kClients);
+}
+
+// A handler may destroy its own client, on either handler thread: the client stops
+// once the handler returns, says goodbye to the broker, and nothing crashes.
+TEST_F(PubSubTest, HandlerMayDestroyItsOwnClient) {
+  auto admin = connect(*broker_, "admin");
+  auto pub = connect(*broker_, "controller");
+  ASSERT_TRUE(admin && pub);
+  for (auto mode : {ClientOptions::HandlerThread::dispatcher, ClientOptions::HandlerThread::io_thread}) {
+    auto o = options(*broker_, principal("worker"), false);
+    o.handler_thread = mode;
+    auto made = Client::connect(std::move(o));
+    ASSERT_TRUE(made.ok()) << made.error().to_string();
+    auto holder = std::make_shared<std::unique_ptr<Client>>(std::move(*made));
+    auto destroyed = std::make_shared<std::promise<void>>();
+    auto done = destroyed->get_future();
+    ASSERT_TRUE((*holder)->subscribe("ctl/stop", [holder, destroyed](const Message&) {
+      if (!*holder) return;  // a second stop, already handled
+      holder->reset();       // the client, from its own handler
+      destroyed->set_value();
+    }).ok());
+    auto clients = [&] {
+      auto st = admin->stats();
+      return st.ok() ? st->clients : 0u;
+    };
+    ASSERT_EQ(clients(), 3u);
+    ASSERT_TRUE(pub->publish("ctl/stop", "now").ok());
+    ASSERT_EQ(done.wait_for(10s), std::future_status::ready);
+    EXPECT_TRUE(wait_until([&] { return clients() == 2u; })) << "the broker still has the destroyed client's session";
+  }
+  // The broker and the other clients carry on.
+  Inbox inbox;
+  ASSERT_TRUE(admin->subscribe("ctl/after", inbox.handler()).ok());
+  ASSERT_TRUE(pub->publish("ctl/after", "ok").ok());
+  EXPECT_TRUE(inbox.wait_for(1));
 }
 
 TEST_F(PubSubTest, WildcardsMatchLevels) {

@@ -207,8 +207,9 @@ struct ClientOptions {
   //     handler must then be short, and calls that wait for the broker (request, flush,
   //     subscribe, stream admin, stats, mesh status) fail with invalid_argument inside it
   //     instead of deadlocking; publish, reply, unsubscribe and ack work. Waiting on a
-  //     publish_durable future there would deadlock: use the callback form. Do not close or
-  //     destroy the client from such a handler.
+  //     publish_durable future there would deadlock: use the callback form. Closing or
+  //     destroying the client from such a handler stops it once the handler returns
+  //     (what is queued is sent, but not waited for).
   enum class HandlerThread { dispatcher, io_thread };
   HandlerThread handler_thread = HandlerThread::dispatcher;
 };

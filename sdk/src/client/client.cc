@@ -112,7 +112,12 @@ class MessageDecoder {
 class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
  public:
   explicit ClientImpl(ClientOptions options) : opts_(std::move(options)) {}
-  ~ClientImpl() { shutdown(std::chrono::milliseconds(0)); }
+  ~ClientImpl() {
+    // The last reference was dropped on the I/O thread itself (a handler there destroyed the
+    // client; the thread held a reference until its loop returned): the thread is ending.
+    if (on_io_thread()) io_thread_.detach();
+    shutdown(std::chrono::milliseconds(0));
+  }
 
   Status start();
   void shutdown(std::chrono::milliseconds timeout);
@@ -191,6 +196,7 @@ class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
   int wake_fd_ = -1;
   std::thread io_thread_, dispatch_thread_;
   std::atomic<bool> stop_{false};
+  std::atomic<bool> finished_{false};  // shutdown ran (from a thread other than the I/O thread)
   std::atomic<uint64_t> sequence_{0};
   std::atomic<uint64_t> next_sub_{kInboxSubscription + 1};
   std::atomic<uint64_t> next_admin_{kAdminCorrelationBase};
@@ -283,8 +289,10 @@ Status ClientImpl::start() {
     return Error(Errc::invalid_argument, "connect to '" + opts_.url + "': " + e.what());
   }
   auto connected = connected_.get_future();
-  io_thread_ = std::thread([this] { io_loop(); });
-  dispatch_thread_ = std::thread([this] { dispatch_loop(); });
+  // Each thread holds a reference: a handler may close or destroy the client, and the
+  // thread must not return into a destroyed object.
+  io_thread_ = std::thread([self = shared_from_this()] { self->io_loop(); });
+  dispatch_thread_ = std::thread([self = shared_from_this()] { self->dispatch_loop(); });
   if (connected.wait_for(opts_.connect_timeout) != std::future_status::ready) {
     std::lock_guard lock(mu_);
     std::string why = last_handshake_error_.code() != Errc::ok
@@ -299,14 +307,31 @@ Status ClientImpl::start() {
 }
 
 void ClientImpl::shutdown(std::chrono::milliseconds timeout) {
-  if (stop_.exchange(true)) return;
+  if (on_io_thread()) {
+    // From a handler on the I/O thread: the loop sends what is queued and a goodbye when
+    // the handler returns, and stops. The rest (join, failing the waiters, closing the
+    // socket) is done by the next shutdown from another thread, or by the destructor.
+    if (!stop_.exchange(true)) {
+      std::lock_guard lock(mu_);
+      if (state_ == State::ready) {
+        capnp::MallocMessageBuilder b(16);
+        auto f = b.initRoot<wire::Frame>();
+        f.setVersion(wire::PROTOCOL_VERSION);
+        f.setBye();
+        tail_.push_back(codec::to_message(b));
+      }
+    }
+    return;
+  }
+  if (finished_.exchange(true)) return;
+  const bool stopped = stop_.exchange(true);  // already stopped from an I/O-thread handler
   bool failed;
   {
     std::lock_guard lock(mu_);
     failed = state_ == State::failed;  // refused by the broker: nothing to flush, nobody to tell
   }
   if (io_thread_.joinable()) {
-    if (timeout.count() > 0 && !failed) {
+    if (timeout.count() > 0 && !failed && !stopped) {
       // Let the I/O thread send what is queued, then say goodbye so the broker
       // ends the session at once instead of timing it out.
       stop_ = false;

@@ -220,6 +220,42 @@ Result<PeerResult> run_fanout(const BenchFlags& f) {
   return r;
 }
 
+// many-topics: 10,000 topics plant/line<L>/sensor<S> (L, S < 100); one subscriber client with
+// 100 wildcard subscriptions plant/line<L>/+, each message matching one; the publisher cycles
+// through the topics, so the broker's route cache holds them all.
+constexpr int kLines = 100, kSensors = 100;
+
+Result<PeerResult> run_many_topics(const BenchFlags& f) {
+  Rig rig;
+  if (auto s = rig.start(f, false); !s.ok()) return s.error();
+  auto sub = rig.client("bench-sub");
+  if (!sub.ok()) return sub.error();
+  ThroughputMeter meter;
+  for (int l = 0; l < kLines; ++l)
+    if (auto s = (*sub)->subscribe("plant/line" + std::to_string(l) + "/+", meter.handler()); !s.ok())
+      return s.error();
+  auto pub = rig.client("bench-pub");
+  if (!pub.ok()) return pub.error();
+  std::vector<std::string> topics;
+  for (int i = 0; i < kLines * kSensors; ++i)
+    topics.push_back("plant/line" + std::to_string(i % kLines) + "/sensor" + std::to_string(i / kLines));
+  const std::string payload(f.size, 'x');
+  for (uint64_t i = 0; i < f.count; ++i)
+    if (auto st = (*pub)->publish(topics[i % topics.size()], payload); !st.ok()) return st.error();
+  (void)(*pub)->flush(60s);
+  meter.wait(f.count, 2s);
+  PeerResult r;
+  r.system = std::string("tracemesh") + (rig.curve ? " (CURVE)" : "");
+  r.workload = "many-topics";
+  r.sent = f.count;
+  r.received = meter.received;
+  r.msgs_per_sec = meter.rate();
+  r.note = std::to_string(kLines * kSensors) + " topics, " + std::to_string(kLines) +
+           " wildcard subscriptions on one client";
+  (*sub)->close();  // before the meter its handlers write to
+  return r;
+}
+
 Result<PeerResult> run_rtt(const BenchFlags& f) {
   Rig rig;
   if (auto s = rig.start(f, false); !s.ok()) return s.error();
@@ -627,6 +663,7 @@ Result<PeerResult> run_tracemesh(const BenchFlags& f) {
   if (f.workload == "fanin") return run_fanin(f);
   if (f.workload == "rtt") return run_rtt(f);
   if (f.workload == "fanout") return run_fanout(f);
+  if (f.workload == "many-topics") return run_many_topics(f);
   return run_durable(f);
 }
 
@@ -650,6 +687,8 @@ std::vector<Result<PeerResult>> run_peers(const BenchFlags& f) {
     out.push_back(bench::run_zmq_proxy(f.size, f.count, f.curve == "on", 1, limits));
   } else if (f.workload == "fanout") {
     out.push_back(bench::run_nats_fanout(f.size, f.count, kFanout, limits));
+  } else if (f.workload == "many-topics") {
+    out.push_back(bench::run_nats_many_topics(f.size, f.count, kLines, kSensors, limits));
   } else if (f.workload == "rtt") {
     out.push_back(bench::run_nats_rtt(f.count, limits));
     out.push_back(bench::run_zmq_router_echo(f.count, limits));
@@ -806,10 +845,11 @@ void add_bench_command(CLI::App& app, Context& ctx) {
   auto* cmd = app.add_subcommand(
       "bench", "benchmark a workload on a local tracemeshd, optionally beside nats-server, mosquitto and ZeroMQ");
   cmd->add_option("workload", f->workload,
-                  "fanin | fanout (1 publisher, 8 subscribers) | rtt | durable | chain (4 brokers; with --peers "
-                  "also the 1-broker fanin) | outage (see docs/benchmarks.md)")
+                  "fanin | fanout (1 publisher, 8 subscribers) | many-topics (10,000 topics, 100 wildcard "
+                  "subscriptions) | rtt | durable | chain (4 brokers; with --peers also the 1-broker fanin) | "
+                  "outage (see docs/benchmarks.md)")
       ->required()
-      ->check(CLI::IsMember({"fanin", "fanout", "rtt", "durable", "chain", "outage"}));
+      ->check(CLI::IsMember({"fanin", "fanout", "many-topics", "rtt", "durable", "chain", "outage"}));
   cmd->add_option("-s,--size", f->size, "payload bytes")->capture_default_str()->check(CLI::Range(1, 16 << 20));
   cmd->add_option("-n,--count", f->count, "messages (rtt: round trips)")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--curve", f->curve, "CURVE on the broker's tcp endpoint: on | off")

@@ -340,7 +340,9 @@ Error nats_error(const std::string& what, natsStatus status) {
   return Error(Errc::io, text);
 }
 
-Result<NatsPtr<natsConnection>> nats_connect(uint16_t port, bool send_asap) {
+// `shared_delivery`: async subscriptions share libnats's delivery pool (one thread) instead of a
+// thread each, as a tracemesh client's handlers share its dispatcher.
+Result<NatsPtr<natsConnection>> nats_connect(uint16_t port, bool send_asap, bool shared_delivery = false) {
   natsOptions* raw_options = nullptr;
   natsStatus s = natsOptions_Create(&raw_options);
   if (s != NATS_OK) return nats_error("natsOptions_Create", s);
@@ -350,6 +352,7 @@ Result<NatsPtr<natsConnection>> nats_connect(uint16_t port, bool send_asap) {
   if (s == NATS_OK) s = natsOptions_SetTimeout(options.get(), 5000);
   if (s == NATS_OK) s = natsOptions_SetAllowReconnect(options.get(), false);
   if (s == NATS_OK) s = natsOptions_SetSendAsap(options.get(), send_asap);
+  if (s == NATS_OK && shared_delivery) s = natsOptions_UseGlobalMessageDelivery(options.get(), true);
   if (s != NATS_OK) return nats_error("nats options", s);
   natsConnection* raw = nullptr;
   s = natsConnection_Connect(&raw, options.get());
@@ -526,6 +529,65 @@ Result<PeerResult> run_nats_fanout(size_t size, uint64_t count, int subscribers,
   result.note = "core pub/sub, " + std::to_string(subscribers) + " subscriber connections, deliveries/s";
   if (hit_deadline) result.note += "; deadline reached";
   if (result.received < result.sent) result.note += "; lost " + std::to_string(result.sent - result.received);
+  return result;
+}
+
+Result<PeerResult> run_nats_many_topics(size_t size, uint64_t count, int lines, int sensors,
+                                        const RunLimits& limits) {
+  if (Status valid = validate(size, count); !valid) return valid.error();
+  const Clock::time_point started = Clock::now();
+  const Clock::time_point deadline = started + limits.deadline;
+  auto server = start_nats_server(deadline, false);
+  if (!server) return server.error();
+  auto sub_conn = nats_connect((*server)->port(), false, true);
+  if (!sub_conn) return sub_conn.error();
+  auto pub_conn = nats_connect((*server)->port(), false);
+  if (!pub_conn) return pub_conn.error();
+
+  ArrivalCounter counter(count);  // one delivery thread: record() is never called concurrently
+  auto on_msg = [](natsConnection*, natsSubscription*, natsMsg* msg, void* closure) {
+    static_cast<ArrivalCounter*>(closure)->record();
+    natsMsg_Destroy(msg);
+  };
+  std::vector<NatsPtr<natsSubscription>> subs;
+  for (int l = 0; l < lines; ++l) {
+    const std::string filter = "plant.line" + std::to_string(l) + ".*";
+    natsSubscription* raw = nullptr;
+    natsStatus st = natsConnection_Subscribe(&raw, sub_conn->get(), filter.c_str(), on_msg, &counter);
+    if (st != NATS_OK) return nats_error("subscribe " + filter, st);
+    subs.emplace_back(raw);
+    st = natsSubscription_SetPendingLimits(raw, -1, -1);
+    if (st != NATS_OK) return nats_error("pending limits", st);
+  }
+  if (natsStatus st = natsConnection_FlushTimeout(sub_conn->get(), ms_left(deadline)); st != NATS_OK)
+    return nats_error("flush subscriber", st);
+
+  std::vector<std::string> subjects;
+  for (int i = 0; i < lines * sensors; ++i)
+    subjects.push_back("plant.line" + std::to_string(i % lines) + ".sensor" + std::to_string(i / lines));
+  const std::string payload = make_payload(size);
+  uint64_t sent = 0;
+  bool hit_deadline = false;
+  for (; sent < count; ++sent) {
+    if (sent % kDeadlineCheckEvery == 0 && Clock::now() >= deadline) {
+      hit_deadline = true;
+      break;
+    }
+    natsStatus st = natsConnection_Publish(pub_conn->get(), subjects[sent % subjects.size()].c_str(), payload.data(),
+                                           static_cast<int>(payload.size()));
+    if (st != NATS_OK) return nats_error("publish", st);
+  }
+  natsStatus st = natsConnection_FlushTimeout(pub_conn->get(), ms_left(deadline));
+  if (st != NATS_OK && st != NATS_TIMEOUT) return nats_error("flush publisher", st);
+  if (!counter.wait_until(deadline)) hit_deadline = true;
+  subs.clear();  // no callback runs on `counter` after this
+
+  PeerResult result;
+  result.system = "nats-server";
+  result.workload = "many-topics";
+  result.note = std::to_string(lines * sensors) + " subjects, " + std::to_string(lines) +
+                " wildcard subscriptions on one connection (one delivery thread)";
+  finish_fanin(result, counter, sent, hit_deadline, started);
   return result;
 }
 

@@ -49,6 +49,11 @@ Result<PeerResult> run_nats_fanin(size_t size, uint64_t count, const RunLimits& 
 // each getting every message (fanout-1x8 with 8). msgs_per_sec counts deliveries, all subscribers
 // together, from the first arrival anywhere to the last.
 Result<PeerResult> run_nats_fanout(size_t size, uint64_t count, int subscribers, const RunLimits& limits = {});
+// nats-server core: 1 publisher cycling through `lines` x `sensors` subjects plant.lineL.sensorS ->
+// 1 subscriber connection with `lines` wildcard subscriptions plant.lineL.* (each message matches
+// one), delivered by one shared thread. The many-topics workload.
+Result<PeerResult> run_nats_many_topics(size_t size, uint64_t count, int lines, int sensors,
+                                        const RunLimits& limits = {});
 // nats-server core request/reply (natsConnection_Request), one responder connection.
 Result<PeerResult> run_nats_rtt(uint64_t count, const RunLimits& limits = {});
 // JetStream file-storage stream, js_PublishAsync with at most 4,096 unacknowledged.

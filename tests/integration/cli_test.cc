@@ -397,12 +397,17 @@ TEST_F(CliTest, MeshStatusShowsTheBrokerAndItsLinksAsTextAndJson) {
   EXPECT_NE(other.out.find("\"peer\":\"edge-plant1\""), std::string::npos) << other.out;
 }
 
-TEST_F(CliTest, BenchFanoutCountsEveryDeliveryToEverySubscriber) {
+TEST_F(CliTest, BenchFanoutAndManyTopicsCountEveryDelivery) {
   Run r = cli({"bench", "fanout", "-n", "2000", "--json", "--tracemeshd", TRACEMESHD_PATH}, 60s);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("\"workload\":\"fanout\""), std::string::npos) << r.out;
   // Eight subscribers, each with all 2000 messages, nothing lost.
   EXPECT_NE(r.out.find("\"sent\":16000,\"received\":16000"), std::string::npos) << r.out;
+
+  // 10,000 topics, 100 wildcard subscriptions: each of 20,000 messages arrives once.
+  Run many = cli({"bench", "many-topics", "-n", "20000", "--json", "--tracemeshd", TRACEMESHD_PATH}, 60s);
+  ASSERT_EQ(many.exit_code, 0) << many.err;
+  EXPECT_NE(many.out.find("\"sent\":20000,\"received\":20000"), std::string::npos) << many.out;
 }
 
 TEST_F(CliTest, HelpOnEverySubcommandExitsZero) {

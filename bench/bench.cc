@@ -143,6 +143,17 @@ struct ThroughputMeter {
   }
 };
 
+// What one subscriber's meter saw, as a result row of `workload`.
+PeerResult metered(const Rig& rig, const char* workload, uint64_t sent, const ThroughputMeter& meter) {
+  PeerResult r;
+  r.system = std::string("tracemesh") + (rig.curve ? " (CURVE)" : "");
+  r.workload = workload;
+  r.sent = sent;
+  r.received = meter.received;
+  r.msgs_per_sec = meter.rate();
+  return r;
+}
+
 Result<PeerResult> run_fanin(const BenchFlags& f) {
   Rig rig;
   if (auto s = rig.start(f, false); !s.ok()) return s.error();
@@ -162,12 +173,7 @@ Result<PeerResult> run_fanin(const BenchFlags& f) {
   (void)(*pub)->flush(60s);
   const auto pub_flushed = Clock::now();
   meter.wait(f.count, 2s);
-  PeerResult r;
-  r.system = std::string("tracemesh") + (rig.curve ? " (CURVE)" : "");
-  r.workload = "fanin-1x1";
-  r.sent = f.count;
-  r.received = meter.received;
-  r.msgs_per_sec = meter.rate();
+  PeerResult r = metered(rig, "fanin-1x1", f.count, meter);
   char note[160];
   std::snprintf(note, sizeof note, "publisher: queued in %.0f ms, broker had all after %.0f ms",
                 seconds(pub_queued - pub_start) * 1e3, seconds(pub_flushed - pub_start) * 1e3);
@@ -244,12 +250,7 @@ Result<PeerResult> run_many_topics(const BenchFlags& f) {
     if (auto st = (*pub)->publish(topics[i % topics.size()], payload); !st.ok()) return st.error();
   (void)(*pub)->flush(60s);
   meter.wait(f.count, 2s);
-  PeerResult r;
-  r.system = std::string("tracemesh") + (rig.curve ? " (CURVE)" : "");
-  r.workload = "many-topics";
-  r.sent = f.count;
-  r.received = meter.received;
-  r.msgs_per_sec = meter.rate();
+  PeerResult r = metered(rig, "many-topics", f.count, meter);
   r.note = std::to_string(kLines * kSensors) + " topics, " + std::to_string(kLines) +
            " wildcard subscriptions on one client";
   (*sub)->close();  // before the meter its handlers write to

@@ -387,76 +387,42 @@ Result<NatsPtr<natsSubscription>> nats_subscribe_sync(natsConnection* nc, const 
   return sub;
 }
 
-}  // namespace
-
-Result<PeerResult> run_nats_fanin(size_t size, uint64_t count, const RunLimits& limits) {
-  if (Status valid = validate(size, count); !valid) return valid.error();
-  const Clock::time_point started = Clock::now();
-  const Clock::time_point deadline = started + limits.deadline;
-  auto server = start_nats_server(deadline, false);
-  if (!server) return server.error();
-  auto sub_conn = nats_connect((*server)->port(), false);
-  if (!sub_conn) return sub_conn.error();
-  auto pub_conn = nats_connect((*server)->port(), false);
-  if (!pub_conn) return pub_conn.error();
-  const char* subject = "bench.fanin";
-  auto sub = nats_subscribe_sync(sub_conn->get(), subject);
-  if (!sub) return sub.error();
-
-  ArrivalCounter counter(count);
-  std::atomic<bool> stop{false};
-  ScopedThread receiver(
-      [&] {
-        while (!counter.done() && !stop.load() && Clock::now() < deadline) {
-          natsMsg* msg = nullptr;
-          natsStatus s = natsSubscription_NextMsg(&msg, sub->get(), kPollMs);
-          if (s == NATS_OK) {
-            counter.record();
-            natsMsg_Destroy(msg);
-          } else if (s != NATS_TIMEOUT && s != NATS_SLOW_CONSUMER) {
-            break;  // connection closed
-          }
-        }
-      },
-      [&] { stop = true; });
-
+// Publishes `count` messages of `size` bytes on subject(i), then flushes. Sets `sent` and
+// `hit_deadline`; an error is a failed publish or flush.
+template <class SubjectOf>
+Status nats_publish_all(natsConnection* nc, SubjectOf subject, size_t size, uint64_t count,
+                        Clock::time_point deadline, uint64_t& sent, bool& hit_deadline) {
   const std::string payload = make_payload(size);
-  uint64_t sent = 0;
-  bool hit_deadline = false;
+  sent = 0;
+  hit_deadline = false;
   for (; sent < count; ++sent) {
     if (sent % kDeadlineCheckEvery == 0 && Clock::now() >= deadline) {
       hit_deadline = true;
       break;
     }
-    natsStatus s = natsConnection_Publish(pub_conn->get(), subject, payload.data(),
-                                          static_cast<int>(payload.size()));
-    if (s != NATS_OK) return nats_error("publish", s);
+    natsStatus st = natsConnection_Publish(nc, subject(sent), payload.data(), static_cast<int>(payload.size()));
+    if (st != NATS_OK) return nats_error("publish", st);
   }
-  natsStatus s = natsConnection_FlushTimeout(pub_conn->get(), ms_left(deadline));
-  if (s != NATS_OK && s != NATS_TIMEOUT) return nats_error("flush publisher", s);
-  if (!counter.wait_until(deadline)) hit_deadline = true;
-  receiver.join();
-
-  PeerResult result;
-  result.system = "nats-server";
-  result.workload = "fanin-1x1";
-  int64_t dropped = 0;
-  natsSubscription_GetDropped(sub->get(), &dropped);
-  result.note = "core pub/sub, client pending limits off";
-  if (dropped > 0)
-    result.note += "; client dropped " + std::to_string(dropped) + " (slow consumer)";
-  finish_fanin(result, counter, sent, hit_deadline, started);
-  return result;
+  natsStatus st = natsConnection_FlushTimeout(nc, ms_left(deadline));
+  if (st != NATS_OK && st != NATS_TIMEOUT) return nats_error("flush publisher", st);
+  return Status::Ok();
 }
 
-Result<PeerResult> run_nats_fanout(size_t size, uint64_t count, int subscribers, const RunLimits& limits) {
+}  // namespace
+
+namespace {
+
+// 1 publisher connection -> nats-server -> `subscribers` subscriber connections, each with a
+// sync subscription read by a thread of its own and getting every message. The rate counts
+// deliveries, all subscribers together, from the first arrival anywhere to the last.
+Result<PeerResult> run_nats_subscribers(size_t size, uint64_t count, int subscribers, const RunLimits& limits,
+                                        const char* subject) {
   if (Status valid = validate(size, count); !valid) return valid.error();
   if (subscribers < 1) return Error(Errc::invalid_argument, "subscribers must be at least 1");
   const Clock::time_point started = Clock::now();
   const Clock::time_point deadline = started + limits.deadline;
   auto server = start_nats_server(deadline, false);
   if (!server) return server.error();
-  const char* subject = "bench.fanout";
   struct Receiver {
     NatsPtr<natsConnection> conn;
     NatsPtr<natsSubscription> sub;
@@ -495,26 +461,18 @@ Result<PeerResult> run_nats_fanout(size_t size, uint64_t count, int subscribers,
         },
         [&] { stop = true; }));
 
-  const std::string payload = make_payload(size);
   uint64_t sent = 0;
   bool hit_deadline = false;
-  for (; sent < count; ++sent) {
-    if (sent % kDeadlineCheckEvery == 0 && Clock::now() >= deadline) {
-      hit_deadline = true;
-      break;
-    }
-    natsStatus st = natsConnection_Publish(pub_conn->get(), subject, payload.data(), static_cast<int>(payload.size()));
-    if (st != NATS_OK) return nats_error("publish", st);
-  }
-  natsStatus st = natsConnection_FlushTimeout(pub_conn->get(), ms_left(deadline));
-  if (st != NATS_OK && st != NATS_TIMEOUT) return nats_error("flush publisher", st);
+  if (Status st = nats_publish_all(pub_conn->get(), [&](uint64_t) { return subject; }, size, count, deadline, sent,
+                                   hit_deadline);
+      !st.ok())
+    return st.error();
   for (auto& r : receivers)
     if (!r.counter->wait_until(deadline)) hit_deadline = true;
   for (auto& t : threads) t->join();
 
   PeerResult result;
   result.system = "nats-server";
-  result.workload = "fanout-1x" + std::to_string(subscribers);
   result.sent = sent * subscribers;
   int64_t first = INT64_MAX, last = 0;
   for (auto& r : receivers) {
@@ -526,10 +484,34 @@ Result<PeerResult> run_nats_fanout(size_t size, uint64_t count, int subscribers,
   result.msgs_per_sec = span > 0 && result.received > static_cast<uint64_t>(subscribers)
                             ? (result.received - subscribers) / span
                             : 0;
-  result.note = "core pub/sub, " + std::to_string(subscribers) + " subscriber connections, deliveries/s";
+  int64_t dropped = 0;
+  for (auto& r : receivers) {
+    int64_t d = 0;
+    natsSubscription_GetDropped(r.sub.get(), &d);
+    dropped += d;
+  }
+  result.note = "core pub/sub, client pending limits off";
+  if (dropped > 0) result.note += "; client dropped " + std::to_string(dropped) + " (slow consumer)";
   if (hit_deadline) result.note += "; deadline reached";
   if (result.received < result.sent) result.note += "; lost " + std::to_string(result.sent - result.received);
   return result;
+}
+
+}  // namespace
+
+Result<PeerResult> run_nats_fanin(size_t size, uint64_t count, const RunLimits& limits) {
+  auto r = run_nats_subscribers(size, count, 1, limits, "bench.fanin");
+  if (r.ok()) r->workload = "fanin-1x1";
+  return r;
+}
+
+Result<PeerResult> run_nats_fanout(size_t size, uint64_t count, int subscribers, const RunLimits& limits) {
+  auto r = run_nats_subscribers(size, count, subscribers, limits, "bench.fanout");
+  if (r.ok()) {
+    r->workload = "fanout-1x" + std::to_string(subscribers);
+    r->note = std::to_string(subscribers) + " subscriber connections, deliveries/s; " + r->note;
+  }
+  return r;
 }
 
 Result<PeerResult> run_nats_many_topics(size_t size, uint64_t count, int lines, int sensors,
@@ -565,20 +547,13 @@ Result<PeerResult> run_nats_many_topics(size_t size, uint64_t count, int lines, 
   std::vector<std::string> subjects;
   for (int i = 0; i < lines * sensors; ++i)
     subjects.push_back("plant.line" + std::to_string(i % lines) + ".sensor" + std::to_string(i / lines));
-  const std::string payload = make_payload(size);
   uint64_t sent = 0;
   bool hit_deadline = false;
-  for (; sent < count; ++sent) {
-    if (sent % kDeadlineCheckEvery == 0 && Clock::now() >= deadline) {
-      hit_deadline = true;
-      break;
-    }
-    natsStatus st = natsConnection_Publish(pub_conn->get(), subjects[sent % subjects.size()].c_str(), payload.data(),
-                                           static_cast<int>(payload.size()));
-    if (st != NATS_OK) return nats_error("publish", st);
-  }
-  natsStatus st = natsConnection_FlushTimeout(pub_conn->get(), ms_left(deadline));
-  if (st != NATS_OK && st != NATS_TIMEOUT) return nats_error("flush publisher", st);
+  if (Status st = nats_publish_all(
+          pub_conn->get(), [&](uint64_t i) { return subjects[i % subjects.size()].c_str(); }, size, count, deadline,
+          sent, hit_deadline);
+      !st.ok())
+    return st.error();
   if (!counter.wait_until(deadline)) hit_deadline = true;
   subs.clear();  // no callback runs on `counter` after this
 

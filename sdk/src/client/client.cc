@@ -124,7 +124,7 @@ class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
 
   Status publish(std::string_view topic, std::string_view payload, const PublishOptions& options,
                  uint32_t flags, std::function<void(Result<PublishAck>)> done,
-                 MessageId* id_out = nullptr);
+                 MessageId* id = nullptr);  // in: the id to use if not empty; out: the id used
   Result<uint64_t> subscribe(wire::Subscribe::Reader proto, MessageHandler handler);
   Status unsubscribe(uint64_t id);
   Result<Message> request(std::string_view topic, std::string_view payload,
@@ -390,7 +390,7 @@ Status ClientImpl::publish(std::string_view topic, std::string_view payload,
                            std::function<void(Result<PublishAck>)> done, MessageId* id_out) {
   if (auto s = validate_topic(topic); !s.ok()) return s;
   codec::EnvelopeFields f;
-  f.id = codec::next_message_id();
+  f.id = id_out && !id_out->empty() ? *id_out : codec::next_message_id();
   f.topic = topic;
   f.producer = producer_;
   f.sequence = sequence_.fetch_add(1, std::memory_order_relaxed) + 1;
@@ -1057,21 +1057,22 @@ Result<Message> ClientImpl::request(std::string_view topic, std::string_view pay
   const uint64_t token = next_request_.fetch_add(1);
   std::future<Result<Message>> reply;
   PublishOptions opts = options;
+  // The id is known, and registered, before the request can leave: a quiet client sends it
+  // from this thread, and the broker's "no responders" (which names the id) may come back
+  // before publish() returns.
+  MessageId id = codec::next_message_id();
   {
     std::lock_guard lock(mu_);
     if (state_ != State::ready && !ever_ready_) return Error(Errc::disconnected, "not connected");
     opts.reply_to = inbox_ + "/" + std::to_string(token);
     reply = request_waiters_[token].get_future();
-  }
-  MessageId id;
-  auto s = publish(topic, payload, opts, wire::FLAG_REQUEST, nullptr, &id);
-  {
-    std::lock_guard lock(mu_);
-    if (!s.ok()) {
-      request_waiters_.erase(token);
-      return s.error();
-    }
     request_ids_[id] = token;
+  }
+  if (auto s = publish(topic, payload, opts, wire::FLAG_REQUEST, nullptr, &id); !s.ok()) {
+    std::lock_guard lock(mu_);
+    request_waiters_.erase(token);
+    request_ids_.erase(id);
+    return s.error();
   }
   const bool ready = reply.wait_for(timeout) == std::future_status::ready;
   std::lock_guard lock(mu_);

@@ -25,6 +25,7 @@
 #include "admin_http.h"
 #include "codec/envelope_codec.h"
 #include "iso_time.h"
+#include "federation/id_window.h"
 #include "federation/link_interest.h"
 #include "federation/link_outbox.h"
 #include "store/store.h"
@@ -138,6 +139,17 @@ struct Link {
   // best-effort messages skip the outbox and go out unsequenced.
   WordBuffer direct;
   uint32_t direct_count = 0;
+  // Unsequenced batches ZeroMQ could not take while the link was up (the peer
+  // reads slower than we route): held in memory, up to memory_queue_bytes, and
+  // sent before anything else. Past that they, and what follows, go to the outbox.
+  struct Waiting {
+    zmq::message_t header, body;
+    uint32_t count = 0;
+  };
+  std::deque<Waiting> waiting;
+  size_t waiting_bytes = 0;
+  uint64_t waiting_messages = 0;
+  uint64_t memory_queue_bytes = LinkConfig{}.memory_queue_bytes;
   uint64_t forwarded = 0, forwarded_bytes = 0, received = 0;
   uint64_t forwarded_batches = 0, received_batches = 0;
   uint64_t stored = 0;  // best-effort messages that went through the outbox (link busy or down)
@@ -160,6 +172,12 @@ struct Link {
     return "?";
   }
 };
+
+// What waits for a link's peer: the outbox's unacked entries and the batches in memory.
+uint64_t backlog_messages(const Link& l) {
+  return (l.outbox ? l.outbox->stats().messages : 0) + l.waiting_messages;
+}
+uint64_t backlog_bytes(const Link& l) { return (l.outbox ? l.outbox->stats().bytes : 0) + l.waiting_bytes; }
 
 struct Group {
   std::string pattern, name;
@@ -308,10 +326,11 @@ class BrokerImpl final : public Broker {
   bool forward_to(Link& l, const uint8_t* data, size_t size, bool durable,
                   std::span<const std::string_view> groups = {});
   void flush_direct(Link& l);
+  void spill(Link& l, const zmq::message_t& batch, uint32_t count);
+  void spill_waiting(Link& l);
   // A batch of `count` messages (`bytes`) went out over `l`: link and broker counters.
   void count_forwarded(Link& l, uint32_t count, size_t bytes);
   bool mesh_seen(const MessageId& id);
-  void reserve_mesh_dedup();
   // Queues a durable append to `rt` (committed by the storage writer).
   void store_append(StreamRt& rt, const uint8_t* p, size_t n, const MessageId& id, DedupEntry& dedup,
                     PendingWrite pending);
@@ -378,8 +397,7 @@ class BrokerImpl final : public Broker {
   std::map<std::string, Link*> accepted_links_;          // by peer broker name
   std::unique_ptr<Credential> credential_;                // presented on dialed links
   std::map<std::string, std::map<uint32_t, int>> interest_;  // key -> origin (0 = local) -> count
-  std::unordered_set<MessageId, IdHash> seen_;            // mesh dedup window (only with links)
-  std::deque<std::pair<int64_t, MessageId>> seen_order_;
+  IdWindow seen_{config_.mesh_dedup_max_ids};               // mesh dedup window (only with links)
   uint64_t mesh_duplicates_ = 0;
   std::vector<std::pair<std::string, MessageId>> link_acks_;  // durable acks after outbox sync
 
@@ -619,7 +637,8 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     for (auto& [k, s] : sessions_)
       if (!s->queued.empty()) queued_output = true;
     for (auto& l : links_)  // backlog to send while the link is up: come back soon
-      if (l->up() && l->outbox && l->sent_seq < l->outbox->stats().last_seq) queued_output = true;
+      if (l->up() && ((l->outbox && l->sent_seq < l->outbox->stats().last_seq) || !l->waiting.empty()))
+        queued_output = true;
     bool ready = false;
     for (size_t i = 0; i < listeners_.size(); ++i) {
       if (!std::exchange(listeners_[i].recheck, false)) continue;
@@ -683,6 +702,7 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     if (draining_) {
       bool idle = pending_writes_.empty();
       for (auto& [k, s] : sessions_) idle = idle && s->queued.empty();
+      for (auto& l : links_) idle = idle && (!l->up() || l->waiting.empty());
       if (idle || now >= drain_deadline) break;
     }
   }
@@ -693,8 +713,12 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
   writer_->drain();
   on_write_results();
   service_links();
-  for (auto& l : links_)
-    if (l->outbox) (void)l->outbox->sync();
+  for (auto& l : links_) {
+    if (!l->outbox) continue;
+    spill_waiting(*l);  // kept for the next start
+    (void)l->outbox->commit();
+    (void)l->outbox->sync();
+  }
   flush_sessions();
   spdlog::info("broker '{}' stopped cleanly: {} messages in ({} batches), {} out ({} batches)", config_.name,
                messages_in_, frames_in_, messages_out_, frames_out_);
@@ -1682,10 +1706,7 @@ void BrokerImpl::expire(Clock::time_point now) {
     if (it != dedup_.end() && it->second.seq != 0) dedup_.erase(it);
     dedup_order_.pop_front();
   }
-  while (!seen_order_.empty() && seen_order_.front().first < horizon) {
-    seen_.erase(seen_order_.front().second);
-    seen_order_.pop_front();
-  }
+  seen_.expire(horizon);
   const int64_t nonce_horizon = now_ns / 1000000 - 600000;
   while (!hello_nonce_order_.empty() && hello_nonce_order_.front().first < nonce_horizon) {
     hello_nonces_.erase(hello_nonce_order_.front().second);
@@ -1730,21 +1751,10 @@ void BrokerImpl::retain(std::string_view topic, const uint8_t* p, size_t n, bool
   writes_.push_back(std::move(op));
 }
 
-void BrokerImpl::reserve_mesh_dedup() {
-  // A broker with links routes every message through the window: size it once (8 MiB of
-  // buckets) rather than rehashing it, message by message, as traffic grows.
-  if (seen_.bucket_count() < (1u << 20)) seen_.reserve(1u << 20);
-}
-
-bool BrokerImpl::mesh_seen(const MessageId& id) {
-  if (!seen_.insert(id).second) return true;
-  seen_order_.emplace_back(codec::now_ns(), id);
-  return false;
-}
+bool BrokerImpl::mesh_seen(const MessageId& id) { return !seen_.insert(id, codec::now_ns()); }
 
 Status BrokerImpl::init_links() {
   if (config_.links.empty()) return Status::Ok();
-  reserve_mesh_dedup();
   auto cred = Credential::load(config_.credential_path);
   if (!cred.ok()) return Error(cred.error().code(), "broker.credential: " + cred.error().message());
   if (cred->claims().subject != identity_->public_key())
@@ -1757,6 +1767,7 @@ Status BrokerImpl::init_links() {
     l->name = lc.name;
     l->dialed = true;
     l->config = lc;
+    l->memory_queue_bytes = lc.memory_queue_bytes;
     LinkOutbox::Options o;
     o.dir = config_.data_dir + "/links/" + lc.name;
     o.budget_bytes = lc.outbox_bytes;
@@ -1789,7 +1800,6 @@ Status BrokerImpl::init_links() {
 
 Link& BrokerImpl::accepted_link(const std::string& peer) {
   if (auto it = accepted_links_.find(peer); it != accepted_links_.end()) return *it->second;
-  reserve_mesh_dedup();
   auto l = std::make_unique<Link>();
   l->id = static_cast<uint32_t>(links_.size() + 1);
   l->name = peer;
@@ -2098,7 +2108,8 @@ void BrokerImpl::link_down(Link& l, const std::string& why) {
   if (l.state == Link::State::up) spdlog::warn("link '{}' down: {}", l.name, why);
   l.state = l.dialed ? Link::State::connecting : Link::State::down;
   l.session_key.clear();
-  flush_direct(l);  // not up any more: into the outbox
+  spill_waiting(l);  // not up any more: into the outbox, oldest first
+  flush_direct(l);
   if (l.outbox) l.sent_seq = l.outbox->stats().acked_seq;
 }
 
@@ -2179,19 +2190,40 @@ void BrokerImpl::flush_direct(Link& l) {
   fwd.setCount(l.direct_count);
   const size_t bytes = l.direct.size();
   const uint32_t count = l.direct_count;
+  zmq::message_t header = codec::to_message(b);
   zmq::message_t frame = take_buffer(std::move(l.direct));  // handed to ZeroMQ without a copy
   l.direct_count = 0;
-  if (l.up() && link_send(l, codec::to_message(b), &frame)) {
-    count_forwarded(l, count, bytes);
-    return;
+  if (l.up()) {
+    if (l.waiting.empty() && link_send(l, std::move(header), &frame)) {
+      count_forwarded(l, count, bytes);
+      return;
+    }
+    if (l.waiting_bytes + bytes <= l.memory_queue_bytes) {  // the peer is busy: wait in memory
+      l.waiting.push_back({std::move(header), std::move(frame), count});
+      l.waiting_bytes += bytes;
+      l.waiting_messages += count;
+      return;
+    }
   }
-  // The link is busy or gone: these go to the outbox, in order, ahead of what follows.
+  // The link is gone, or more waits than memory holds: to the outbox, in order, ahead of what follows.
+  spill_waiting(l);
+  spill(l, frame, count);
+}
+
+void BrokerImpl::spill(Link& l, const zmq::message_t& batch, uint32_t count) {
   l.stored += count;
-  (void)codec::for_each_envelope(static_cast<const uint8_t*>(frame.data()), frame.size(), count,
+  (void)codec::for_each_envelope(static_cast<const uint8_t*>(batch.data()), batch.size(), count,
                                  [&](const uint8_t* p, size_t n) {
     if (!l.outbox->append(std::string_view(reinterpret_cast<const char*>(p), n), false).ok()) ++drops_;
     return true;
   });
+}
+
+void BrokerImpl::spill_waiting(Link& l) {
+  for (const Link::Waiting& w : l.waiting) spill(l, w.body, w.count);
+  l.waiting.clear();
+  l.waiting_bytes = 0;
+  l.waiting_messages = 0;
 }
 
 void BrokerImpl::service_links() {
@@ -2243,11 +2275,21 @@ void BrokerImpl::service_links() {
       start_frame(b).getRoot<wire::Frame>().setForwardAck(ackable);
       if (link_send(l, codec::to_message(b))) l.acked_to_peer = ackable;
     }
-    // Unsequenced best-effort data first: it was routed before anything now in the outbox.
+    // Unsequenced best-effort data first, waiting batches before the latest:
+    // it was routed before anything now in the outbox.
+    while (!l.waiting.empty()) {
+      Link::Waiting& w = l.waiting.front();
+      const size_t bytes = w.body.size();
+      if (!link_send(l, std::move(w.header), &w.body)) break;
+      count_forwarded(l, w.count, bytes);
+      l.waiting_bytes -= bytes;
+      l.waiting_messages -= w.count;
+      l.waiting.pop_front();
+    }
     flush_direct(l);
     // Data: from the outbox, flow-controlled by the unacked window.
     constexpr uint64_t kWindow = 200000;
-    for (int frames = 0; frames < 16 && now >= l.resend_at; ++frames) {
+    for (int frames = 0; frames < 16 && now >= l.resend_at && l.waiting.empty(); ++frames) {
       const uint64_t acked = l.outbox->stats().acked_seq;
       if (l.sent_seq < acked) l.sent_seq = acked;
       if (l.sent_seq >= l.outbox->stats().last_seq || l.sent_seq - acked >= kWindow) break;
@@ -2381,6 +2423,10 @@ std::string BrokerImpl::render_metrics() const {
       {"tracemesh_auth_failures_total", "counter", "Sessions refused at hello.", double(auth_failures_)},
       {"tracemesh_mesh_duplicates_dropped_total", "counter", "Copies that arrived over more than one path.",
        double(mesh_duplicates_)},
+      {"tracemesh_mesh_dedup_window_ids", "gauge", "Message ids in the mesh dedup window.", double(seen_.size())},
+      {"tracemesh_mesh_dedup_window_overflowed_total", "counter",
+       "Ids pushed out of the mesh dedup window by newer ones before limits.dedup_window_ms had passed.",
+       double(seen_.overflowed())},
       {"tracemesh_mesh_loops_cut_total", "counter", "Copies not sent: the next broker was on the visited path.",
        double(path_skips_)},
   };
@@ -2407,10 +2453,11 @@ std::string BrokerImpl::render_metrics() const {
     double (*value)(const Link&);
   };
   static const PerLink per_link[] = {
-      {"tracemesh_link_backlog_messages", "gauge", "Messages in the link's outbox, not yet acked by the peer.",
-       [](const Link& l) { return l.outbox ? double(l.outbox->stats().messages) : 0.0; }},
-      {"tracemesh_link_backlog_bytes", "gauge", "Bytes in the link's outbox, not yet acked by the peer.",
-       [](const Link& l) { return l.outbox ? double(l.outbox->stats().bytes) : 0.0; }},
+      {"tracemesh_link_backlog_messages", "gauge",
+       "Messages for the peer not yet acked: in the link's outbox, or waiting in memory while the peer is busy.",
+       [](const Link& l) { return double(backlog_messages(l)); }},
+      {"tracemesh_link_backlog_bytes", "gauge", "Bytes of the backlog above.",
+       [](const Link& l) { return double(backlog_bytes(l)); }},
       {"tracemesh_link_dropped_total", "counter", "Best-effort messages dropped by the link outbox's overflow policy.",
        [](const Link& l) { return l.outbox ? double(l.outbox->stats().dropped) : 0.0; }},
       {"tracemesh_link_rtt_seconds", "gauge", "Last measured round trip to the peer.",
@@ -2445,11 +2492,9 @@ void BrokerImpl::fill_mesh_status(wire::MeshStatus::Builder b) {
     e.setDirection(l.dialed ? "dialed" : "accepted");
     e.setEndpoint(l.dialed ? l.config.endpoint : "");
     e.setState(Link::state_name(l.state));
-    if (l.outbox) {
-      e.setBacklogMessages(l.outbox->stats().messages);
-      e.setBacklogBytes(l.outbox->stats().bytes);
-      e.setDropped(l.outbox->stats().dropped);
-    }
+    e.setBacklogMessages(backlog_messages(l));
+    e.setBacklogBytes(backlog_bytes(l));
+    if (l.outbox) e.setDropped(l.outbox->stats().dropped);
     e.setRttUs(l.rtt_us);
     e.setMsgsPerSec(l.msgs_per_sec);
     e.setBytesPerSec(l.bytes_per_sec);

@@ -19,6 +19,7 @@ struct LinkConfig {
   std::string kind = "upstream";  // upstream | peer
   bool curve = true;
   uint64_t outbox_bytes = 256u << 20;  // store-and-forward budget
+  uint64_t memory_queue_bytes = 64u << 20;  // best-effort batches held in memory while the peer is busy
   bool drop_oldest = true;   // best-effort overflow policy: drop-oldest (else reject newest)
 };
 
@@ -38,6 +39,7 @@ struct BrokerConfig {
   uint32_t default_max_in_flight = 1000;
   uint32_t default_ack_wait_ms = 30000;
   uint64_t dedup_window_ms = 120000;
+  uint64_t mesh_dedup_max_ids = 1u << 20;  // bound of the mesh dedup window (56 bytes per id)
   uint32_t session_timeout_ms = 10000;
   // Admin HTTP (/healthz, /metrics): HOST:PORT, loopback by default; "" = none.
   std::string admin_http = "127.0.0.1:7071";

@@ -1,5 +1,6 @@
 // Federation: real brokers linked in chains, diamonds and rings on loopback.
 #include <atomic>
+#include <csignal>
 #include <fstream>
 #include <map>
 #include <set>
@@ -20,7 +21,7 @@ class FederationTest : public MeshTest {
   // dialing `upstreams` (names of already started nodes).
   Node& start(const std::string& name, const std::string& tier, std::vector<std::string> upstreams = {},
               std::vector<process::StreamSpec> streams = {}, bool broker_role = true,
-              uint64_t outbox_bytes = 0) {
+              uint64_t outbox_bytes = 0, std::optional<uint64_t> memory_queue_bytes = {}) {
     const auto dir = work_->path() / name;
     std::filesystem::create_directories(dir);
     Identity id = Identity::generate();
@@ -46,6 +47,7 @@ class FederationTest : public MeshTest {
       l.endpoint = nodes_[up].broker->tcp_endpoint();
       l.broker_key = nodes_[up].key;
       l.outbox_bytes = outbox_bytes;
+      l.memory_queue_bytes = memory_queue_bytes;
       s.links.push_back(l);
     }
     auto b = process::BrokerProcess::start(std::move(s), id_path, encode_key(operator_->public_key()));
@@ -533,6 +535,53 @@ TEST_F(FederationTest, OutboxBudgetDropsOldestBestEffortAndPushesBackDurableWhil
 
   EXPECT_TRUE(stream_holds("centre", "LINE", std::set<std::string>(acked.begin(), acked.end())))
       << "acked durable messages missing at the centre";
+}
+
+// A peer that is up but does not read (SIGSTOP): the edge keeps taking
+// best-effort data, holds batches in memory up to memory_queue_bytes and puts
+// the rest in the outbox; once the peer reads again every message arrives, in
+// order, exactly once.
+TEST_F(FederationTest, BusyPeerBatchesWaitInMemoryThenInTheOutboxAndArriveInOrder) {
+  start("centre", "centre");
+  start("edge", "edge", {"centre"}, {}, true, 0, uint64_t{2} << 20);
+  ASSERT_TRUE(links_up("edge", 1));
+  auto app = client("centre", "centre-app");
+  Inbox inbox;
+  ASSERT_TRUE(app->subscribe("plant/line1/#", inbox.handler()).ok());
+  auto line = client("edge", "line-1");
+  ASSERT_TRUE(await_route(*line, "plant/line1/probe", inbox));
+  ASSERT_TRUE(line->flush().ok());
+  ASSERT_TRUE(wait_until([&] { return inbox.size() >= 1; }));
+  const size_t probes = inbox.size();
+
+  // Stopped, the centre keeps its connection (its heartbeat runs out after 5 s);
+  // the edge sees the link up and ZeroMQ's queue for it full.
+  ASSERT_EQ(::kill(nodes_["centre"].broker->pid(), SIGSTOP), 0);
+  constexpr int kCount = 40000;  // 20 MB: past the sockets, the 2 MiB memory queue, into the outbox
+  const std::string filler(480, 'x');
+  for (int i = 0; i < kCount; ++i)
+    ASSERT_TRUE(line->publish("plant/line1/temp", std::to_string(i) + ":" + filler).ok());
+  ASSERT_TRUE(line->flush().ok());
+  HttpReply scraped;
+  const bool backlogged = wait_until([&] {
+    scraped = http_get(nodes_["edge"].broker->http_url(), "/metrics");
+    return metric(scraped.body, "tracemesh_link_backlog_messages{link=\"centre\"}") > 0;
+  }, 3s);
+  const double link_up = metric(scraped.body, "tracemesh_link_up{link=\"centre\",peer=\"centre\"}");
+  ASSERT_EQ(::kill(nodes_["centre"].broker->pid(), SIGCONT), 0);
+  EXPECT_TRUE(backlogged) << "a busy peer leaves no backlog at the edge?\n" << scraped.body;
+  EXPECT_EQ(link_up, 1) << "the link went down: this test is about a busy link that stays up";
+
+  ASSERT_TRUE(inbox.wait_for(probes + kCount, 30s)) << inbox.size() - probes << " of " << kCount;
+  std::lock_guard lock(inbox.mu);
+  std::vector<int> order;
+  for (size_t i = 0; i < inbox.payloads.size(); ++i)
+    if (inbox.topics[i] == "plant/line1/temp") order.push_back(std::stoi(inbox.payloads[i]));
+  ASSERT_EQ(order.size(), static_cast<size_t>(kCount)) << "lost or duplicated";
+  for (int i = 0; i < kCount; ++i) ASSERT_EQ(order[i], i) << "out of order at " << i;
+  const auto status = line->mesh_status();
+  ASSERT_TRUE(status.ok());
+  EXPECT_EQ(status->links[0].dropped, 0u);
 }
 
 TEST_F(FederationTest, KillNineOfEdgeLosesNoAckedDurableMessage) {

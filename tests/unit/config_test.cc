@@ -85,5 +85,41 @@ TEST_F(ConfigTest, AdminHttpDefaultsToLoopbackAndIsChecked) {
       << unknown.error().message();
 }
 
+TEST_F(ConfigTest, LimitsMustBePositive) {
+  const std::string base = "[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"tcp://a:1\"]\n"
+                           "[security]\noperators = [\"" + op_ + "\"]\n";
+  auto defaults = load_config(write(base));
+  ASSERT_TRUE(defaults.ok()) << defaults.error().to_string();
+  EXPECT_EQ(defaults->mesh_dedup_max_ids, 1u << 20);
+  auto set = load_config(write(base + "[limits]\nmesh_dedup_max_ids = 65536\ndedup_window_ms = 5000\n"));
+  ASSERT_TRUE(set.ok()) << set.error().to_string();
+  EXPECT_EQ(set->mesh_dedup_max_ids, 65536u);
+  EXPECT_EQ(set->dedup_window_ms, 5000u);
+  for (const char* key : {"subscriber_queue_bytes", "max_in_flight", "ack_wait_ms", "dedup_window_ms",
+                          "mesh_dedup_max_ids", "session_timeout_ms"}) {
+    auto c = load_config(write(base + "[limits]\n" + key + " = 0\n"));
+    ASSERT_FALSE(c.ok()) << key;
+    EXPECT_NE(c.error().message().find(std::string("limits.") + key + ": must be greater than 0"), std::string::npos)
+        << c.error().message();
+    EXPECT_NE(c.error().message().find("broker.toml:8"), std::string::npos) << c.error().message();
+  }
+}
+
+TEST_F(ConfigTest, LinkMemoryQueueDefaultsTo64MiBAndMayBeZero) {
+  const std::string base = "[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"tcp://a:1\"]\n"
+                           "credential = \"b.cred\"\n[security]\noperators = [\"" + op_ + "\"]\n"
+                           "[[link]]\nname = \"up\"\nendpoint = \"ipc:///tmp/up\"\n";
+  auto defaults = load_config(write(base));
+  ASSERT_TRUE(defaults.ok()) << defaults.error().to_string();
+  ASSERT_EQ(defaults->links.size(), 1u);
+  EXPECT_EQ(defaults->links[0].memory_queue_bytes, 64u << 20);
+  auto off = load_config(write(base + "memory_queue_bytes = 0\n"));
+  ASSERT_TRUE(off.ok()) << off.error().to_string();
+  EXPECT_EQ(off->links[0].memory_queue_bytes, 0u);
+  auto bad = load_config(write(base + "memory_queue_bytes = \"big\"\n"));
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.error().message().find("link.memory_queue_bytes"), std::string::npos) << bad.error().message();
+}
+
 }  // namespace
 }  // namespace tracemesh::broker

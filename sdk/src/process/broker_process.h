@@ -34,6 +34,7 @@ struct LinkSpec {
   std::string kind = "upstream";
   bool curve = true;          // false when the remote broker runs with curve = false
   uint64_t outbox_bytes = 0;  // 0 = broker default
+  std::optional<uint64_t> memory_queue_bytes;  // unset = broker default
   std::string overflow;       // "" = broker default (drop-oldest)
 };
 

@@ -262,12 +262,6 @@ struct StreamRt {
   std::map<std::string, std::unique_ptr<Consumer>> consumers;
 };
 
-struct DedupEntry {
-  uint64_t seq = 0;  // 0 while the first copy is being written
-  int64_t at_ns = 0;
-  std::vector<std::string> waiting;  // sessions that sent a copy while pending
-};
-
 struct PendingWrite {
   enum class Kind { append, admin_create, forward_capture, other } kind = Kind::other;
   std::string session;
@@ -332,7 +326,7 @@ class BrokerImpl final : public Broker {
   void count_forwarded(Link& l, uint32_t count, size_t bytes);
   bool mesh_seen(const MessageId& id);
   // Queues a durable append to `rt` (committed by the storage writer).
-  void store_append(StreamRt& rt, const uint8_t* p, size_t n, const MessageId& id, DedupEntry& dedup,
+  void store_append(StreamRt& rt, const uint8_t* p, size_t n, const MessageId& id,
                     PendingWrite pending);
   // Updates (or clears) the retained value of `topic`, in memory and on disk.
   void retain(std::string_view topic, const uint8_t* p, size_t n, bool clear);
@@ -386,8 +380,10 @@ class BrokerImpl final : public Broker {
 
   std::map<std::string, std::unique_ptr<StreamRt>, std::less<>> streams_;
   topic::TopicTrie<StreamRt*> stream_trie_;
-  std::unordered_map<MessageId, DedupEntry, IdHash> dedup_;
-  std::deque<std::pair<int64_t, MessageId>> dedup_order_;
+  // Durable ids stored within the dedup window, with their stream seq (0 while the write is pending).
+  IdWindow dedup_{config_.dedup_max_ids};
+  // Sessions that sent a copy of a durable message while its first copy was being written.
+  std::unordered_map<MessageId, std::vector<std::string>, IdHash> dedup_waiting_;
   std::unordered_map<std::string, std::string, StringHash, std::equal_to<>> retained_;
   std::unordered_set<std::string> revoked_;
   std::unordered_set<std::string> hello_nonces_;
@@ -483,14 +479,19 @@ Status BrokerImpl::init() {
   });
   // Dedup window: ids stored within the window.
   const int64_t since = codec::now_ns() - static_cast<int64_t>(config_.dedup_window_ms) * 1000000;
+  struct Recent {
+    int64_t at_ns;
+    MessageId id;
+    uint64_t seq;
+  };
+  std::vector<Recent> recent;
   for (auto& [name, rt] : streams_) {
     (void)store_->scan_since(name, since, [&](const StoredMessage& m) {
-      dedup_[m.id] = DedupEntry{m.seq, m.received_ns, {}};
-      dedup_order_.emplace_back(m.received_ns, m.id);
+      recent.push_back({m.received_ns, m.id, m.seq});
     });
   }
-  std::sort(dedup_order_.begin(), dedup_order_.end(),
-            [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::sort(recent.begin(), recent.end(), [](const Recent& a, const Recent& b) { return a.at_ns < b.at_ns; });
+  for (const Recent& r : recent) dedup_.insert(r.id, r.at_ns, r.seq);
   writer_ = std::make_unique<StorageWriter>(*store_);
 
   // ZAP handler first: CURVE connections consult it for the client's key.
@@ -1128,20 +1129,18 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
       return true;
     }
     if (durable) {
-      auto [it, inserted] = dedup_.try_emplace(id);
-      if (!inserted) {
+      if (const uint64_t* seq = dedup_.value(id)) {
         ++duplicates_;
-        if (it->second.seq) {
-          s.acks_out.push_back({id, {it->second.seq, wire::ErrorCode::NONE}});
+        if (*seq) {
+          s.acks_out.push_back({id, {*seq, wire::ErrorCode::NONE}});
           s.acks_dup.push_back(true);
           if (!s.dirty) { s.dirty = true; dirty_sessions_.push_back(&s); }
         } else {
-          it->second.waiting.push_back(s.key);
+          dedup_waiting_[id].push_back(s.key);
         }
         return true;  // a duplicate is neither stored nor routed again
       }
-      store_append(*rt, p, n, id, it->second,
-                   PendingWrite{PendingWrite::Kind::append, s.key, id, rt->state.config.name, 0});
+      store_append(*rt, p, n, id, PendingWrite{PendingWrite::Kind::append, s.key, id, rt->state.config.name, 0});
     }
     if (flags & wire::FLAG_RETAIN) retain(topic, p, n, env.getPayload().size() == 0);
     const size_t targets = route(p, n, topic, nullptr, durable);
@@ -1481,13 +1480,13 @@ void BrokerImpl::on_write_results() {
     auto sit = sessions_.find(w.session);
     Session* s = sit == sessions_.end() ? nullptr : sit->second.get();
     if (w.kind == PendingWrite::Kind::append) {
-      auto d = dedup_.find(w.id);
       std::vector<std::string> waiting;
+      if (auto it = dedup_waiting_.find(w.id); it != dedup_waiting_.end()) {
+        waiting = std::move(it->second);
+        dedup_waiting_.erase(it);
+      }
       if (r.status.ok()) {
-        if (d != dedup_.end()) {
-          d->second.seq = r.seq;
-          waiting = std::move(d->second.waiting);
-        }
+        if (uint64_t* seq = dedup_.value(w.id)) *seq = r.seq;
         touched_streams_.insert(w.stream);
         auto st = streams_.find(w.stream);
         if (st != streams_.end()) {
@@ -1498,10 +1497,7 @@ void BrokerImpl::on_write_results() {
         }
       } else {
         spdlog::error("durable publish not stored: {}", r.status.error().message());
-        if (d != dedup_.end()) {
-          waiting = std::move(d->second.waiting);
-          dedup_.erase(d);  // not stored: a retry must be accepted
-        }
+        dedup_.erase(w.id);  // not stored: a retry must be accepted
       }
       const auto code = r.status.ok() ? wire::ErrorCode::NONE : codec::to_wire(r.status.error().code());
       auto ack_to = [&](Session& target, bool dup) {
@@ -1513,7 +1509,7 @@ void BrokerImpl::on_write_results() {
       for (const auto& key : waiting)
         if (auto other = sessions_.find(key); other != sessions_.end()) ack_to(*other->second, true);
     } else if (w.kind == PendingWrite::Kind::forward_capture) {
-      if (auto d = dedup_.find(w.id); d != dedup_.end() && r.status.ok()) d->second.seq = r.seq;
+      if (uint64_t* seq = dedup_.value(w.id); seq && r.status.ok()) *seq = r.seq;
       if (r.status.ok()) {
         touched_streams_.insert(w.stream);
         auto st = streams_.find(w.stream);
@@ -1701,11 +1697,7 @@ void BrokerImpl::expire(Clock::time_point now) {
   for (const auto& k : dead) drop_session(k, "timed out (no traffic); session closed");
   const int64_t now_ns = codec::now_ns();
   const int64_t horizon = now_ns - static_cast<int64_t>(config_.dedup_window_ms) * 1000000;
-  while (!dedup_order_.empty() && dedup_order_.front().first < horizon) {
-    auto it = dedup_.find(dedup_order_.front().second);
-    if (it != dedup_.end() && it->second.seq != 0) dedup_.erase(it);
-    dedup_order_.pop_front();
-  }
+  dedup_.expire(horizon);  // a write pending that long is long finished or failed
   seen_.expire(horizon);
   const int64_t nonce_horizon = now_ns / 1000000 - 600000;
   while (!hello_nonce_order_.empty() && hello_nonce_order_.front().first < nonce_horizon) {
@@ -1721,11 +1713,11 @@ void BrokerImpl::expire(Clock::time_point now) {
 // ----------------------------------------------------------------------------
 // Federation
 
-void BrokerImpl::store_append(StreamRt& rt, const uint8_t* p, size_t n, const MessageId& id, DedupEntry& dedup,
+void BrokerImpl::store_append(StreamRt& rt, const uint8_t* p, size_t n, const MessageId& id,
                               PendingWrite pending) {
+  // In the dedup window from now, its stream seq filled in when the write is done.
   const int64_t now = codec::now_ns();
-  dedup.at_ns = now;
-  dedup_order_.emplace_back(now, id);
+  dedup_.insert(id, now, 0);
   WriteOp op;
   op.kind = WriteOp::Kind::append;
   op.append.stream = rt.state.config.name;
@@ -1982,12 +1974,11 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
     const bool durable = flags & wire::FLAG_DURABLE;
     if (durable) {
       if (StreamRt* rt = stream_for(topic)) {
-        auto [it, inserted] = dedup_.try_emplace(id);
-        if (inserted) {
+        if (!dedup_.contains(id)) {
           PendingWrite w{PendingWrite::Kind::forward_capture, "", id, rt->state.config.name, 0};
           w.link = l.id;
           w.link_seq = this_seq;
-          store_append(*rt, p, n, id, it->second, w);
+          store_append(*rt, p, n, id, w);
           l.held.insert(this_seq);  // not acked upstream until it is on our disk
         }
       }
@@ -2423,6 +2414,11 @@ std::string BrokerImpl::render_metrics() const {
       {"tracemesh_auth_failures_total", "counter", "Sessions refused at hello.", double(auth_failures_)},
       {"tracemesh_mesh_duplicates_dropped_total", "counter", "Copies that arrived over more than one path.",
        double(mesh_duplicates_)},
+      {"tracemesh_dedup_window_ids", "gauge", "Durable message ids in the stream dedup window.",
+       double(dedup_.size())},
+      {"tracemesh_dedup_window_overflowed_total", "counter",
+       "Ids pushed out of the stream dedup window by newer ones before limits.dedup_window_ms had passed.",
+       double(dedup_.overflowed())},
       {"tracemesh_mesh_dedup_window_ids", "gauge", "Message ids in the mesh dedup window.", double(seen_.size())},
       {"tracemesh_mesh_dedup_window_overflowed_total", "counter",
        "Ids pushed out of the mesh dedup window by newer ones before limits.dedup_window_ms had passed.",

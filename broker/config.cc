@@ -147,17 +147,18 @@ class Loader {
     if (const toml::table* lim = root_["limits"].as_table()) {
       if (auto s = check_keys(*lim, "limits",
                               {"subscriber_queue_bytes", "max_in_flight", "ack_wait_ms",
-                               "dedup_window_ms", "mesh_dedup_max_ids", "session_timeout_ms"});
+                               "dedup_window_ms", "dedup_max_ids", "mesh_dedup_max_ids", "session_timeout_ms"});
           !s.ok())
         return s.error();
       TM_GET(lim, "limits", "subscriber_queue_bytes", c.subscriber_queue_bytes);
       TM_GET(lim, "limits", "max_in_flight", c.default_max_in_flight);
       TM_GET(lim, "limits", "ack_wait_ms", c.default_ack_wait_ms);
       TM_GET(lim, "limits", "dedup_window_ms", c.dedup_window_ms);
+      TM_GET(lim, "limits", "dedup_max_ids", c.dedup_max_ids);
       TM_GET(lim, "limits", "mesh_dedup_max_ids", c.mesh_dedup_max_ids);
       TM_GET(lim, "limits", "session_timeout_ms", c.session_timeout_ms);
       for (const char* k : {"subscriber_queue_bytes", "max_in_flight", "ack_wait_ms", "dedup_window_ms",
-                            "mesh_dedup_max_ids", "session_timeout_ms"}) {
+                            "dedup_max_ids", "mesh_dedup_max_ids", "session_timeout_ms"}) {
         const toml::node* n = lim->get(k);
         if (n && n->is_integer() && n->as_integer()->get() == 0)
           return error(n, std::string("limits.") + k, "must be greater than 0");

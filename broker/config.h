@@ -39,7 +39,8 @@ struct BrokerConfig {
   uint32_t default_max_in_flight = 1000;
   uint32_t default_ack_wait_ms = 30000;
   uint64_t dedup_window_ms = 120000;
-  uint64_t mesh_dedup_max_ids = 1u << 20;  // bound of the mesh dedup window (56 bytes per id)
+  uint64_t dedup_max_ids = 2u << 20;       // bound of the stream dedup window (64 bytes per id)
+  uint64_t mesh_dedup_max_ids = 1u << 20;  // bound of the mesh dedup window (64 bytes per id)
   uint32_t session_timeout_ms = 10000;
   // Admin HTTP (/healthz, /metrics): HOST:PORT, loopback by default; "" = none.
   std::string admin_http = "127.0.0.1:7071";

@@ -41,7 +41,13 @@ bool IdWindow::contains(const MessageId& id) const {
   return mapped() && index_[find(id, hash(id))].pos != 0;
 }
 
-bool IdWindow::insert(const MessageId& id, int64_t now_ns) {
+uint64_t* IdWindow::value(const MessageId& id) {
+  if (!mapped()) return nullptr;
+  const Entry e = index_[find(id, hash(id))];
+  return e.pos ? &ring_[e.pos - 1].value : nullptr;
+}
+
+bool IdWindow::insert(const MessageId& id, int64_t now_ns, uint64_t value) {
   if (!mapped()) {  // first use: a broker without links never pays for the window
     ring_ = static_cast<Slot*>(map_zeroed(max_ * sizeof(Slot)));
     index_mask_ = max_ * 4 - 1;  // at most a quarter full: probes stay short
@@ -56,7 +62,7 @@ bool IdWindow::insert(const MessageId& id, int64_t now_ns) {
     pos = find(id, h);  // the deletion may have moved entries
   }
   const size_t r = (head_ + count_) & (max_ - 1);
-  ring_[r] = Slot{id, now_ns};
+  ring_[r] = Slot{id, now_ns, value};
   index_[pos] = Entry{static_cast<uint32_t>(r + 1), h};
   ++count_;
   ++live_;

@@ -1,8 +1,11 @@
-// IdWindow: the message ids a broker has routed recently, for mesh dedup.
+// IdWindow: message ids seen recently, each with a value: the broker's dedup
+// windows.
 //
 // A message can reach a broker twice: over a second path of a diamond or a
-// ring, or resent by a peer after a reconnect. The broker remembers each id it
-// routed for a time window and drops a second copy.
+// ring, resent by a peer after a reconnect, or resent by a publisher that did
+// not see its ack. The broker remembers each id for a time window and drops a
+// second copy (the stream window keeps the stream sequence as the value, to
+// ack the resend with it).
 //
 // At mesh rates a node-based set costs an allocation per message and grows
 // without bound (two minutes at a million messages a second is 120 M ids).
@@ -28,15 +31,19 @@ namespace tracemesh::broker {
 class IdWindow {
  public:
   // Holds at most `max_ids` ids (rounded up to a power of two, at least 1024):
-  // 56 bytes per id, mapped and populated on first use.
+  // 64 bytes per id, mapped and populated on first use.
   explicit IdWindow(size_t max_ids);
   ~IdWindow();
   IdWindow(const IdWindow&) = delete;
   IdWindow& operator=(const IdWindow&) = delete;
 
-  // Remembers `id`, seen at `now_ns`. False when it is already in the window.
-  bool insert(const MessageId& id, int64_t now_ns);
+  // Remembers `id`, seen at `now_ns`, with `value`. False when it is already
+  // in the window (its value is left as it was).
+  bool insert(const MessageId& id, int64_t now_ns, uint64_t value = 0);
   bool contains(const MessageId& id) const;
+  // The value of `id`, or null when it is not in the window. Valid until the
+  // next insert, erase or expire.
+  uint64_t* value(const MessageId& id);
   // Forgets `id` (a message that was refused must be accepted when resent).
   void erase(const MessageId& id);
   // Forgets every id inserted before `horizon_ns`.
@@ -51,6 +58,7 @@ class IdWindow {
   struct Slot {
     MessageId id;
     int64_t at_ns;  // kErased once erased: its place is reclaimed in arrival order
+    uint64_t value;
   };
   struct Entry {
     uint32_t pos;   // ring position + 1; 0 = empty

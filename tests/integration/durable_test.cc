@@ -725,6 +725,31 @@ TEST_F(DurableTest, EveryAckedMessageSurvivesKill9) {
 // A full store (here a 4 MiB LMDB map; a full disk reads the same) refuses new
 // durable publishes with storage_full, keeps serving, and loses nothing it acked,
 // before or after a restart.
+// The stream dedup window is bounded: past limits.dedup_max_ids it keeps the
+// newest ids and counts what it pushed out, as a monitoring system sees it.
+TEST_F(DurableTest, DedupWindowKeepsTheNewestIdsUpToItsBoundAndCountsTheRest) {
+  auto s = spec("bounded");
+  s.streams = {{"SENSORS", {"plant/+/vibration/#"}}};
+  s.extra_toml = "[limits]\ndedup_max_ids = 1024\n";
+  auto b = start_broker(s);
+  ASSERT_NE(b, nullptr);
+  auto pub = connect(*b, "line-1");
+  ASSERT_NE(pub, nullptr);
+  constexpr int kCount = 3000;
+  std::vector<std::future<Result<PublishAck>>> acks;
+  for (int i = 0; i < kCount; ++i) acks.push_back(pub->publish_durable(kSensorTopic, std::to_string(i)));
+  for (auto& a : acks) ASSERT_TRUE(a.get().ok());
+  HttpReply scraped;
+  EXPECT_TRUE(wait_until([&] {
+    scraped = http_get(b->http_url(), "/metrics");
+    return metric(scraped.body, "tracemesh_dedup_window_overflowed_total") == kCount - 1024;
+  })) << scraped.body;
+  EXPECT_EQ(metric(scraped.body, "tracemesh_dedup_window_ids"), 1024) << scraped.body;
+  auto info = pub->stream_info("SENSORS");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->messages, static_cast<uint64_t>(kCount));
+}
+
 TEST_F(DurableTest, FullStoreAnswersStorageFullAndKeepsEverythingItAcked) {
   auto s = spec("small");
   s.streams = {{"SENSORS", {"plant/+/vibration/#"}}};

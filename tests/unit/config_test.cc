@@ -91,12 +91,13 @@ TEST_F(ConfigTest, LimitsMustBePositive) {
   auto defaults = load_config(write(base));
   ASSERT_TRUE(defaults.ok()) << defaults.error().to_string();
   EXPECT_EQ(defaults->mesh_dedup_max_ids, 1u << 20);
+  EXPECT_EQ(defaults->dedup_max_ids, 2u << 20);
   auto set = load_config(write(base + "[limits]\nmesh_dedup_max_ids = 65536\ndedup_window_ms = 5000\n"));
   ASSERT_TRUE(set.ok()) << set.error().to_string();
   EXPECT_EQ(set->mesh_dedup_max_ids, 65536u);
   EXPECT_EQ(set->dedup_window_ms, 5000u);
   for (const char* key : {"subscriber_queue_bytes", "max_in_flight", "ack_wait_ms", "dedup_window_ms",
-                          "mesh_dedup_max_ids", "session_timeout_ms"}) {
+                          "dedup_max_ids", "mesh_dedup_max_ids", "session_timeout_ms"}) {
     auto c = load_config(write(base + "[limits]\n" + key + " = 0\n"));
     ASSERT_FALSE(c.ok()) << key;
     EXPECT_NE(c.error().message().find(std::string("limits.") + key + ": must be greater than 0"), std::string::npos)

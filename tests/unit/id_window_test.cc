@@ -23,6 +23,21 @@ TEST(IdWindowTest, SecondInsertOfAnIdIsRefused) {
   EXPECT_EQ(w.size(), 2u);
 }
 
+TEST(IdWindowTest, KeepsAValuePerIdThatCanBeUpdated) {
+  IdWindow w(1024);
+  EXPECT_EQ(w.value(id_of(1)), nullptr);
+  ASSERT_TRUE(w.insert(id_of(1), 10, 0));
+  ASSERT_TRUE(w.insert(id_of(2), 11, 7));
+  ASSERT_NE(w.value(id_of(1)), nullptr);
+  EXPECT_EQ(*w.value(id_of(1)), 0u);
+  *w.value(id_of(1)) = 42;  // e.g. the stream sequence once the write is done
+  EXPECT_FALSE(w.insert(id_of(1), 12, 99));
+  EXPECT_EQ(*w.value(id_of(1)), 42u);
+  EXPECT_EQ(*w.value(id_of(2)), 7u);
+  w.erase(id_of(1));
+  EXPECT_EQ(w.value(id_of(1)), nullptr);
+}
+
 TEST(IdWindowTest, ExpireForgetsIdsOlderThanTheHorizonOnly) {
   IdWindow w(1024);
   for (uint64_t n = 0; n < 100; ++n) ASSERT_TRUE(w.insert(id_of(n), static_cast<int64_t>(n)));

@@ -315,10 +315,19 @@ class DurableTest : public MeshTest {
  protected:
   void SetUp() override {
     MeshTest::SetUp();
-    auto s = spec();
-    s.streams = {{"SENSORS", {"plant/+/vibration/#"}}};
-    broker_ = start_broker(s);
+    broker_ = start_sensors_broker();
     ASSERT_NE(broker_, nullptr);
+  }
+
+  // A broker with the SENSORS stream, its [broker] and top-level config extended.
+  std::unique_ptr<process::BrokerProcess> start_sensors_broker(const std::string& name = "broker",
+                                                               const std::string& broker_extra = "",
+                                                               const std::string& extra_toml = "") {
+    auto s = spec(name);
+    s.streams = {{"SENSORS", {"plant/+/vibration/#"}}};
+    s.broker_extra = broker_extra;
+    s.extra_toml = extra_toml;
+    return start_broker(s);
   }
 
   // The stream's consumer named `name`, if the broker lists it.
@@ -722,16 +731,10 @@ TEST_F(DurableTest, EveryAckedMessageSurvivesKill9) {
   EXPECT_EQ(wrong, 0u) << "stored payloads differ from what was acked";
 }
 
-// A full store (here a 4 MiB LMDB map; a full disk reads the same) refuses new
-// durable publishes with storage_full, keeps serving, and loses nothing it acked,
-// before or after a restart.
 // The stream dedup window is bounded: past limits.dedup_max_ids it keeps the
 // newest ids and counts what it pushed out, as a monitoring system sees it.
 TEST_F(DurableTest, DedupWindowKeepsTheNewestIdsUpToItsBoundAndCountsTheRest) {
-  auto s = spec("bounded");
-  s.streams = {{"SENSORS", {"plant/+/vibration/#"}}};
-  s.extra_toml = "[limits]\ndedup_max_ids = 1024\n";
-  auto b = start_broker(s);
+  auto b = start_sensors_broker("bounded", "", "[limits]\ndedup_max_ids = 1024\n");
   ASSERT_NE(b, nullptr);
   auto pub = connect(*b, "line-1");
   ASSERT_NE(pub, nullptr);
@@ -750,11 +753,11 @@ TEST_F(DurableTest, DedupWindowKeepsTheNewestIdsUpToItsBoundAndCountsTheRest) {
   EXPECT_EQ(info->messages, static_cast<uint64_t>(kCount));
 }
 
+// A full store (here a 4 MiB LMDB map; a full disk reads the same) refuses new
+// durable publishes with storage_full, keeps serving, and loses nothing it acked,
+// before or after a restart.
 TEST_F(DurableTest, FullStoreAnswersStorageFullAndKeepsEverythingItAcked) {
-  auto s = spec("small");
-  s.streams = {{"SENSORS", {"plant/+/vibration/#"}}};
-  s.broker_extra = "store_map_bytes = 4194304";
-  auto small = start_broker(s);
+  auto small = start_sensors_broker("small", "store_map_bytes = 4194304");
   ASSERT_NE(small, nullptr);
   auto pub = connect(*small, "line-1");
   ASSERT_NE(pub, nullptr);

@@ -324,7 +324,7 @@ class BrokerImpl final : public Broker {
   void spill_waiting(Link& l);
   // A batch of `count` messages (`bytes`) went out over `l`: link and broker counters.
   void count_forwarded(Link& l, uint32_t count, size_t bytes);
-  bool mesh_seen(const MessageId& id);
+  bool mesh_seen(const MessageId& id, int64_t now_ns);
   // Queues a durable append to `rt` (committed by the storage writer).
   void store_append(StreamRt& rt, const uint8_t* p, size_t n, const MessageId& id,
                     PendingWrite pending);
@@ -1070,6 +1070,7 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
     base = aligned.data();
   }
   const size_t size = body->size() & ~size_t{7};
+  const int64_t now_ns = links_.empty() ? 0 : codec::now_ns();  // the batch's time in the mesh window
   auto status = codec::for_each_envelope(base, size, publish.getCount(), [&](const uint8_t* p, size_t n) {
     codec::EnvelopeReader reader(p, n);
     auto env = reader.root();
@@ -1097,7 +1098,7 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
       return true;
     }
     const bool durable = flags & wire::FLAG_DURABLE;
-    if (!links_.empty() && mesh_seen(id)) {
+    if (!links_.empty() && mesh_seen(id, now_ns)) {
       // Already routed here (a resend after a reconnect): never twice.
       ++duplicates_;
       if (!durable) return true;
@@ -1743,7 +1744,7 @@ void BrokerImpl::retain(std::string_view topic, const uint8_t* p, size_t n, bool
   writes_.push_back(std::move(op));
 }
 
-bool BrokerImpl::mesh_seen(const MessageId& id) { return !seen_.insert(id, codec::now_ns()); }
+bool BrokerImpl::mesh_seen(const MessageId& id, int64_t now_ns) { return !seen_.insert(id, now_ns); }
 
 Status BrokerImpl::init_links() {
   if (config_.links.empty()) return Status::Ok();
@@ -1951,6 +1952,7 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
   }
   ++l.received_batches;
   uint64_t seq = first;
+  const int64_t now_ns = codec::now_ns();  // the batch's time in the mesh window
   auto status = codec::for_each_envelope(base, body->size() & ~size_t{7}, fwd.getCount(),
                                          [&](const uint8_t* p, size_t n) {
     const uint64_t this_seq = first ? seq++ : 0;  // 0: unsequenced best-effort
@@ -1967,7 +1969,7 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
       ++malformed_;
       return true;
     }
-    if (mesh_seen(id)) {  // came around a loop, or was resent: exactly once
+    if (mesh_seen(id, now_ns)) {  // came around a loop, or was resent: exactly once
       ++mesh_duplicates_;
       return true;
     }

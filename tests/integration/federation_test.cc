@@ -10,6 +10,15 @@
 namespace tracemesh::testing {
 namespace {
 
+// Subscribes and keeps retrying a probe publish until interest has propagated.
+bool await_route(Client& pub, const std::string& topic, Inbox& inbox, std::chrono::milliseconds timeout = 15s) {
+  return wait_until([&] {
+    (void)pub.publish(topic, "probe");
+    (void)pub.flush(2s);
+    return inbox.wait_for(1, 50ms);
+  }, timeout);
+}
+
 class FederationTest : public MeshTest {
  protected:
   struct Node {
@@ -104,18 +113,34 @@ class FederationTest : public MeshTest {
     }, timeout);
   }
 
+  // "centre" (holding `streams`) and "edge" dialing it, link up, and a centre client
+  // subscribed to `filter` into `inbox` whose interest has reached the edge (a publish on
+  // `probe` at the edge arrives). Returns that client; null after a failure.
+  std::unique_ptr<Client> edge_and_centre(Inbox& inbox, const std::string& filter, const std::string& probe,
+                                          std::vector<process::StreamSpec> streams = {}, uint64_t outbox_bytes = 0,
+                                          std::optional<uint64_t> memory_queue_bytes = {}) {
+    start("centre", "centre", {}, std::move(streams));
+    start("edge", "edge", {"centre"}, {}, true, outbox_bytes, memory_queue_bytes);
+    if (!links_up("edge", 1)) {
+      ADD_FAILURE() << "link edge -> centre is not up";
+      return nullptr;
+    }
+    auto app = client("centre", "centre-app");
+    if (!app || !app->subscribe(filter, inbox.handler()).ok()) {
+      ADD_FAILURE() << "cannot subscribe to '" << filter << "' at the centre";
+      return nullptr;
+    }
+    auto line = client("edge", "line-1");
+    if (!line || !await_route(*line, probe, inbox)) {
+      ADD_FAILURE() << "interest in '" << filter << "' did not reach the edge";
+      return nullptr;
+    }
+    return app;
+  }
+
   std::map<std::string, Node> nodes_;
   uint32_t session_timeout_ms_ = 4000;  // for brokers started from now on
 };
-
-// Subscribes and keeps retrying a probe publish until interest has propagated.
-bool await_route(Client& pub, const std::string& topic, Inbox& inbox, std::chrono::milliseconds timeout = 15s) {
-  return wait_until([&] {
-    (void)pub.publish(topic, "probe");
-    (void)pub.flush(2s);
-    return inbox.wait_for(1, 50ms);
-  }, timeout);
-}
 
 TEST_F(FederationTest, FourTierChainEndToEndBothWaysWithRequestReply) {
   start("centre", "centre");
@@ -480,14 +505,11 @@ TEST_F(FederationTest, PartitionOfThirtySecondsLosesAndDuplicatesNothing) {
 // budget, and delivers every durable message it acked once the link heals.
 TEST_F(FederationTest, OutboxBudgetDropsOldestBestEffortAndPushesBackDurableWhileCut) {
   constexpr uint64_t kBudget = 256 * 1024;
-  start("centre", "centre", {}, {{"LINE", {"plant/line1/vibration"}}});
-  start("edge", "edge", {"centre"}, {}, true, kBudget);
-  ASSERT_TRUE(links_up("edge", 1));
-  auto app = client("centre", "centre-app");
   Inbox probe;
-  ASSERT_TRUE(app->subscribe("plant/line1/temp", probe.handler()).ok());
+  auto app = edge_and_centre(probe, "plant/line1/temp", "plant/line1/temp", {{"LINE", {"plant/line1/vibration"}}},
+                             kBudget);
+  ASSERT_NE(app, nullptr);
   auto line = client("edge", "line-1");
-  ASSERT_TRUE(await_route(*line, "plant/line1/temp", probe));
 
   // The centre's interest stays known at the edge while the centre is away.
   nodes_["centre"].broker->kill9();
@@ -550,13 +572,8 @@ class BusyPeerTest : public FederationTest {
   }
   // Starts both brokers with the edge's memory queue at `memory_queue_bytes`, subscribes at the centre.
   void start_edge_and_centre(uint64_t memory_queue_bytes) {
-    start("centre", "centre");
-    start("edge", "edge", {"centre"}, {}, true, 0, memory_queue_bytes);
-    ASSERT_TRUE(links_up("edge", 1));
-    app_ = client("centre", "centre-app");
-    ASSERT_TRUE(app_->subscribe("plant/line1/#", inbox_.handler()).ok());
-    auto line = client("edge", "line-1");
-    ASSERT_TRUE(await_route(*line, "plant/line1/probe", inbox_));
+    app_ = edge_and_centre(inbox_, "plant/line1/#", "plant/line1/probe", {}, 0, memory_queue_bytes);
+    ASSERT_NE(app_, nullptr);
   }
   void pause_centre(bool paused) {
     ASSERT_EQ(::kill(nodes_["centre"].broker->pid(), paused ? SIGSTOP : SIGCONT), 0);
@@ -651,16 +668,9 @@ TEST_F(BusyPeerTest, CleanStopKeepsBatchesThatWaitedInMemory) {
 }
 
 TEST_F(FederationTest, KillNineOfEdgeLosesNoAckedDurableMessage) {
-  start("centre", "centre", {}, {{"LINE", {"plant/#"}}});
-  start("edge", "edge", {"centre"});
-  ASSERT_TRUE(links_up("edge", 1));
-  auto app = client("centre", "probe-app");
   Inbox probe;
-  ASSERT_TRUE(app->subscribe("plant/probe", probe.handler()).ok());
-  {
-    auto line = client("edge", "line-1");
-    ASSERT_TRUE(await_route(*line, "plant/probe", probe));
-  }
+  auto app = edge_and_centre(probe, "plant/probe", "plant/probe", {{"LINE", {"plant/#"}}});
+  ASSERT_NE(app, nullptr);
   std::set<std::string> acked;
   {
     // Declared before the client: its callbacks may still run while it closes.

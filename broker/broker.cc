@@ -1070,7 +1070,7 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
     base = aligned.data();
   }
   const size_t size = body->size() & ~size_t{7};
-  const int64_t now_ns = links_.empty() ? 0 : codec::now_ns();  // the batch's time in the mesh window
+  const int64_t now_ns = codec::now_ns();  // the batch's time in the dedup windows
   auto status = codec::for_each_envelope(base, size, publish.getCount(), [&](const uint8_t* p, size_t n) {
     codec::EnvelopeReader reader(p, n);
     auto env = reader.root();
@@ -1130,7 +1130,9 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
       return true;
     }
     if (durable) {
-      if (const uint64_t* seq = dedup_.value(id)) {
+      // In the dedup window from now; its stream seq is filled in when the write is done.
+      if (!dedup_.insert(id, now_ns, 0)) {
+        const uint64_t* seq = dedup_.value(id);
         ++duplicates_;
         if (*seq) {
           s.acks_out.push_back({id, {*seq, wire::ErrorCode::NONE}});
@@ -1716,9 +1718,7 @@ void BrokerImpl::expire(Clock::time_point now) {
 
 void BrokerImpl::store_append(StreamRt& rt, const uint8_t* p, size_t n, const MessageId& id,
                               PendingWrite pending) {
-  // In the dedup window from now, its stream seq filled in when the write is done.
   const int64_t now = codec::now_ns();
-  dedup_.insert(id, now, 0);
   WriteOp op;
   op.kind = WriteOp::Kind::append;
   op.append.stream = rt.state.config.name;
@@ -1976,7 +1976,7 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
     const bool durable = flags & wire::FLAG_DURABLE;
     if (durable) {
       if (StreamRt* rt = stream_for(topic)) {
-        if (!dedup_.contains(id)) {
+        if (dedup_.insert(id, now_ns, 0)) {  // its stream seq is filled in when the write is done
           PendingWrite w{PendingWrite::Kind::forward_capture, "", id, rt->state.config.name, 0};
           w.link = l.id;
           w.link_seq = this_seq;

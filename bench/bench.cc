@@ -3,6 +3,7 @@
 // Each workload starts a real tracemeshd (a child process), drives it with
 // SDK clients in this process, and with --peers runs the same workload against
 // nats-server, mosquitto and raw ZeroMQ, printing ratios measured in this run.
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,9 +11,11 @@
 #include <climits>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "commands.h"
@@ -105,6 +108,62 @@ struct Rig {
 };
 
 double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// CPU seconds (user + system) used so far by process `pid`, from /proc/PID/stat
+// (10 ms ticks); by this process, every thread of it, when `pid` is 0: the
+// bench's clients with their I/O threads.
+double cpu_seconds(pid_t pid = 0) {
+  if (pid == 0) {
+    rusage u{};
+    getrusage(RUSAGE_SELF, &u);
+    auto secs = [](const timeval& t) { return static_cast<double>(t.tv_sec) + t.tv_usec / 1e6; };
+    return secs(u.ru_utime) + secs(u.ru_stime);
+  }
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  std::getline(in, line);
+  // "pid (comm) state ...": comm may hold spaces; utime and stime are fields 14 and 15.
+  const size_t close = line.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::istringstream rest(line.substr(close + 1));
+  std::string skip;
+  for (int field = 3; field <= 13; ++field) rest >> skip;
+  unsigned long long user = 0, sys = 0;
+  rest >> user >> sys;
+  return static_cast<double>(user + sys) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// CPU spent by named processes (and this one, as "clients") between two
+// snapshots, per million messages: what each part of a workload costs.
+class CpuMeter {
+ public:
+  void add(std::string name, pid_t pid) { parts_.push_back({std::move(name), pid, 0}); }
+  void start() {
+    for (auto& p : parts_) p.at_start = cpu_seconds(p.pid);
+    clients_at_start_ = cpu_seconds();
+  }
+  // "CPU s per 1 M msgs: broker 0.54, clients 1.14"
+  std::string report(uint64_t messages) const {
+    const double scale = messages ? 1e6 / static_cast<double>(messages) : 0;
+    std::string out = "CPU s per 1 M msgs:";
+    char item[96];
+    for (const auto& p : parts_) {
+      std::snprintf(item, sizeof item, " %s %.2f,", p.name.c_str(), (cpu_seconds(p.pid) - p.at_start) * scale);
+      out += item;
+    }
+    std::snprintf(item, sizeof item, " clients %.2f", (cpu_seconds() - clients_at_start_) * scale);
+    return out + item;
+  }
+
+ private:
+  struct Part {
+    std::string name;
+    pid_t pid;
+    double at_start;
+  };
+  std::vector<Part> parts_;
+  double clients_at_start_ = 0;
+};
 int64_t codec_now_ns() { return codec::now_ns(); }
 
 // Counts messages at a subscriber, first to last arrival.
@@ -165,6 +224,9 @@ Result<PeerResult> run_fanin(const BenchFlags& f) {
   auto s = (*sub)->subscribe("bench/fanin", meter.handler());
   if (!s.ok()) return s.error();
   const std::string payload(f.size, 'x');
+  CpuMeter cpu;
+  cpu.add("broker", rig.broker->pid());
+  cpu.start();
   const auto pub_start = Clock::now();
   for (uint64_t i = 0; i < f.count; ++i) {
     if (auto st = (*pub)->publish("bench/fanin", payload); !st.ok()) return st.error();
@@ -175,9 +237,9 @@ Result<PeerResult> run_fanin(const BenchFlags& f) {
   meter.wait(f.count, 2s);
   PeerResult r = metered(rig, "fanin-1x1", f.count, meter);
   char note[160];
-  std::snprintf(note, sizeof note, "publisher: queued in %.0f ms, broker had all after %.0f ms",
+  std::snprintf(note, sizeof note, "publisher: queued in %.0f ms, broker had all after %.0f ms; ",
                 seconds(pub_queued - pub_start) * 1e3, seconds(pub_flushed - pub_start) * 1e3);
-  r.note = note;
+  r.note = note + cpu.report(meter.received);
   auto stats = (*pub)->stats();
   if (stats.ok() && stats->slow_consumer_drops)
     r.note += "; " + std::to_string(stats->slow_consumer_drops) + " dropped as slow consumer";
@@ -532,10 +594,14 @@ Result<PeerResult> run_chain(const BenchFlags& f) {
   meter.wait(UINT64_MAX, 200ms);  // let the probes settle
   meter.reset();
   const std::string payload(f.size, 'x');
+  CpuMeter cpu;
+  for (auto it = mesh.names.rbegin(); it != mesh.names.rend(); ++it) cpu.add(*it, mesh.brokers[*it]->pid());
+  cpu.start();
   for (uint64_t i = 0; i < f.count; ++i)
     if (auto st = (*pub)->publish("bench/chain", payload); !st.ok()) return st.error();
   (void)(*pub)->flush(60s);
   meter.wait(f.count, 3s);
+  const std::string cpu_report = cpu.report(meter.received);
   PeerResult r;
   r.system = std::string("tracemesh chain-4") + (f.curve == "on" ? " (CURVE)" : "");
   r.workload = "chain-4";
@@ -550,10 +616,11 @@ Result<PeerResult> run_chain(const BenchFlags& f) {
   if (one.ok() && four.ok()) {
     r.p50_us = *four;
     char note[200];
-    std::snprintf(note, sizeof note, "one-way p50: 1 broker %.0f us, 4 brokers %.0f us, added per hop %.0f us",
+    std::snprintf(note, sizeof note, "one-way p50: 1 broker %.0f us, 4 brokers %.0f us, added per hop %.0f us; ",
                   *one, *four, (*four - *one) / 3);
     r.note = note;
   }
+  r.note += cpu_report;
   return r;
 }
 

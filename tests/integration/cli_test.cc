@@ -397,7 +397,7 @@ TEST_F(CliTest, MeshStatusShowsTheBrokerAndItsLinksAsTextAndJson) {
   EXPECT_NE(other.out.find("\"peer\":\"edge-plant1\""), std::string::npos) << other.out;
 }
 
-TEST_F(CliTest, BenchFanoutAndManyTopicsCountEveryDelivery) {
+TEST_F(CliTest, BenchFanoutManyTopicsAndFaninCountEveryDelivery) {
   Run r = cli({"bench", "fanout", "-n", "2000", "--json", "--tracemeshd", TRACEMESHD_PATH}, 60s);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("\"workload\":\"fanout\""), std::string::npos) << r.out;
@@ -408,6 +408,13 @@ TEST_F(CliTest, BenchFanoutAndManyTopicsCountEveryDelivery) {
   Run many = cli({"bench", "many-topics", "-n", "20000", "--json", "--tracemeshd", TRACEMESHD_PATH}, 60s);
   ASSERT_EQ(many.exit_code, 0) << many.err;
   EXPECT_NE(many.out.find("\"sent\":20000,\"received\":20000"), std::string::npos) << many.out;
+
+  // fanin reports what the broker and the clients spent.
+  Run fanin = cli({"bench", "fanin", "-n", "20000", "--json", "--tracemeshd", TRACEMESHD_PATH}, 60s);
+  ASSERT_EQ(fanin.exit_code, 0) << fanin.err;
+  EXPECT_NE(fanin.out.find("\"sent\":20000,\"received\":20000"), std::string::npos) << fanin.out;
+  EXPECT_NE(fanin.out.find("CPU s per 1 M msgs: broker "), std::string::npos) << fanin.out;
+  EXPECT_NE(fanin.out.find(", clients "), std::string::npos) << fanin.out;
 }
 
 TEST_F(CliTest, HelpOnEverySubcommandExitsZero) {

@@ -80,13 +80,7 @@ bool unix_socket_in_use(const std::string& path) {
   return in_use;
 }
 
-void free_words(void* data, void*) { std::free(data); }
-
-zmq::message_t take_buffer(WordBuffer&& buffer) {
-  const size_t size = buffer.size();
-  uint64_t* data = buffer.release();
-  return zmq::message_t(data, size, free_words, nullptr);
-}
+using codec::take_buffer;
 
 capnp::MallocMessageBuilder& start_frame(capnp::MallocMessageBuilder& b) {
   b.initRoot<wire::Frame>().setVersion(wire::PROTOCOL_VERSION);
@@ -117,7 +111,7 @@ struct Link {
   uint32_t id = 0;
   std::string name;
   bool dialed = false;
-  LinkConfig config;                        // dialed links
+  LinkConfig config;                        // dialed links; defaults for accepted ones
   std::unique_ptr<zmq::socket_t> dealer;    // dialed links
   std::unique_ptr<zmq::socket_t> monitor;   // dialed links
   bool recheck = false;                     // dealer sent on or left unread (see BrokerImpl::run)
@@ -149,7 +143,6 @@ struct Link {
   std::deque<Waiting> waiting;
   size_t waiting_bytes = 0;
   uint64_t waiting_messages = 0;
-  uint64_t memory_queue_bytes = LinkConfig{}.memory_queue_bytes;
   uint64_t forwarded = 0, forwarded_bytes = 0, received = 0;
   uint64_t forwarded_batches = 0, received_batches = 0;
   uint64_t stored = 0;  // best-effort messages that went through the outbox (link busy or down)
@@ -1760,7 +1753,6 @@ Status BrokerImpl::init_links() {
     l->name = lc.name;
     l->dialed = true;
     l->config = lc;
-    l->memory_queue_bytes = lc.memory_queue_bytes;
     LinkOutbox::Options o;
     o.dir = config_.data_dir + "/links/" + lc.name;
     o.budget_bytes = lc.outbox_bytes;
@@ -2191,7 +2183,7 @@ void BrokerImpl::flush_direct(Link& l) {
       count_forwarded(l, count, bytes);
       return;
     }
-    if (l.waiting_bytes + bytes <= l.memory_queue_bytes) {  // the peer is busy: wait in memory
+    if (l.waiting_bytes + bytes <= l.config.memory_queue_bytes) {  // the peer is busy: wait in memory
       l.waiting.push_back({std::move(header), std::move(frame), count});
       l.waiting_bytes += bytes;
       l.waiting_messages += count;

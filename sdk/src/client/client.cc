@@ -37,14 +37,7 @@ struct MessageIdHash {
 // The message being handled on this thread, for default lineage parents.
 thread_local const Message* current_message = nullptr;
 
-void free_words(void* data, void*) { std::free(data); }
-
-zmq::message_t take_buffer(WordBuffer&& buffer) {
-  const size_t size = buffer.size();
-  if (size == 0) return zmq::message_t();
-  uint64_t* data = buffer.release();
-  return zmq::message_t(data, size, free_words, nullptr);
-}
+using codec::take_buffer;
 
 }  // namespace
 

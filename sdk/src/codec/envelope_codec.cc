@@ -142,6 +142,17 @@ Status for_each_envelope(const uint8_t* data, size_t size, uint32_t expected_cou
   return Status::Ok();
 }
 
+namespace {
+void free_words(void* data, void*) { std::free(data); }
+}  // namespace
+
+zmq::message_t take_buffer(WordBuffer&& buffer) {
+  const size_t size = buffer.size();
+  if (size == 0) return zmq::message_t();
+  uint64_t* data = buffer.release();
+  return zmq::message_t(data, size, free_words, nullptr);
+}
+
 zmq::message_t to_message(capnp::MessageBuilder& builder) {
   auto segments = builder.getSegmentsForOutput();
   if (segments.size() == 1) {

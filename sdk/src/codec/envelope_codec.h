@@ -83,6 +83,10 @@ capnp::ReaderOptions untrusted_options(size_t bytes);
 // Serializes a built frame into a ZeroMQ message (stream framing).
 zmq::message_t to_message(capnp::MessageBuilder& builder);
 
+// Hands a batch buffer's allocation to a ZeroMQ message without a copy (ZeroMQ
+// frees it once sent); the buffer becomes empty. An empty buffer gives an empty message.
+zmq::message_t take_buffer(WordBuffer&& buffer);
+
 // A decoded control frame. Holds an aligned copy when the ZeroMQ buffer is
 // not 8-byte aligned. Construction never throws; check status().
 class FrameReader {

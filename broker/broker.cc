@@ -126,6 +126,11 @@ struct Link {
   uint64_t resend_from = 0;                 // to ask the peer for: it could not be taken
   bool recv_synced = false;                 // recv_seq follows the peer's numbering (this connection)
   Clock::time_point resend_at{};            // we were asked to resend: not before this
+  // Our stream could not store a durable message the peer forwarded (a full
+  // store, say): ask the peer to resend from recv_seq + 1, not before this.
+  bool capture_retry = false;
+  Clock::time_point capture_retry_at{};
+  std::chrono::milliseconds capture_backoff{0};
   bool durable_pending = false;             // a durable message awaits sync()
   LinkInterest interest;                    // what the peer is told we want, collapsed
   std::map<std::string, std::unique_ptr<Subscription>> remote;  // the peer's interest
@@ -318,6 +323,8 @@ class BrokerImpl final : public Broker {
   // A batch of `count` messages (`bytes`) went out over `l`: link and broker counters.
   void count_forwarded(Link& l, uint32_t count, size_t bytes);
   bool mesh_seen(const MessageId& id, int64_t now_ns);
+  void capture_forwarded(Link& l, const uint8_t* p, size_t n, const MessageId& id, std::string_view topic,
+                         uint64_t link_seq, int64_t now_ns);
   // Queues a durable append to `rt` (committed by the storage writer).
   void store_append(StreamRt& rt, const uint8_t* p, size_t n, const MessageId& id,
                     PendingWrite pending);
@@ -387,6 +394,10 @@ class BrokerImpl final : public Broker {
   std::unique_ptr<Credential> credential_;                // presented on dialed links
   std::map<std::string, std::map<uint32_t, int>> interest_;  // key -> origin (0 = local) -> count
   IdWindow seen_{config_.mesh_dedup_max_ids};               // mesh dedup window (only with links)
+  // Forwarded durable messages routed on but not stored in our stream: their
+  // resend is stored, not routed again (by id; when the write failed).
+  std::unordered_map<MessageId, Clock::time_point, IdHash> capture_retry_;
+  Clock::time_point next_capture_sweep_{};
   uint64_t mesh_duplicates_ = 0;
   std::vector<std::pair<std::string, MessageId>> link_acks_;  // durable acks after outbox sync
 
@@ -1505,8 +1516,14 @@ void BrokerImpl::on_write_results() {
       for (const auto& key : waiting)
         if (auto other = sessions_.find(key); other != sessions_.end()) ack_to(*other->second, true);
     } else if (w.kind == PendingWrite::Kind::forward_capture) {
-      if (uint64_t* seq = dedup_.value(w.id); seq && r.status.ok()) *seq = r.seq;
+      Link* from = nullptr;
+      for (auto& l : links_)
+        if (l->id == w.link) from = l.get();
+      if (from)
+        if (auto h = from->held.find(w.link_seq); h != from->held.end()) from->held.erase(h);
       if (r.status.ok()) {
+        if (uint64_t* seq = dedup_.value(w.id)) *seq = r.seq;
+        if (from) from->capture_backoff = std::chrono::milliseconds(0);
         touched_streams_.insert(w.stream);
         auto st = streams_.find(w.stream);
         if (st != streams_.end()) {
@@ -1514,11 +1531,26 @@ void BrokerImpl::on_write_results() {
           if (st->second->state.first_seq == 0) st->second->state.first_seq = r.seq;
         }
       } else {
-        spdlog::error("forwarded durable message not stored: {}", r.status.error().message());
-      }
-      for (auto& l : links_) {
-        if (l->id != w.link) continue;
-        if (auto h = l->held.find(w.link_seq); h != l->held.end()) l->held.erase(h);
+        dedup_.erase(w.id);
+        if (from && w.link_seq) {
+          // Not ours to ack: the peer keeps it and resends it (and what follows)
+          // after a back-off; the resend is stored, not routed a second time.
+          capture_retry_[w.id] = Clock::now();
+          from->recv_seq = std::min(from->recv_seq, w.link_seq - 1);
+          if (!from->capture_retry) {  // once per round: the first failure sets the back-off
+            from->capture_backoff = std::clamp(from->capture_backoff * 2, std::chrono::milliseconds(250),
+                                               std::chrono::milliseconds(30000));
+            from->capture_retry = true;
+            from->capture_retry_at = Clock::now() + from->capture_backoff;
+            spdlog::error("link '{}': forwarded durable messages not stored in stream '{}' ({}); the peer "
+                          "keeps them and resends from its seq {} in {} ms",
+                          from->name, w.stream, r.status.error().message(), w.link_seq,
+                          from->capture_backoff.count());
+          }
+        } else {
+          spdlog::error("forwarded durable message not stored in stream '{}': {}", w.stream,
+                        r.status.error().message());
+        }
       }
     } else if (w.kind == PendingWrite::Kind::admin_create) {
       if (!s) continue;
@@ -1739,6 +1771,17 @@ void BrokerImpl::retain(std::string_view topic, const uint8_t* p, size_t n, bool
 
 bool BrokerImpl::mesh_seen(const MessageId& id, int64_t now_ns) { return !seen_.insert(id, now_ns); }
 
+void BrokerImpl::capture_forwarded(Link& l, const uint8_t* p, size_t n, const MessageId& id,
+                                   std::string_view topic, uint64_t link_seq, int64_t now_ns) {
+  StreamRt* rt = stream_for(topic);
+  if (!rt || !dedup_.insert(id, now_ns, 0)) return;  // its stream seq is filled in when the write is done
+  PendingWrite w{PendingWrite::Kind::forward_capture, "", id, rt->state.config.name, 0};
+  w.link = l.id;
+  w.link_seq = link_seq;
+  store_append(*rt, p, n, id, w);
+  if (link_seq) l.held.insert(link_seq);  // not acked upstream until it is on our disk
+}
+
 Status BrokerImpl::init_links() {
   if (config_.links.empty()) return Status::Ok();
   auto cred = Credential::load(config_.credential_path);
@@ -1935,6 +1978,7 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
   if (first > l.recv_seq + 1) {
     // A gap: something before this batch was refused or lost. Take nothing out
     // of order; ask for everything from the first missing seq.
+    if (l.capture_retry) return;  // asked for when the back-off ends (service_links)
     if (!l.resend_from || l.resend_from > l.recv_seq + 1) l.resend_from = l.recv_seq + 1;
     capnp::MallocMessageBuilder b(16);
     start_frame(b).getRoot<wire::Frame>().setResendFrom(l.resend_from);
@@ -1961,22 +2005,20 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
       ++malformed_;
       return true;
     }
+    const bool durable = flags & wire::FLAG_DURABLE;
     if (mesh_seen(id, now_ns)) {  // came around a loop, or was resent: exactly once
+      if (durable && !capture_retry_.empty()) {
+        // Routed before, but our stream could not store it then: store it now.
+        if (auto it = capture_retry_.find(id); it != capture_retry_.end()) {
+          capture_retry_.erase(it);
+          capture_forwarded(l, p, n, id, topic, this_seq, now_ns);
+          return true;
+        }
+      }
       ++mesh_duplicates_;
       return true;
     }
-    const bool durable = flags & wire::FLAG_DURABLE;
-    if (durable) {
-      if (StreamRt* rt = stream_for(topic)) {
-        if (dedup_.insert(id, now_ns, 0)) {  // its stream seq is filled in when the write is done
-          PendingWrite w{PendingWrite::Kind::forward_capture, "", id, rt->state.config.name, 0};
-          w.link = l.id;
-          w.link_seq = this_seq;
-          store_append(*rt, p, n, id, w);
-          l.held.insert(this_seq);  // not acked upstream until it is on our disk
-        }
-      }
-    }
+    if (durable) capture_forwarded(l, p, n, id, topic, this_seq, now_ns);
     if (flags & wire::FLAG_RETAIN) retain(topic, p, n, env.getPayload().size() == 0);
     bool refused = false;
     route(p, n, topic, &l, durable, nullptr, &refused, env.getPath(), env.getGroups());
@@ -2233,9 +2275,20 @@ void BrokerImpl::service_links() {
     if (!s.dirty) { s.dirty = true; dirty_sessions_.push_back(&s); }
   }
   link_acks_.clear();
+  if (!capture_retry_.empty() && now >= next_capture_sweep_) {
+    // A peer that never resends (its link removed) must not pin these for ever.
+    next_capture_sweep_ = now + std::chrono::seconds(10);
+    std::erase_if(capture_retry_, [&](const auto& e) { return now - e.second > std::chrono::minutes(10); });
+  }
   for (auto& lp : links_) {
     Link& l = *lp;
     if (!l.up()) continue;
+    if (l.capture_retry && now >= l.capture_retry_at) {
+      l.capture_retry = false;
+      capnp::MallocMessageBuilder b(16);
+      start_frame(b).getRoot<wire::Frame>().setResendFrom(l.recv_seq + 1);
+      link_send(l, codec::to_message(b));
+    }
     // Interest: one frame, so a withdrawn cover and the keys it hid change at once.
     if (l.interest.pending()) {
       const LinkInterest::Update u = l.interest.update();

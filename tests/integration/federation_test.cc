@@ -49,6 +49,7 @@ class FederationTest : public MeshTest {
     s.credential_path = cred_path;
     s.streams = std::move(streams);
     s.extra_toml = "[limits]\nsession_timeout_ms = " + std::to_string(session_timeout_ms_) + "\n";
+    s.broker_extra = broker_extra_;
     if (std::getenv("TM_DEBUG")) s.extra_args = {"--log-level", "debug"};
     for (const auto& up : upstreams) {
       process::LinkSpec l;
@@ -140,6 +141,7 @@ class FederationTest : public MeshTest {
 
   std::map<std::string, Node> nodes_;
   uint32_t session_timeout_ms_ = 4000;  // for brokers started from now on
+  std::string broker_extra_;            // [broker] lines for brokers started from now on
 };
 
 TEST_F(FederationTest, FourTierChainEndToEndBothWaysWithRequestReply) {
@@ -706,6 +708,69 @@ std::map<std::string, int> payload_counts(Inbox& inbox) {
   std::map<std::string, int> counts;
   for (const auto& p : inbox.payloads) ++counts[p];
   return counts;
+}
+
+// The centre's store fills up while the edge forwards durable messages to it. The edge
+// has acked them all (they are in its outbox); the centre must not ack what its stream
+// could not store, so the edge keeps those and resends them until the centre, restarted
+// with room, has every one in its stream.
+TEST_F(FederationTest, ForwardedDurablesTheCentreCannotStoreStayAtTheEdgeUntilStored) {
+  broker_extra_ = "store_map_bytes = 4194304";
+  start("centre", "centre", {}, {{"LINE", {"plant/#"}}});
+  broker_extra_.clear();
+  start("edge", "edge", {"centre"});
+  ASSERT_TRUE(links_up("edge", 1));
+  Inbox live;
+  auto app = client("centre", "centre-app");
+  ASSERT_TRUE(app && app->subscribe("plant/#", live.handler()).ok());
+  auto line = client("edge", "line-1");
+  ASSERT_TRUE(line && await_route(*line, "plant/probe", live));
+  const std::string filler(16 * 1024, 'v');
+  std::set<std::string> acked;
+  std::vector<std::future<Result<PublishAck>>> acks;
+  std::vector<std::string> sent;
+  for (int i = 0; i < 400; ++i) {  // 6.5 MB of payload for a 4 MiB store
+    sent.push_back(std::to_string(i) + ":" + filler);
+    acks.push_back(line->publish_durable("plant/line1/vibration", sent.back()));
+  }
+  for (size_t i = 0; i < acks.size(); ++i) {
+    auto r = acks[i].get();
+    ASSERT_TRUE(r.ok()) << "the edge refused #" << i << ": " << r.error().to_string();
+    acked.insert(sent[i]);
+  }
+  // The centre's stream stops short of 400 and the edge keeps the rest for it.
+  auto edge_backlog = [&] {
+    auto m = line->mesh_status();
+    return m.ok() && m->links.size() == 1 ? m->links[0].backlog_messages : 0;
+  };
+  // One log line per round of failed writes: a second means the edge has resent and the
+  // centre tried again.
+  auto failed_rounds = [&] {
+    std::ifstream log(nodes_["centre"].broker->log_path());
+    size_t n = 0;
+    for (std::string l; std::getline(log, l);) n += l.find("forwarded durable messages not stored") != std::string::npos;
+    return n;
+  };
+  ASSERT_TRUE(wait_until([&] { return failed_rounds() >= 2; }, 30s)) << nodes_["centre"].broker->log_tail();
+  auto stored = client("centre", "auditor-0")->stream_info("LINE");
+  ASSERT_TRUE(stored.ok()) << stored.error().to_string();
+  EXPECT_LT(stored->messages, 400u);
+  EXPECT_GT(edge_backlog(), 0u) << "the edge dropped messages the centre never stored";
+  // The centre routed each one once, stored or not: resends are for its stream only.
+  EXPECT_TRUE(live.wait_for(401));
+  for (const auto& [payload, n] : payload_counts(live))
+    EXPECT_EQ(n, payload == "probe" ? n : 1) << payload.substr(0, 8) << " arrived " << n << " times";
+  for (const auto& p : acked) EXPECT_EQ(payload_counts(live).count(p), 1u) << p.substr(0, 8);
+
+  // With room in its store the centre takes the rest from the edge's outbox.
+  auto& centre = *nodes_["centre"].broker;
+  centre.respec().broker_extra.clear();
+  ASSERT_TRUE(centre.restart().ok()) << centre.log_tail();
+  EXPECT_TRUE(stream_holds("centre", "LINE", acked, 60s)) << "acked durable messages missing at the centre";
+  EXPECT_TRUE(wait_until([&] { return edge_backlog() == 0; }, 30s)) << edge_backlog();
+  auto info = client("centre", "auditor-1")->stream_info("LINE");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->messages, 400u) << "stored twice or missing";
 }
 
 TEST_F(FederationTest, InterestIsCollapsedWhereOneFilterCovers) {

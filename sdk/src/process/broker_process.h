@@ -101,6 +101,8 @@ class BrokerProcess {
   std::filesystem::path data_dir() const { return dir_ / "data"; }
   const std::filesystem::path& identity_path() const { return identity_path_; }
   const BrokerSpec& spec() const { return spec_; }
+  // The spec to change before the next restart(), which writes the config anew from it.
+  BrokerSpec& respec() { return spec_; }
 
   pid_t pid() const { return child_ ? child_->pid() : -1; }
   bool running() { return child_ && child_->running(); }

@@ -139,15 +139,24 @@ struct Link {
   WordBuffer direct;
   uint32_t direct_count = 0;
   // Unsequenced batches ZeroMQ could not take while the link was up (the peer
-  // reads slower than we route): held in memory, up to memory_queue_bytes, and
-  // sent before anything else. Past that they, and what follows, go to the outbox.
+  // reads slower than we route), sent before anything else, in order: held in
+  // memory up to memory_queue_bytes, past that swapped out to the outbox's swap
+  // area one batch per record. Memory and swap together stay within the outbox
+  // budget (less what the outbox holds); past it the oldest batches are dropped.
+  // When the link goes down or the broker stops they move into the outbox.
   struct Waiting {
-    zmq::message_t header, body;
+    zmq::message_t header, body;  // body empty while swapped out
     uint32_t count = 0;
+    size_t bytes = 0;
+    uint64_t swap_key = 0;  // 0: in memory
   };
   std::deque<Waiting> waiting;
-  size_t waiting_bytes = 0;
+  size_t waiting_bytes = 0;         // memory and swap
+  size_t waiting_memory_bytes = 0;  // memory only: bounded by memory_queue_bytes
   uint64_t waiting_messages = 0;
+  uint64_t swap_keys = 0;           // last swap key used
+  uint64_t swapped_batches = 0;     // batches that went through the swap area
+  uint64_t waiting_dropped = 0;     // best-effort messages dropped from the waiting batches
   uint64_t forwarded = 0, forwarded_bytes = 0, received = 0;
   uint64_t forwarded_batches = 0, received_batches = 0;
   uint64_t stored = 0;  // best-effort messages that went through the outbox (link busy or down)
@@ -320,6 +329,10 @@ class BrokerImpl final : public Broker {
   void flush_direct(Link& l);
   void spill(Link& l, const zmq::message_t& batch, uint32_t count);
   void spill_waiting(Link& l);
+  void clear_swapped(Link& l);
+  bool wait_for_peer(Link& l, zmq::message_t&& header, zmq::message_t&& body, uint32_t count);
+  bool swap_in(Link& l, Link::Waiting& w);
+  void drop_waiting_front(Link& l);
   // A batch of `count` messages (`bytes`) went out over `l`: link and broker counters.
   void count_forwarded(Link& l, uint32_t count, size_t bytes);
   bool mesh_seen(const MessageId& id, int64_t now_ns);
@@ -728,9 +741,10 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
   spdlog::info("broker '{}' stopped cleanly: {} messages in ({} batches), {} out ({} batches)", config_.name,
                messages_in_, frames_in_, messages_out_, frames_out_);
   for (const auto& l : links_)
-    spdlog::info("link '{}': {} messages forwarded in {} batches ({} best-effort through the outbox), {} received "
-                 "in {} batches",
-                 l->name, l->forwarded, l->forwarded_batches, l->stored, l->received, l->received_batches);
+    spdlog::info("link '{}': {} messages forwarded in {} batches ({} best-effort through the outbox, {} batches "
+                 "swapped out while the peer was busy), {} received in {} batches",
+                 l->name, l->forwarded, l->forwarded_batches, l->stored, l->swapped_batches, l->received,
+                 l->received_batches);
   return Status::Ok();
 }
 
@@ -1803,6 +1817,7 @@ Status BrokerImpl::init_links() {
     auto box = LinkOutbox::open(o);
     if (!box.ok()) return box.error();
     l->outbox = std::move(*box);
+    clear_swapped(*l);
     l->sent_seq = l->outbox->stats().acked_seq;
     try {
       std::optional<PublicKey> remote;  // config checked the key: it decodes
@@ -1840,6 +1855,7 @@ Link& BrokerImpl::accepted_link(const std::string& peer) {
   } else {
     l->outbox = std::move(*box);
     l->sent_seq = l->outbox->stats().acked_seq;
+    clear_swapped(*l);
   }
   Link& ref = *l;
   accepted_links_[peer] = l.get();
@@ -2225,16 +2241,80 @@ void BrokerImpl::flush_direct(Link& l) {
       count_forwarded(l, count, bytes);
       return;
     }
-    if (l.waiting_bytes + bytes <= l.config.memory_queue_bytes) {  // the peer is busy: wait in memory
-      l.waiting.push_back({std::move(header), std::move(frame), count});
-      l.waiting_bytes += bytes;
-      l.waiting_messages += count;
-      return;
-    }
+    if (wait_for_peer(l, std::move(header), std::move(frame), count)) return;
   }
-  // The link is gone, or more waits than memory holds: to the outbox, in order, ahead of what follows.
+  // The link is gone: to the outbox, in order, behind what waited.
   spill_waiting(l);
   spill(l, frame, count);
+}
+
+// A clean stop moves waiting batches into the outbox: swapped ones left at start-up were
+// best-effort batches of a process that died, and go the way of its memory.
+void BrokerImpl::clear_swapped(Link& l) {
+  auto n = l.outbox->clear_swapped();
+  if (!n.ok())
+    spdlog::error("link '{}': {}", l.name, n.error().message());
+  else if (*n)
+    spdlog::warn("link '{}': {} best-effort batches swapped out by the previous run dropped (it did not stop cleanly)",
+                 l.name, *n);
+}
+
+bool BrokerImpl::wait_for_peer(Link& l, zmq::message_t&& header, zmq::message_t&& body, uint32_t count) {
+  const size_t bytes = body.size();
+  // Memory and swap together within the outbox budget, less what the outbox holds: drop the oldest.
+  const uint64_t budget = l.config.outbox_bytes;
+  const uint64_t in_outbox = l.outbox ? l.outbox->stats().bytes : 0;
+  if (l.config.drop_oldest)
+    while (!l.waiting.empty() && in_outbox + l.waiting_bytes + bytes > budget) drop_waiting_front(l);
+  if (in_outbox + l.waiting_bytes + bytes > budget) {  // overflow = reject: the newest goes
+    l.waiting_dropped += count;
+    drops_ += count;
+    return true;
+  }
+  Link::Waiting w{std::move(header), {}, count, bytes, 0};
+  if (l.waiting_memory_bytes + bytes <= l.config.memory_queue_bytes) {
+    w.body = std::move(body);
+    l.waiting_memory_bytes += bytes;
+  } else {
+    w.swap_key = ++l.swap_keys;
+    if (auto st = l.outbox->swap_out(w.swap_key, std::string_view(static_cast<const char*>(body.data()), bytes));
+        !st.ok()) {
+      spdlog::error("link '{}': {} best-effort messages dropped: {}", l.name, count, st.error().message());
+      l.waiting_dropped += count;
+      drops_ += count;
+      return true;
+    }
+    ++l.swapped_batches;
+  }
+  l.waiting_bytes += bytes;
+  l.waiting_messages += count;
+  l.waiting.push_back(std::move(w));
+  return true;
+}
+
+// Brings a swapped batch back into memory; false (and the batch is dropped, counted) if it cannot.
+bool BrokerImpl::swap_in(Link& l, Link::Waiting& w) {
+  if (!w.swap_key) return true;
+  std::string batch;
+  if (auto st = l.outbox->swap_in(w.swap_key, batch); !st.ok()) {
+    spdlog::error("link '{}': {} best-effort messages dropped: {}", l.name, w.count, st.error().message());
+    return false;
+  }
+  w.body = zmq::message_t(batch.data(), batch.size());
+  w.swap_key = 0;
+  l.waiting_memory_bytes += w.bytes;
+  return true;
+}
+
+void BrokerImpl::drop_waiting_front(Link& l) {
+  Link::Waiting& w = l.waiting.front();
+  if (w.swap_key) (void)l.outbox->drop_swapped(w.swap_key);
+  else l.waiting_memory_bytes -= w.bytes;
+  l.waiting_bytes -= w.bytes;
+  l.waiting_messages -= w.count;
+  l.waiting_dropped += w.count;
+  drops_ += w.count;
+  l.waiting.pop_front();
 }
 
 void BrokerImpl::spill(Link& l, const zmq::message_t& batch, uint32_t count) {
@@ -2247,9 +2327,17 @@ void BrokerImpl::spill(Link& l, const zmq::message_t& batch, uint32_t count) {
 }
 
 void BrokerImpl::spill_waiting(Link& l) {
-  for (const Link::Waiting& w : l.waiting) spill(l, w.body, w.count);
+  for (Link::Waiting& w : l.waiting) {
+    if (swap_in(l, w)) {
+      spill(l, w.body, w.count);
+    } else {
+      l.waiting_dropped += w.count;
+      drops_ += w.count;
+    }
+  }
   l.waiting.clear();
   l.waiting_bytes = 0;
+  l.waiting_memory_bytes = 0;
   l.waiting_messages = 0;
 }
 
@@ -2317,10 +2405,14 @@ void BrokerImpl::service_links() {
     // it was routed before anything now in the outbox.
     while (!l.waiting.empty()) {
       Link::Waiting& w = l.waiting.front();
-      const size_t bytes = w.body.size();
+      if (!swap_in(l, w)) {
+        drop_waiting_front(l);
+        continue;
+      }
       if (!link_send(l, std::move(w.header), &w.body)) break;
-      count_forwarded(l, w.count, bytes);
-      l.waiting_bytes -= bytes;
+      count_forwarded(l, w.count, w.bytes);
+      l.waiting_bytes -= w.bytes;
+      l.waiting_memory_bytes -= w.bytes;
       l.waiting_messages -= w.count;
       l.waiting.pop_front();
     }
@@ -2501,8 +2593,12 @@ std::string BrokerImpl::render_metrics() const {
        [](const Link& l) { return double(backlog_messages(l)); }},
       {"tracemesh_link_backlog_bytes", "gauge", "Bytes of the backlog above.",
        [](const Link& l) { return double(backlog_bytes(l)); }},
-      {"tracemesh_link_dropped_total", "counter", "Best-effort messages dropped by the link outbox's overflow policy.",
-       [](const Link& l) { return l.outbox ? double(l.outbox->stats().dropped) : 0.0; }},
+      {"tracemesh_link_dropped_total", "counter",
+       "Best-effort messages dropped by the link's overflow policy (outbox and waiting batches).",
+       [](const Link& l) { return (l.outbox ? double(l.outbox->stats().dropped) : 0.0) + double(l.waiting_dropped); }},
+      {"tracemesh_link_swapped_batches_total", "counter",
+       "Best-effort batches that waited for a busy peer in the swap area (past memory_queue_bytes).",
+       [](const Link& l) { return double(l.swapped_batches); }},
       {"tracemesh_link_rtt_seconds", "gauge", "Last measured round trip to the peer.",
        [](const Link& l) { return l.rtt_us / 1e6; }},
       {"tracemesh_link_forwarded_total", "counter", "Messages forwarded over the link.",
@@ -2537,7 +2633,7 @@ void BrokerImpl::fill_mesh_status(wire::MeshStatus::Builder b) {
     e.setState(Link::state_name(l.state));
     e.setBacklogMessages(backlog_messages(l));
     e.setBacklogBytes(backlog_bytes(l));
-    if (l.outbox) e.setDropped(l.outbox->stats().dropped);
+    e.setDropped((l.outbox ? l.outbox->stats().dropped : 0) + l.waiting_dropped);
     e.setRttUs(l.rtt_us);
     e.setMsgsPerSec(l.msgs_per_sec);
     e.setBytesPerSec(l.bytes_per_sec);

@@ -19,6 +19,18 @@ uint64_t key_seq(const MDB_val& k) {
   return be64toh(be);
 }
 
+// Swap keys: 0xfe, then the key big-endian. 9 bytes, so every loop over the numbered
+// (8-byte) entries skips them, and they sort after every seq below 2^56.
+struct SwapKey {
+  explicit SwapKey(uint64_t key) {
+    bytes[0] = 0xfe;
+    const uint64_t be = htobe64(key);
+    std::memcpy(bytes + 1, &be, 8);
+  }
+  MDB_val val() { return MDB_val{sizeof bytes, bytes}; }
+  uint8_t bytes[9];
+};
+
 }  // namespace
 
 Result<std::unique_ptr<LinkOutbox>> LinkOutbox::open(const Options& options) {
@@ -226,6 +238,77 @@ Status LinkOutbox::ack(uint64_t upto) {
   next.acked_seq = upto;
   stats_ = next;
   return Status::Ok();
+}
+
+}  // namespace tracemesh::broker
+
+namespace tracemesh::broker {
+
+Status LinkOutbox::swap_out(uint64_t key, std::string_view batch) {
+  MDB_txn* txn;
+  int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
+  if (rc) return mdb_error("begin swap", rc, options_.dir);
+  SwapKey sk(key);
+  MDB_val k = sk.val(), v{batch.size(), nullptr};
+  rc = mdb_put(txn, db_, &k, &v, MDB_RESERVE);
+  if (rc) {
+    mdb_txn_abort(txn);
+    return mdb_error("swap out", rc, options_.dir);
+  }
+  std::memcpy(v.mv_data, batch.data(), batch.size());
+  rc = mdb_txn_commit(txn);
+  return rc ? Status(mdb_error("commit swap", rc, options_.dir)) : Status::Ok();
+}
+
+Status LinkOutbox::swap_in(uint64_t key, std::string& out) {
+  MDB_txn* txn;
+  int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
+  if (rc) return mdb_error("begin swap", rc, options_.dir);
+  SwapKey sk(key);
+  MDB_val k = sk.val(), v;
+  rc = mdb_get(txn, db_, &k, &v);
+  if (rc) {
+    mdb_txn_abort(txn);
+    return rc == MDB_NOTFOUND ? Status(Error(Errc::not_found, "link outbox " + options_.dir + ": no swapped batch " +
+                                                                   std::to_string(key)))
+                              : Status(mdb_error("swap in", rc, options_.dir));
+  }
+  out.assign(static_cast<const char*>(v.mv_data), v.mv_size);
+  mdb_del(txn, db_, &k, nullptr);
+  rc = mdb_txn_commit(txn);
+  return rc ? Status(mdb_error("commit swap", rc, options_.dir)) : Status::Ok();
+}
+
+Status LinkOutbox::drop_swapped(uint64_t key) {
+  MDB_txn* txn;
+  int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
+  if (rc) return mdb_error("begin swap", rc, options_.dir);
+  SwapKey sk(key);
+  MDB_val k = sk.val();
+  mdb_del(txn, db_, &k, nullptr);
+  rc = mdb_txn_commit(txn);
+  return rc ? Status(mdb_error("commit swap", rc, options_.dir)) : Status::Ok();
+}
+
+Result<size_t> LinkOutbox::clear_swapped() {
+  MDB_txn* txn;
+  int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
+  if (rc) return mdb_error("begin swap", rc, options_.dir);
+  MDB_cursor* cur;
+  mdb_cursor_open(txn, db_, &cur);
+  uint8_t first = 0xfe;
+  MDB_val k{1, &first}, v;
+  size_t n = 0;
+  for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+       rc == 0 && k.mv_size == 9 && static_cast<const uint8_t*>(k.mv_data)[0] == 0xfe;
+       rc = mdb_cursor_get(cur, &k, &v, MDB_GET_CURRENT)) {
+    mdb_cursor_del(cur, 0);  // the cursor then stands on the next record
+    ++n;
+  }
+  mdb_cursor_close(cur);
+  rc = mdb_txn_commit(txn);
+  if (rc) return mdb_error("commit swap", rc, options_.dir);
+  return n;
 }
 
 }  // namespace tracemesh::broker

@@ -65,6 +65,16 @@ class LinkOutbox {
   Status read(uint64_t after, size_t max_count, const std::function<bool(const Entry&)>& fn);
   // The remote has every entry with seq <= upto: delete them.
   Status ack(uint64_t upto);
+  // Swap area: whole best-effort batches the broker could not keep in memory while the
+  // link was up but the peer busy. Stored under their own keys, outside the numbered
+  // entries, Stats and the budget (the broker counts them), one transaction each, never
+  // synced. swap_in reads a batch into `out` and deletes it.
+  Status swap_out(uint64_t key, std::string_view batch);
+  Status swap_in(uint64_t key, std::string& out);
+  Status drop_swapped(uint64_t key);
+  // Deletes every swapped batch (left by a process that did not stop cleanly); returns how many.
+  Result<size_t> clear_swapped();
+
   const Stats& stats() const { return stats_; }
   bool full() const { return stats_.bytes >= options_.budget_bytes; }
   // Nothing stored and nothing waiting to be committed.
@@ -80,7 +90,8 @@ class LinkOutbox {
 
   Options options_;
   MDB_env* env_ = nullptr;
-  MDB_dbi db_ = 0;  // u64 seq (big-endian) -> [u8 durable][envelope]
+  // u64 seq (big-endian) -> [u8 durable][envelope]; "\xfe" u64 key -> swapped batch; "\xffmeta".
+  MDB_dbi db_ = 0;
   struct Pending {
     std::string envelope;
     bool durable;

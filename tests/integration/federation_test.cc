@@ -573,8 +573,8 @@ class BusyPeerTest : public FederationTest {
     session_timeout_ms_ = 60000;  // the centre may be stopped for longer than the default 4 s
   }
   // Starts both brokers with the edge's memory queue at `memory_queue_bytes`, subscribes at the centre.
-  void start_edge_and_centre(uint64_t memory_queue_bytes) {
-    app_ = edge_and_centre(inbox_, "plant/line1/#", "plant/line1/probe", {}, 0, memory_queue_bytes);
+  void start_edge_and_centre(uint64_t memory_queue_bytes, uint64_t outbox_bytes = 0) {
+    app_ = edge_and_centre(inbox_, "plant/line1/#", "plant/line1/probe", {}, outbox_bytes, memory_queue_bytes);
     ASSERT_NE(app_, nullptr);
   }
   void pause_centre(bool paused) {
@@ -616,9 +616,10 @@ class BusyPeerTest : public FederationTest {
 };
 
 // A peer that is up but does not read: the edge keeps taking best-effort data,
-// holds batches in memory up to memory_queue_bytes and puts the rest in the
-// outbox; once the peer reads again every message arrives, in order, once.
-TEST_F(BusyPeerTest, BatchesWaitInMemoryThenInTheOutboxAndArriveInOrder) {
+// holds batches in memory up to memory_queue_bytes and swaps the rest out to
+// disk, batch by batch; once the peer reads again every message arrives, in
+// order, once.
+TEST_F(BusyPeerTest, BatchesWaitInMemoryThenSwappedOutAndArriveInOrder) {
   start_edge_and_centre(uint64_t{2} << 20);
   pause_centre(true);  // it keeps its connections: the edge sees the link up, ZeroMQ's queue full
   publish_numbered();
@@ -632,15 +633,36 @@ TEST_F(BusyPeerTest, BatchesWaitInMemoryThenInTheOutboxAndArriveInOrder) {
   const std::vector<int> order = numbers();
   ASSERT_EQ(order.size(), static_cast<size_t>(kCount)) << "lost or duplicated";
   for (int i = 0; i < kCount; ++i) ASSERT_EQ(order[i], i) << "out of order at " << i;
-  EXPECT_EQ(metric(http_get(nodes_["edge"].broker->http_url(), "/metrics").body,
-                   "tracemesh_link_dropped_total{link=\"centre\"}"), 0);
+  const std::string after = http_get(nodes_["edge"].broker->http_url(), "/metrics").body;
+  EXPECT_EQ(metric(after, "tracemesh_link_dropped_total{link=\"centre\"}"), 0);
+  EXPECT_GT(metric(after, "tracemesh_link_swapped_batches_total{link=\"centre\"}"), 0)
+      << "20 MB waited behind a 2 MiB memory queue without a swap?";
 }
 
-// A clean stop while the peer is busy writes the batches waiting in memory to
-// the outbox: after a restart they are delivered, in order, exactly once.
-// (What ZeroMQ had already queued for the socket is best-effort and may be lost.)
-TEST_F(BusyPeerTest, CleanStopKeepsBatchesThatWaitedInMemory) {
-  start_edge_and_centre(uint64_t{64} << 20);
+// Waiting batches, in memory and swapped out, stay within the link's outbox budget:
+// past it the oldest are dropped and counted, and what arrives is the newest, in order.
+TEST_F(BusyPeerTest, WaitingPastTheBudgetDropsTheOldestAndCountsThem) {
+  start_edge_and_centre(uint64_t{1} << 20, uint64_t{4} << 20);
+  pause_centre(true);
+  publish_numbered();
+  ASSERT_TRUE(edge_backlog_shown()) << scraped_.body;
+  pause_centre(false);
+  ASSERT_TRUE(wait_until([&] { return last_is(kCount - 1); }, 30s)) << numbers().size() << " of " << kCount;
+  const std::vector<int> order = numbers();
+  for (size_t i = 1; i < order.size(); ++i) ASSERT_LT(order[i - 1], order[i]) << "out of order or duplicated at " << i;
+  const std::string after = http_get(nodes_["edge"].broker->http_url(), "/metrics").body;
+  const double dropped = metric(after, "tracemesh_link_dropped_total{link=\"centre\"}");
+  EXPECT_GT(dropped, 0) << "20 MB fit a 4 MiB budget?";
+  EXPECT_EQ(order.size() + dropped, kCount) << "every message arrives or is counted as dropped";
+  EXPECT_GT(metric(after, "tracemesh_link_swapped_batches_total{link=\"centre\"}"), 0);
+}
+
+// A clean stop while the peer is busy writes the batches waiting in memory and
+// in the swap area to the outbox: after a restart they are delivered, in order,
+// exactly once. (What ZeroMQ had already queued for the socket is best-effort
+// and may be lost.)
+TEST_F(BusyPeerTest, CleanStopKeepsBatchesThatWaitedInMemoryOrSwappedOut) {
+  start_edge_and_centre(uint64_t{2} << 20);
   pause_centre(true);
   publish_numbered();
   const bool waiting = edge_backlog_shown();
@@ -654,6 +676,9 @@ TEST_F(BusyPeerTest, CleanStopKeepsBatchesThatWaitedInMemory) {
   ASSERT_NE(mark, std::string::npos) << log;
   const int kept = std::stoi(log.substr(log.rfind('(', mark) + 1));
   ASSERT_GT(kept, 0) << log;
+  const size_t swapped = log.find(" batches swapped out", mark);
+  ASSERT_NE(swapped, std::string::npos) << log;
+  EXPECT_GT(std::stoi(log.substr(log.rfind(", ", swapped) + 2)), 0) << "nothing was swapped out:\n" << log;
   // The centre's clients gave up on it while it was stopped (ZeroMQ heartbeat): wait until the
   // subscriber is back, its subscription renewed, before the backlog comes.
   ASSERT_TRUE(wait_until([&] { return app_->mesh_status().ok(); }, 20s));

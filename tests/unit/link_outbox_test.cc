@@ -1,5 +1,6 @@
 // LinkOutbox against a real LMDB environment in a temporary directory: order,
-// acks, numbering across reopen, the byte budget and both overflow policies.
+// acks, numbering across reopen, the byte budget and both overflow policies, and
+// the swap area for whole batches beside the numbered entries.
 #include "federation/link_outbox.h"
 
 #include <gtest/gtest.h>
@@ -181,4 +182,43 @@ TEST_F(LinkOutboxTest, RejectPolicyRefusesTheNewest) {
 }
 
 }  // namespace
+TEST_F(LinkOutboxTest, SwappedBatchesComeBackWholeAndStayOutOfTheNumberedEntries) {
+  auto box = open(4096);
+  put(*box, 1, 3, false);
+  const std::string big(100000, 'b');  // larger than the budget: the broker counts swap, not the outbox
+  ASSERT_TRUE(box->swap_out(1, "first batch").ok());
+  ASSERT_TRUE(box->swap_out(2, big).ok());
+  put(*box, 4, 5, true);
+  EXPECT_EQ(box->stats().messages, 5u);
+  EXPECT_EQ(box->stats().dropped, 0u);
+  std::vector<Read> read = all(*box);
+  ASSERT_EQ(read.size(), 5u) << "a swapped batch showed up as an entry";
+  EXPECT_EQ(read.back().seq, 5u);
+
+  std::string out;
+  ASSERT_TRUE(box->swap_in(2, out).ok());
+  EXPECT_EQ(out, big);
+  EXPECT_EQ(box->swap_in(2, out).error().code(), Errc::not_found) << "swap_in deletes";
+  ASSERT_TRUE(box->ack(5).ok());
+  EXPECT_EQ(box->stats().messages, 0u);
+  ASSERT_TRUE(box->swap_in(1, out).ok()) << "an ack of every entry leaves swapped batches alone";
+  EXPECT_EQ(out, "first batch");
+}
+
+TEST_F(LinkOutboxTest, SwappedBatchesLeftByACrashAreClearedOnce) {
+  {
+    auto box = open();
+    put(*box, 1, 2, true);
+    for (uint64_t k = 1; k <= 3; ++k) ASSERT_TRUE(box->swap_out(k, body(int(k))).ok());
+    ASSERT_TRUE(box->drop_swapped(2).ok());
+  }
+  auto box = open();
+  auto cleared = box->clear_swapped();
+  ASSERT_TRUE(cleared.ok()) << cleared.error().to_string();
+  EXPECT_EQ(*cleared, 2u);
+  EXPECT_EQ(*box->clear_swapped(), 0u);
+  EXPECT_EQ(all(*box).size(), 2u) << "clearing the swap area took numbered entries with it";
+  EXPECT_EQ(box->stats().last_seq, 2u);
+}
+
 }  // namespace tracemesh::broker

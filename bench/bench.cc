@@ -45,6 +45,7 @@ struct BenchFlags {
   bool show_log = false;
   double rate = 2000;      // outage: steady publish rate
   int outage_s = 60;       // outage: how long the regional broker is away
+  std::optional<uint64_t> link_memory_queue;  // chain: [[link]] memory_queue_bytes
 };
 
 std::string self_dir() {
@@ -498,6 +499,7 @@ struct MeshRig {
         l.endpoint = brokers[chain[i - 1]]->tcp_endpoint();
         l.broker_key = keys[chain[i - 1]];
         l.outbox_bytes = 1ull << 30;
+        l.memory_queue_bytes = f.link_memory_queue;
         l.curve = spec.curve;
         spec.links.push_back(l);
       }
@@ -932,6 +934,9 @@ void add_bench_command(CLI::App& app, Context& ctx) {
       ->capture_default_str()
       ->check(CLI::Range(1, 3600));
   cmd->add_flag("--show-broker-log", f->show_log, "print the end of the broker's log after each run");
+  cmd->add_option("--link-memory-queue", f->link_memory_queue,
+                  "chain: each link's memory_queue_bytes (default: the broker's, 64 MiB); a small one shows the "
+                  "cost of swapping batches out while a peer is busy");
   cmd->add_option("--tracemeshd", f->tracemeshd, "tracemeshd binary (default: beside this binary, or $TRACEMESHD, or PATH)");
   cmd->callback([f, &ctx] {
     if (f->crash && f->workload != "durable") {

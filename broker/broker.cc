@@ -157,6 +157,7 @@ struct Link {
   uint64_t swap_keys = 0;           // last swap key used
   uint64_t swapped_batches = 0;     // batches that went through the swap area
   uint64_t waiting_dropped = 0;     // best-effort messages dropped from the waiting batches
+  bool swap_failing = false;        // the last swap-out failed (logged once)
   uint64_t forwarded = 0, forwarded_bytes = 0, received = 0;
   uint64_t forwarded_batches = 0, received_batches = 0;
   uint64_t stored = 0;  // best-effort messages that went through the outbox (link busy or down)
@@ -2279,11 +2280,14 @@ bool BrokerImpl::wait_for_peer(Link& l, zmq::message_t&& header, zmq::message_t&
     w.swap_key = ++l.swap_keys;
     if (auto st = l.outbox->swap_out(w.swap_key, std::string_view(static_cast<const char*>(body.data()), bytes));
         !st.ok()) {
-      spdlog::error("link '{}': {} best-effort messages dropped: {}", l.name, count, st.error().message());
+      if (!std::exchange(l.swap_failing, true))  // once until a swap works again: a full disk is loud enough
+        spdlog::error("link '{}': best-effort batches dropped, none can be swapped out: {}", l.name,
+                      st.error().message());
       l.waiting_dropped += count;
       drops_ += count;
       return true;
     }
+    if (std::exchange(l.swap_failing, false)) spdlog::info("link '{}': swapping batches out again", l.name);
     ++l.swapped_batches;
   }
   l.waiting_bytes += bytes;

@@ -40,9 +40,6 @@ using Clock = std::chrono::steady_clock;
 constexpr size_t kOutBatchBytes = 256 * 1024;  // a deliver frame is flushed at this size
 namespace fs = std::filesystem;
 
-struct IdHash {
-  size_t operator()(const MessageId& id) const noexcept { return id.hi * 0x9e3779b97f4a7c15ull ^ id.lo; }
-};
 struct StringHash {
   using is_transparent = void;
   size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
@@ -397,7 +394,7 @@ class BrokerImpl final : public Broker {
   // Durable ids stored within the dedup window, with their stream seq (0 while the write is pending).
   IdWindow dedup_{config_.dedup_max_ids};
   // Sessions that sent a copy of a durable message while its first copy was being written.
-  std::unordered_map<MessageId, std::vector<std::string>, IdHash> dedup_waiting_;
+  std::unordered_map<MessageId, std::vector<std::string>> dedup_waiting_;
   std::unordered_map<std::string, std::string, StringHash, std::equal_to<>> retained_;
   std::unordered_set<std::string> revoked_;
   std::unordered_set<std::string> hello_nonces_;
@@ -410,7 +407,7 @@ class BrokerImpl final : public Broker {
   IdWindow seen_{config_.mesh_dedup_max_ids};               // mesh dedup window (only with links)
   // Forwarded durable messages routed on but not stored in our stream: their
   // resend is stored, not routed again (by id; when the write failed).
-  std::unordered_map<MessageId, Clock::time_point, IdHash> capture_retry_;
+  std::unordered_map<MessageId, Clock::time_point> capture_retry_;
   Clock::time_point next_capture_sweep_{};
   uint64_t mesh_duplicates_ = 0;
   std::vector<std::pair<std::string, MessageId>> link_acks_;  // durable acks after outbox sync

@@ -131,12 +131,7 @@ class Console {
   const Clock::time_point start_ = Clock::now();
 };
 
-struct IdHash {
-  size_t operator()(const MessageId& id) const noexcept {
-    return id.hi * 0x9e3779b97f4a7c15ull ^ id.lo;
-  }
-};
-using IdSet = std::unordered_set<MessageId, IdHash>;
+using IdSet = std::unordered_set<MessageId>;
 
 // Everything the clients observed, for the final account. One mutex guards it all; the main
 // thread waits on `changed` for the conditions that end each phase.
@@ -166,9 +161,9 @@ struct Ledger {
   uint64_t alarms_published = 0;
   uint64_t alarms_acked = 0;
   uint64_t alarms_failed = 0;
-  std::unordered_map<MessageId, MessageId, IdHash> alarm_source;  // alarm id -> reading id
+  std::unordered_map<MessageId, MessageId> alarm_source;  // alarm id -> reading id
   // lineage-auditor, at the centre
-  std::unordered_map<MessageId, std::vector<MessageId>, IdHash> alarms_seen;  // id -> parents
+  std::unordered_map<MessageId, std::vector<MessageId>> alarms_seen;  // id -> parents
   uint64_t alarm_duplicates = 0;
   // all clients
   uint64_t connection_losses = 0;

@@ -276,3 +276,9 @@ Status validate_topic(std::string_view topic);
 Status validate_filter(std::string_view filter);
 
 }  // namespace tracemesh
+
+// MessageId as a key of unordered containers.
+template <>
+struct std::hash<tracemesh::MessageId> {
+  size_t operator()(const tracemesh::MessageId& id) const noexcept { return id.hi * 0x9e3779b97f4a7c15ull ^ id.lo; }
+};

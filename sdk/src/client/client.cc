@@ -30,10 +30,6 @@ constexpr uint64_t kAdminCorrelationBase = uint64_t{1} << 62;
 constexpr auto kPingInterval = std::chrono::milliseconds(1000);
 constexpr size_t kMaxDispatchBacklog = 64;  // deliver frames queued for the dispatcher
 
-struct MessageIdHash {
-  size_t operator()(const MessageId& id) const noexcept { return id.hi * 31 ^ id.lo; }
-};
-
 // The message being handled on this thread, for default lineage parents.
 thread_local const Message* current_message = nullptr;
 
@@ -210,13 +206,13 @@ class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
   std::deque<zmq::message_t> control_;       // control frames, sent in order before publishes
   std::deque<zmq::message_t> tail_;          // pings, sent after the publishes queued before them
   std::map<uint64_t, Durable> durables_;     // by local order
-  std::unordered_map<MessageId, uint64_t, MessageIdHash> durable_index_;
+  std::unordered_map<MessageId, uint64_t> durable_index_;
   uint64_t durable_order_ = 0;
   std::unordered_map<uint64_t, std::vector<uint64_t>> acks_;  // subscription -> stream seqs
   std::unordered_map<uint64_t, std::promise<Status>> sub_waiters_;
   std::unordered_map<uint64_t, std::promise<Result<std::shared_ptr<zmq::message_t>>>> admin_waiters_;
   std::unordered_map<uint64_t, std::promise<Result<Message>>> request_waiters_;
-  std::unordered_map<MessageId, uint64_t, MessageIdHash> request_ids_;
+  std::unordered_map<MessageId, uint64_t> request_ids_;
   std::map<uint64_t, std::promise<Status>> ping_waiters_;
   std::string inbox_;
   std::string broker_name_;

@@ -129,6 +129,8 @@ struct Link {
   Clock::time_point capture_retry_at{};
   std::chrono::milliseconds capture_backoff{0};
   bool durable_pending = false;             // a durable message awaits sync()
+  bool outbox_failing = false;              // the last commit or sync failed (logged once)
+  Clock::time_point outbox_retry_at{};
   LinkInterest interest;                    // what the peer is told we want, collapsed
   std::map<std::string, std::unique_ptr<Subscription>> remote;  // the peer's interest
   // Best-effort fast path: while the link is up and its outbox is empty,
@@ -1812,6 +1814,7 @@ Status BrokerImpl::init_links() {
     o.dir = config_.data_dir + "/links/" + lc.name;
     o.budget_bytes = lc.outbox_bytes;
     o.drop_oldest = lc.drop_oldest;
+    o.map_bytes = lc.outbox_map_bytes;
     auto box = LinkOutbox::open(o);
     if (!box.ok()) return box.error();
     l->outbox = std::move(*box);
@@ -2345,25 +2348,46 @@ void BrokerImpl::spill_waiting(Link& l) {
 void BrokerImpl::service_links() {
   if (links_.empty()) return;
   const auto now = Clock::now();
+  // Whether every outbox holds on disk what was appended to it: only then are the
+  // durable publishes and forwarded batches that went there acked.
+  bool stored = true;
   for (auto& lp : links_) {
     Link& l = *lp;
     if (!l.outbox) continue;
-    if (auto st = l.outbox->commit(); !st.ok()) spdlog::error("link '{}': {}", l.name, st.error().message());
-    if (l.durable_pending) {
-      if (auto st = l.outbox->sync(); !st.ok()) spdlog::error("link '{}': {}", l.name, st.error().message());
-      l.durable_pending = false;
+    if (l.outbox_failing && now < l.outbox_retry_at) {  // a full disk: try again shortly
+      stored = stored && !l.outbox->durable_pending() && !l.durable_pending;
+      continue;
+    }
+    Status st = l.outbox->commit();
+    if (st.ok() && l.durable_pending) {
+      st = l.outbox->sync();
+      if (st.ok()) l.durable_pending = false;
+    }
+    if (!st.ok()) {
+      stored = false;
+      l.outbox_retry_at = now + std::chrono::milliseconds(100);
+      spdlog::debug("link '{}': outbox still cannot store: {}", l.name, st.error().message());
+      if (!std::exchange(l.outbox_failing, true))
+        spdlog::error("link '{}': outbox cannot store: {}; durable messages for it are not acked (publishers "
+                      "are answered 'overloaded') until it can",
+                      l.name, st.error().message());
+    } else if (std::exchange(l.outbox_failing, false)) {
+      spdlog::info("link '{}': outbox stores again", l.name);
     }
   }
-  // Durable publishes that only links took: now on disk, so ack them.
-  for (const auto& [key, id] : link_acks_) {
-    auto it = sessions_.find(key);
-    if (it == sessions_.end()) continue;
-    Session& s = *it->second;
-    s.acks_out.push_back({id, {0, wire::ErrorCode::NONE}});
-    s.acks_dup.push_back(false);
-    if (!s.dirty) { s.dirty = true; dirty_sessions_.push_back(&s); }
+  // Durable publishes that only links took: now on disk, so ack them. While an
+  // outbox cannot store they are held, with the forward acks below.
+  if (stored) {
+    for (const auto& [key, id] : link_acks_) {
+      auto it = sessions_.find(key);
+      if (it == sessions_.end()) continue;
+      Session& s = *it->second;
+      s.acks_out.push_back({id, {0, wire::ErrorCode::NONE}});
+      s.acks_dup.push_back(false);
+      if (!s.dirty) { s.dirty = true; dirty_sessions_.push_back(&s); }
+    }
+    link_acks_.clear();
   }
-  link_acks_.clear();
   if (!capture_retry_.empty() && now >= next_capture_sweep_) {
     // A peer that never resends (its link removed) must not pin these for ever.
     next_capture_sweep_ = now + std::chrono::seconds(10);
@@ -2397,7 +2421,7 @@ void BrokerImpl::service_links() {
     }
     // Acks for what the peer forwarded to us (held back while our own stream write is pending).
     const uint64_t ackable = l.held.empty() ? l.recv_seq : std::min(l.recv_seq, *l.held.begin() - 1);
-    if (ackable > l.acked_to_peer) {
+    if (stored && ackable > l.acked_to_peer) {
       capnp::MallocMessageBuilder b(16);
       start_frame(b).getRoot<wire::Frame>().setForwardAck(ackable);
       if (link_send(l, codec::to_message(b))) l.acked_to_peer = ackable;

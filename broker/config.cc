@@ -207,6 +207,7 @@ class Loader {
       TM_GET(t, "link", "curve", l.curve);
       TM_GET(t, "link", "outbox_bytes", l.outbox_bytes);
       TM_GET(t, "link", "memory_queue_bytes", l.memory_queue_bytes);
+      TM_GET(t, "link", "outbox_map_bytes", l.outbox_map_bytes);
       TM_GET(t, "link", "overflow", overflow);
       if (l.name.empty()) return error(t, "link.name", "required");
       if (l.name.find_first_of("/ \t") != std::string::npos)
@@ -223,6 +224,8 @@ class Loader {
         return error(t->get("overflow"), "link.overflow", "'" + overflow + "' is not drop-oldest or reject");
       l.drop_oldest = overflow == "drop-oldest";
       if (l.outbox_bytes == 0) return error(t->get("outbox_bytes"), "link.outbox_bytes", "must be greater than 0");
+      if (l.outbox_map_bytes < (1u << 20))
+        return error(t->get("outbox_map_bytes"), "link.outbox_map_bytes", "must be at least 1048576 (1 MiB)");
       for (const auto& other : c.links)
         if (other.name == l.name) return error(t->get("name"), "link.name", "'" + l.name + "' is used twice");
       c.links.push_back(std::move(l));
@@ -230,7 +233,7 @@ class Loader {
     };
     if (auto s = each_table("link",
                           {"name", "endpoint", "broker_key", "kind", "curve", "outbox_bytes",
-                           "memory_queue_bytes", "overflow"},
+                           "memory_queue_bytes", "outbox_map_bytes", "overflow"},
                           link_table);
       !s.ok())
       return s.error();

@@ -20,6 +20,7 @@ struct LinkConfig {
   bool curve = true;
   uint64_t outbox_bytes = 256u << 20;  // store-and-forward budget
   uint64_t memory_queue_bytes = 64u << 20;  // best-effort batches held in memory while the peer is busy
+  uint64_t outbox_map_bytes = 8ull << 30;   // LMDB map size of the outbox: the most its file grows to
   bool drop_oldest = true;   // best-effort overflow policy: drop-oldest (else reject newest)
 };
 

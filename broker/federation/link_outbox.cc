@@ -93,6 +93,9 @@ Status LinkOutbox::open_env() {
 
 Status LinkOutbox::append(std::string_view envelope, bool durable) {
   if (durable) {
+    if (!store_error_.empty())
+      return Error(Errc::storage_full, "link outbox " + options_.dir + " cannot store: " + store_error_ +
+                                           " (durable publishes wait until it can)");
     // Durable messages displace best-effort ones (at commit); only durable
     // messages that fill the budget by themselves push back.
     if (stats_.durable_bytes + pending_durable_bytes_ + envelope.size() > options_.budget_bytes)
@@ -109,64 +112,87 @@ Status LinkOutbox::append(std::string_view envelope, bool durable) {
   return Status::Ok();
 }
 
-Status LinkOutbox::drop_best_effort(MDB_txn* txn, uint64_t need_bytes) {
+Status LinkOutbox::drop_best_effort(MDB_txn* txn, uint64_t need_bytes, Stats& next) {
   // Drop the oldest best-effort entries until `need_bytes` fit in the budget.
   MDB_cursor* cur;
   int rc = mdb_cursor_open(txn, db_, &cur);
   if (rc) return mdb_error("cursor", rc, options_.dir);
   MDB_val k, v;
   rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
-  while (rc == 0 && stats_.bytes + need_bytes > options_.budget_bytes) {
+  while (rc == 0 && next.bytes + need_bytes > options_.budget_bytes) {
     if (k.mv_size != 8 || v.mv_size < 1 || static_cast<const uint8_t*>(v.mv_data)[0] != 0) {
-      rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);  // meta, or durable: never dropped
+      rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);  // meta, swap, or durable: never dropped
       continue;
     }
-    stats_.bytes -= v.mv_size - 1;
-    stats_.messages--;
-    stats_.dropped++;
-    mdb_cursor_del(cur, 0);
+    next.bytes -= v.mv_size - 1;
+    next.messages--;
+    next.dropped++;
+    rc = mdb_cursor_del(cur, 0);
+    if (rc) break;
     // After a delete the cursor already stands on the next record.
     rc = mdb_cursor_get(cur, &k, &v, MDB_GET_CURRENT);
   }
   mdb_cursor_close(cur);
+  if (rc != 0 && rc != MDB_NOTFOUND) return mdb_error("drop", rc, options_.dir);
   return Status::Ok();
 }
 
 Status LinkOutbox::commit() {
-  if (pending_.empty()) return Status::Ok();
+  // After a failure, an empty commit (the meta key alone) finds out whether it can store again.
+  if (pending_.empty() && store_error_.empty()) return Status::Ok();
+  // All or nothing: storing a part of what is pending when the map is nearly full would
+  // leave no room for the deletes that the peer's acks need to free it again.
+  return commit_first(pending_.size());
+}
+
+Status LinkOutbox::commit_first(size_t count) {
+  // Everything is worked out on `next` and in one transaction: a failure (a full
+  // disk, say) leaves the stored outbox and its counters as they were.
+  Stats next = stats_;
+  std::vector<bool> drop(count, false);
+  auto fail = [&](MDB_txn* txn, Error e) {
+    if (txn) mdb_txn_abort(txn);
+    store_error_ = e.message();
+    // Durable messages stay pending, retried by the next commit; best-effort ones are dropped.
+    std::vector<Pending> kept;
+    for (auto& p : pending_) {
+      if (p.durable) kept.push_back(std::move(p));
+      else stats_.dropped++;
+    }
+    pending_ = std::move(kept);
+    pending_bytes_ = pending_durable_bytes_;
+    return e;
+  };
   MDB_txn* txn;
   int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
-  if (rc) return mdb_error("begin", rc, options_.dir);
-  uint64_t incoming = pending_bytes_;
-  if (stats_.bytes + incoming > options_.budget_bytes) {
+  if (rc) return fail(nullptr, mdb_error("begin", rc, options_.dir));
+  uint64_t incoming = 0, incoming_durable = 0;
+  for (size_t i = 0; i < count; ++i) {
+    incoming += pending_[i].envelope.size();
+    if (pending_[i].durable) incoming_durable += pending_[i].envelope.size();
+  }
+  const uint64_t committed = incoming, committed_durable = incoming_durable;
+  if (next.bytes + incoming > options_.budget_bytes) {
     // Oldest best-effort first: stored ones (under either policy, to make room
     // for durable messages), then arriving ones.
-    if (auto s = drop_best_effort(txn, incoming); !s.ok()) {
-      mdb_txn_abort(txn);
-      return s;
-    }
-    for (auto& p : pending_) {
-      if (stats_.bytes + incoming <= options_.budget_bytes) break;
-      if (p.durable) continue;
-      p.dropped = true;
-      incoming -= p.envelope.size();
-      stats_.dropped++;
+    if (auto s = drop_best_effort(txn, incoming, next); !s.ok()) return fail(txn, s.error());
+    for (size_t i = 0; i < count; ++i) {
+      if (next.bytes + incoming <= options_.budget_bytes) break;
+      if (pending_[i].durable) continue;
+      drop[i] = true;
+      incoming -= pending_[i].envelope.size();
+      next.dropped++;
     }
   }
-  Stats next = stats_;
-  for (const auto& p : pending_) {
-    if (p.dropped) continue;
+  for (size_t i = 0; i < count; ++i) {
+    if (drop[i]) continue;
+    const Pending& p = pending_[i];
     const uint64_t seq = ++next.last_seq;
     const uint64_t be = htobe64(seq);
     MDB_val k{8, const_cast<uint64_t*>(&be)};
     MDB_val v{p.envelope.size() + 1, nullptr};
     rc = mdb_put(txn, db_, &k, &v, MDB_RESERVE);
-    if (rc) {
-      mdb_txn_abort(txn);
-      pending_.clear();
-      pending_bytes_ = pending_durable_bytes_ = 0;
-      return mdb_error("put", rc, options_.dir);
-    }
+    if (rc) return fail(txn, mdb_error("put", rc, options_.dir));
     auto* out = static_cast<uint8_t*>(v.mv_data);
     out[0] = p.durable ? 1 : 0;
     std::memcpy(out + 1, p.envelope.data(), p.envelope.size());
@@ -176,12 +202,14 @@ Status LinkOutbox::commit() {
   }
   MDB_val mk{5, const_cast<char*>("\xffmeta")};
   MDB_val mv{8, &next.last_seq};
-  mdb_put(txn, db_, &mk, &mv, 0);
+  rc = mdb_put(txn, db_, &mk, &mv, 0);
+  if (rc) return fail(txn, mdb_error("put meta", rc, options_.dir));
   rc = mdb_txn_commit(txn);
-  pending_.clear();
-  pending_bytes_ = pending_durable_bytes_ = 0;
-  if (rc) return mdb_error("commit", rc, options_.dir);
-  next.dropped = stats_.dropped;
+  if (rc) return fail(nullptr, mdb_error("commit", rc, options_.dir));
+  pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(count));
+  pending_bytes_ -= committed;
+  pending_durable_bytes_ -= committed_durable;
+  if (pending_.empty()) store_error_.clear();
   stats_ = next;
   return Status::Ok();
 }
@@ -237,6 +265,16 @@ Status LinkOutbox::ack(uint64_t upto) {
   if (rc) return mdb_error("commit", rc, options_.dir);
   next.acked_seq = upto;
   stats_ = next;
+  if (!store_error_.empty()) {
+    // Recovering from a full map or disk: LMDB reuses the pages a transaction frees only
+    // once a later one has committed. A small one now lets the next commit use this room.
+    if (mdb_txn_begin(env_, nullptr, 0, &txn) == 0) {
+      MDB_val mk{5, const_cast<char*>("\xffmeta")};
+      MDB_val mv{8, &stats_.last_seq};
+      if (mdb_put(txn, db_, &mk, &mv, 0) == 0) (void)mdb_txn_commit(txn);
+      else mdb_txn_abort(txn);
+    }
+  }
   return Status::Ok();
 }
 

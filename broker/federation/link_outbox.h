@@ -57,8 +57,13 @@ class LinkOutbox {
   // is durable and durable messages fill the budget, or when it is best-effort,
   // the budget is full and the overflow policy refuses the newest.
   Status append(std::string_view envelope, bool durable);
-  // Commits what append() queued since the last commit (one transaction).
+  // Commits what append() queued since the last commit (one transaction). When it
+  // fails (a full disk, say), the stored outbox and stats() are as before; the durable
+  // messages stay pending for the next commit and best-effort ones are dropped (counted),
+  // and until a commit succeeds append() refuses durable messages with storage_full.
   Status commit();
+  // Durable messages appended but not yet committed (kept across failed commits).
+  bool durable_pending() const { return pending_durable_bytes_ > 0; }
   // Forces committed data to disk (fsync).
   Status sync();
   // Calls fn for unacked entries with seq > after, in order, until it returns false.
@@ -86,7 +91,8 @@ class LinkOutbox {
  private:
   explicit LinkOutbox(Options options) : options_(std::move(options)) {}
   Status open_env();
-  Status drop_best_effort(MDB_txn* txn, uint64_t need_bytes);
+  Status drop_best_effort(MDB_txn* txn, uint64_t need_bytes, Stats& next);
+  Status commit_first(size_t count);  // the first `count` pending entries, in one transaction
 
   Options options_;
   MDB_env* env_ = nullptr;
@@ -95,12 +101,12 @@ class LinkOutbox {
   struct Pending {
     std::string envelope;
     bool durable;
-    bool dropped = false;  // best-effort overflow at commit
   };
   std::vector<Pending> pending_;
   uint64_t pending_bytes_ = 0;  // sum of pending_ envelope sizes
   uint64_t pending_durable_bytes_ = 0;  // of which durable
   Stats stats_;
+  std::string store_error_;  // the last commit failed with this; empty once one succeeds
 };
 
 }  // namespace tracemesh::broker

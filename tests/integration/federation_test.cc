@@ -58,6 +58,7 @@ class FederationTest : public MeshTest {
       l.broker_key = nodes_[up].key;
       l.outbox_bytes = outbox_bytes;
       l.memory_queue_bytes = memory_queue_bytes;
+      l.outbox_map_bytes = outbox_map_bytes_;
       s.links.push_back(l);
     }
     auto b = process::BrokerProcess::start(std::move(s), id_path, encode_key(operator_->public_key()));
@@ -142,6 +143,7 @@ class FederationTest : public MeshTest {
   std::map<std::string, Node> nodes_;
   uint32_t session_timeout_ms_ = 4000;  // for brokers started from now on
   std::string broker_extra_;            // [broker] lines for brokers started from now on
+  uint64_t outbox_map_bytes_ = 0;       // [[link]] outbox_map_bytes for brokers started from now on
 };
 
 TEST_F(FederationTest, FourTierChainEndToEndBothWaysWithRequestReply) {
@@ -725,6 +727,66 @@ TEST_F(FederationTest, KillNineOfEdgeLosesNoAckedDurableMessage) {
   ASSERT_GT(acked.size(), 0u);
   ASSERT_TRUE(nodes_["edge"].broker->restart().ok());
   EXPECT_TRUE(stream_holds("centre", "LINE", acked)) << "acked durable messages missing at the centre";
+}
+
+// The edge's outbox cannot store (its 1 MiB map fills up, as a full disk would) while the
+// centre is away. The edge refuses durable publishes from then on and acks none that its
+// outbox does not hold on disk: once the centre is back, every acked one is in its stream.
+TEST_F(FederationTest, DurablesAnOutboxCannotStoreAreNeverAcked) {
+  start("centre", "centre", {}, {{"LINE", {"plant/#"}}});
+  outbox_map_bytes_ = 1u << 20;
+  start("edge", "edge", {"centre"});
+  outbox_map_bytes_ = 0;
+  ASSERT_TRUE(links_up("edge", 1));
+  auto o = options(*nodes_["edge"].broker, principal("line-1"));
+  o.ack_timeout = 3s;  // acks held back by the edge time out soon
+  auto connected = Client::connect(o);
+  ASSERT_TRUE(connected.ok()) << connected.error().to_string();
+  auto line = std::move(*connected);
+  // The stream's interest has reached the edge once a durable publish there is acked.
+  ASSERT_TRUE(wait_until([&] { return line->publish_durable("plant/probe", "probe").get().ok(); }, 15s));
+  ASSERT_TRUE(nodes_["centre"].broker->stop(SIGTERM).ok());
+
+  std::mutex mu;
+  std::set<std::string> acked;
+  std::map<std::string, int> refusals;  // error code name -> count
+  std::atomic<int> done{0};
+  constexpr int kCount = 3000;  // 3 MB for a 1 MiB map
+  const std::string filler(1000, 'e');
+  for (int i = 0; i < kCount; ++i) {
+    const std::string payload = std::to_string(i) + ":" + filler;
+    ASSERT_TRUE(line->publish_durable("plant/line1/vibration", payload, {}, [&, payload](Result<PublishAck> r) {
+      std::lock_guard lock(mu);
+      if (r.ok()) acked.insert(payload);
+      else ++refusals[std::string(errc_name(r.error().code()))];
+      ++done;
+    }).ok());
+    // In waves of 100 (100 kB): what one commit of the edge holds stays well below the map.
+    if (i % 100 == 99) {
+      ASSERT_TRUE(wait_until([&] { return done == i + 1; }, 20s)) << done << " answered";
+    }
+  }
+  ASSERT_TRUE(wait_until([&] { return done == kCount; }, 60s)) << done << " of " << kCount << " answered";
+  EXPECT_GT(acked.size(), 0u);
+  EXPECT_LT(acked.size(), static_cast<size_t>(kCount)) << "3 MB acked by a 1 MiB outbox";
+  std::string why;
+  for (const auto& [code, n] : refusals) why += code + " " + std::to_string(n) + "; ";
+  EXPECT_FALSE(refusals.empty()) << why;
+  EXPECT_NE(nodes_["edge"].broker->log_tail(200).find("outbox cannot store"), std::string::npos)
+      << nodes_["edge"].broker->log_tail();
+
+  ASSERT_TRUE(nodes_["centre"].broker->restart().ok()) << nodes_["centre"].broker->log_tail();
+  EXPECT_TRUE(stream_holds("centre", "LINE", acked, 60s))
+      << "acked durable messages missing at the centre (refused: " << why << ")";
+  // The centre's acks free the outbox: the edge stores, and acks, durable publishes again.
+  Error last;
+  EXPECT_TRUE(wait_until([&] {
+    auto r = line->publish_durable("plant/line1/vibration", "after").get();
+    if (!r.ok()) last = r.error();
+    return r.ok();
+  }, 30s)) << last.to_string() << nodes_["edge"].broker->log_tail();
+  EXPECT_NE(nodes_["edge"].broker->log_tail(200).find("outbox stores again"), std::string::npos)
+      << nodes_["edge"].broker->log_tail();
 }
 
 // How often each payload arrived, and the payloads that arrived more than once.

@@ -123,4 +123,20 @@ TEST_F(ConfigTest, LinkMemoryQueueDefaultsTo64MiBAndMayBeZero) {
 }
 
 }  // namespace
+TEST_F(ConfigTest, LinkOutboxMapDefaultsTo8GiBAndHasAFloor) {
+  const std::string base = "[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"tcp://a:1\"]\n"
+                           "credential = \"b.cred\"\n[security]\noperators = [\"" + op_ + "\"]\n"
+                           "[[link]]\nname = \"up\"\nendpoint = \"ipc:///tmp/up\"\n";
+  auto defaults = load_config(write(base));
+  ASSERT_TRUE(defaults.ok()) << defaults.error().to_string();
+  EXPECT_EQ(defaults->links[0].outbox_map_bytes, 8ull << 30);
+  auto small = load_config(write(base + "outbox_map_bytes = 2097152\n"));
+  ASSERT_TRUE(small.ok()) << small.error().to_string();
+  EXPECT_EQ(small->links[0].outbox_map_bytes, 2u << 20);
+  auto tiny = load_config(write(base + "outbox_map_bytes = 4096\n"));
+  ASSERT_FALSE(tiny.ok());
+  EXPECT_NE(tiny.error().message().find("link.outbox_map_bytes"), std::string::npos) << tiny.error().message();
+  EXPECT_NE(tiny.error().message().find("broker.toml:11:"), std::string::npos) << "names the line: " << tiny.error().message();
+}
+
 }  // namespace tracemesh::broker

@@ -21,12 +21,13 @@ struct Read {
 
 class LinkOutboxTest : public ::testing::Test {
  protected:
-  std::unique_ptr<LinkOutbox> open(uint64_t budget = 1 << 20, bool drop_oldest = true) {
+  std::unique_ptr<LinkOutbox> open(uint64_t budget = 1 << 20, bool drop_oldest = true,
+                                   uint64_t map_bytes = 64ull << 20) {
     LinkOutbox::Options o;
     o.dir = (dir_.path() / "outbox").string();
     o.budget_bytes = budget;
     o.drop_oldest = drop_oldest;
-    o.map_bytes = 64ull << 20;
+    o.map_bytes = map_bytes;
     auto box = LinkOutbox::open(o);
     EXPECT_TRUE(box.ok()) << box.error().to_string();
     return box.ok() ? std::move(*box) : nullptr;
@@ -219,6 +220,58 @@ TEST_F(LinkOutboxTest, SwappedBatchesLeftByACrashAreClearedOnce) {
   EXPECT_EQ(*box->clear_swapped(), 0u);
   EXPECT_EQ(all(*box).size(), 2u) << "clearing the swap area took numbered entries with it";
   EXPECT_EQ(box->stats().last_seq, 2u);
+}
+
+// A full map (a full disk reads the same): the failed commit stores nothing and
+// changes no counter, keeps its durable messages for the next commit, drops its
+// best-effort ones (counted), and refuses durable appends until a commit works.
+TEST_F(LinkOutboxTest, AFailedCommitKeepsItsDurableMessagesAndChangesNothingStored) {
+  LinkOutbox::Stats before;
+  int next = 1;
+  {
+    auto box = open(1u << 30, true, 512 * 1024);
+    Status failed = Status::Ok();
+    while (failed.ok() && next < 10000) {
+      before = box->stats();
+      ASSERT_TRUE(box->append(body(next++, 1000), true).ok());
+      ASSERT_TRUE(box->append(body(next++, 1000), false).ok());
+      failed = box->commit();
+    }
+    ASSERT_FALSE(failed.ok()) << "a 512 KiB map never filled";
+    EXPECT_EQ(failed.error().code(), Errc::storage_full) << failed.error().to_string();
+    EXPECT_EQ(box->stats().messages, before.messages);
+    EXPECT_EQ(box->stats().last_seq, before.last_seq);
+    EXPECT_EQ(box->stats().dropped, before.dropped + 1) << "the best-effort message of the failed commit";
+    EXPECT_TRUE(box->durable_pending()) << "the durable message of the failed commit was let go";
+    auto refused = box->append(body(next, 1000), true);
+    EXPECT_EQ(refused.code(), Errc::storage_full) << refused.error().to_string();
+    EXPECT_EQ(all(*box).size(), before.messages) << "a failed commit stored something";
+    // The next commit tries the kept durable message again; without the best-effort one
+    // it fits, and it takes the next number.
+    ASSERT_TRUE(box->commit().ok());
+    EXPECT_FALSE(box->durable_pending());
+    std::vector<Read> read = all(*box);
+    ASSERT_EQ(read.size(), before.messages + 1);
+    EXPECT_EQ(read.back().seq, before.last_seq + 1);
+    EXPECT_EQ(read.back().envelope, body(next - 2, 1000));
+    EXPECT_TRUE(read.back().durable);
+    before = box->stats();
+    // Full again: the next durable message waits too.
+    ASSERT_TRUE(box->append(body(next, 1000), true).ok()) << "durable appends are taken again";
+    EXPECT_FALSE(box->commit().ok());
+    EXPECT_TRUE(box->durable_pending());
+  }
+  // The operator gives it room (a larger map; a full disk: freed space): what was stored is
+  // intact and numbering goes on.
+  auto box = open(1u << 30, true, 4u << 20);
+  EXPECT_EQ(box->stats().messages, before.messages);
+  EXPECT_EQ(box->stats().last_seq, before.last_seq);
+  ASSERT_TRUE(box->append(body(next, 1000), true).ok());
+  ASSERT_TRUE(box->commit().ok());
+  std::vector<Read> read = all(*box);
+  ASSERT_EQ(read.size(), before.messages + 1);
+  EXPECT_EQ(read.back().seq, before.last_seq + 1);
+  EXPECT_EQ(read.back().envelope, body(next, 1000));
 }
 
 }  // namespace tracemesh::broker

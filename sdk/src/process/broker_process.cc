@@ -168,6 +168,7 @@ Status BrokerProcess::write_config() const {
          << "curve = " << (link.curve ? "true" : "false") << "\n";
     if (link.outbox_bytes) toml << "outbox_bytes = " << link.outbox_bytes << "\n";
     if (link.memory_queue_bytes) toml << "memory_queue_bytes = " << *link.memory_queue_bytes << "\n";
+    if (link.outbox_map_bytes) toml << "outbox_map_bytes = " << link.outbox_map_bytes << "\n";
     if (!link.overflow.empty()) toml << "overflow = " << toml_string(link.overflow) << "\n";
   }
   if (!spec_.extra_toml.empty()) toml << "\n" << spec_.extra_toml << "\n";

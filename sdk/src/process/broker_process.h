@@ -35,6 +35,7 @@ struct LinkSpec {
   bool curve = true;          // false when the remote broker runs with curve = false
   uint64_t outbox_bytes = 0;  // 0 = broker default
   std::optional<uint64_t> memory_queue_bytes;  // unset = broker default
+  uint64_t outbox_map_bytes = 0;  // 0 = broker default
   std::string overflow;       // "" = broker default (drop-oldest)
 };
 

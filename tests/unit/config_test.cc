@@ -17,6 +17,12 @@ class ConfigTest : public ::testing::Test {
   }
   process::TempDir dir_ = process::TempDir::create("tm-config").value();
   std::string op_ = encode_key(Identity::generate().public_key());
+  // A valid config with one [[link]] table open last, for its keys to follow.
+  std::string one_link_config() const {
+    return "[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"tcp://a:1\"]\n"
+           "credential = \"b.cred\"\n[security]\noperators = [\"" + op_ + "\"]\n"
+           "[[link]]\nname = \"up\"\nendpoint = \"ipc:///tmp/up\"\n";
+  }
 };
 
 TEST_F(ConfigTest, LoadsAndResolvesPaths) {
@@ -107,9 +113,7 @@ TEST_F(ConfigTest, LimitsMustBePositive) {
 }
 
 TEST_F(ConfigTest, LinkMemoryQueueDefaultsTo64MiBAndMayBeZero) {
-  const std::string base = "[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"tcp://a:1\"]\n"
-                           "credential = \"b.cred\"\n[security]\noperators = [\"" + op_ + "\"]\n"
-                           "[[link]]\nname = \"up\"\nendpoint = \"ipc:///tmp/up\"\n";
+  const std::string base = one_link_config();
   auto defaults = load_config(write(base));
   ASSERT_TRUE(defaults.ok()) << defaults.error().to_string();
   ASSERT_EQ(defaults->links.size(), 1u);
@@ -122,11 +126,8 @@ TEST_F(ConfigTest, LinkMemoryQueueDefaultsTo64MiBAndMayBeZero) {
   EXPECT_NE(bad.error().message().find("link.memory_queue_bytes"), std::string::npos) << bad.error().message();
 }
 
-}  // namespace
 TEST_F(ConfigTest, LinkOutboxMapDefaultsTo8GiBAndHasAFloor) {
-  const std::string base = "[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"tcp://a:1\"]\n"
-                           "credential = \"b.cred\"\n[security]\noperators = [\"" + op_ + "\"]\n"
-                           "[[link]]\nname = \"up\"\nendpoint = \"ipc:///tmp/up\"\n";
+  const std::string base = one_link_config();
   auto defaults = load_config(write(base));
   ASSERT_TRUE(defaults.ok()) << defaults.error().to_string();
   EXPECT_EQ(defaults->links[0].outbox_map_bytes, 8ull << 30);
@@ -138,5 +139,7 @@ TEST_F(ConfigTest, LinkOutboxMapDefaultsTo8GiBAndHasAFloor) {
   EXPECT_NE(tiny.error().message().find("link.outbox_map_bytes"), std::string::npos) << tiny.error().message();
   EXPECT_NE(tiny.error().message().find("broker.toml:11:"), std::string::npos) << "names the line: " << tiny.error().message();
 }
+
+}  // namespace
 
 }  // namespace tracemesh::broker

@@ -182,7 +182,6 @@ TEST_F(LinkOutboxTest, RejectPolicyRefusesTheNewest) {
   EXPECT_EQ(got.back().envelope, body(3));
 }
 
-}  // namespace
 TEST_F(LinkOutboxTest, SwappedBatchesComeBackWholeAndStayOutOfTheNumberedEntries) {
   auto box = open(4096);
   put(*box, 1, 3, false);
@@ -273,5 +272,7 @@ TEST_F(LinkOutboxTest, AFailedCommitKeepsItsDurableMessagesAndChangesNothingStor
   EXPECT_EQ(read.back().seq, before.last_seq + 1);
   EXPECT_EQ(read.back().envelope, body(next, 1000));
 }
+
+}  // namespace
 
 }  // namespace tracemesh::broker

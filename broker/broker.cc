@@ -2299,12 +2299,13 @@ bool BrokerImpl::wait_for_peer(Link& l, zmq::message_t&& header, zmq::message_t&
 // Brings a swapped batch back into memory; false (and the batch is dropped, counted) if it cannot.
 bool BrokerImpl::swap_in(Link& l, Link::Waiting& w) {
   if (!w.swap_key) return true;
-  std::string batch;
-  if (auto st = l.outbox->swap_in(w.swap_key, batch); !st.ok()) {
+  if (auto st = l.outbox->swap_in(w.swap_key, [&](std::string_view batch) {
+        w.body = zmq::message_t(batch.data(), batch.size());  // the one copy out of the map
+      });
+      !st.ok()) {
     spdlog::error("link '{}': {} best-effort messages dropped: {}", l.name, w.count, st.error().message());
     return false;
   }
-  w.body = zmq::message_t(batch.data(), batch.size());
   w.swap_key = 0;
   l.waiting_memory_bytes += w.bytes;
   return true;

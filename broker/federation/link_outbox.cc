@@ -140,14 +140,11 @@ Status LinkOutbox::drop_best_effort(MDB_txn* txn, uint64_t need_bytes, Stats& ne
 Status LinkOutbox::commit() {
   // After a failure, an empty commit (the meta key alone) finds out whether it can store again.
   if (pending_.empty() && store_error_.empty()) return Status::Ok();
-  // All or nothing: storing a part of what is pending when the map is nearly full would
-  // leave no room for the deletes that the peer's acks need to free it again.
-  return commit_first(pending_.size());
-}
-
-Status LinkOutbox::commit_first(size_t count) {
-  // Everything is worked out on `next` and in one transaction: a failure (a full
-  // disk, say) leaves the stored outbox and its counters as they were.
+  // All or nothing, worked out on `next` and in one transaction: a failure (a full disk,
+  // say) leaves the stored outbox and its counters as they were. (Storing a part of what
+  // is pending when the map is nearly full would leave no room for the deletes that the
+  // peer's acks need to free it again.)
+  const size_t count = pending_.size();
   Stats next = stats_;
   std::vector<bool> drop(count, false);
   auto fail = [&](MDB_txn* txn, Error e) {
@@ -166,12 +163,7 @@ Status LinkOutbox::commit_first(size_t count) {
   MDB_txn* txn;
   int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
   if (rc) return fail(nullptr, mdb_error("begin", rc, options_.dir));
-  uint64_t incoming = 0, incoming_durable = 0;
-  for (size_t i = 0; i < count; ++i) {
-    incoming += pending_[i].envelope.size();
-    if (pending_[i].durable) incoming_durable += pending_[i].envelope.size();
-  }
-  const uint64_t committed = incoming, committed_durable = incoming_durable;
+  uint64_t incoming = pending_bytes_;
   if (next.bytes + incoming > options_.budget_bytes) {
     // Oldest best-effort first: stored ones (under either policy, to make room
     // for durable messages), then arriving ones.
@@ -206,10 +198,9 @@ Status LinkOutbox::commit_first(size_t count) {
   if (rc) return fail(txn, mdb_error("put meta", rc, options_.dir));
   rc = mdb_txn_commit(txn);
   if (rc) return fail(nullptr, mdb_error("commit", rc, options_.dir));
-  pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(count));
-  pending_bytes_ -= committed;
-  pending_durable_bytes_ -= committed_durable;
-  if (pending_.empty()) store_error_.clear();
+  pending_.clear();
+  pending_bytes_ = pending_durable_bytes_ = 0;
+  store_error_.clear();
   stats_ = next;
   return Status::Ok();
 }
@@ -298,7 +289,7 @@ Status LinkOutbox::swap_out(uint64_t key, std::string_view batch) {
   return rc ? Status(mdb_error("commit swap", rc, options_.dir)) : Status::Ok();
 }
 
-Status LinkOutbox::swap_in(uint64_t key, std::string& out) {
+Status LinkOutbox::swap_in(uint64_t key, const std::function<void(std::string_view)>& take) {
   MDB_txn* txn;
   int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
   if (rc) return mdb_error("begin swap", rc, options_.dir);
@@ -311,7 +302,7 @@ Status LinkOutbox::swap_in(uint64_t key, std::string& out) {
                                                                    std::to_string(key)))
                               : Status(mdb_error("swap in", rc, options_.dir));
   }
-  out.assign(static_cast<const char*>(v.mv_data), v.mv_size);
+  take(std::string_view(static_cast<const char*>(v.mv_data), v.mv_size));
   mdb_del(txn, db_, &k, nullptr);
   rc = mdb_txn_commit(txn);
   return rc ? Status(mdb_error("commit swap", rc, options_.dir)) : Status::Ok();

@@ -73,9 +73,9 @@ class LinkOutbox {
   // Swap area: whole best-effort batches the broker could not keep in memory while the
   // link was up but the peer busy. Stored under their own keys, outside the numbered
   // entries, Stats and the budget (the broker counts them), one transaction each, never
-  // synced. swap_in reads a batch into `out` and deletes it.
+  // synced. swap_in hands a batch to `take` (the view is valid only inside it) and deletes it.
   Status swap_out(uint64_t key, std::string_view batch);
-  Status swap_in(uint64_t key, std::string& out);
+  Status swap_in(uint64_t key, const std::function<void(std::string_view)>& take);
   Status drop_swapped(uint64_t key);
   // Deletes every swapped batch (left by a process that did not stop cleanly); returns how many.
   Result<size_t> clear_swapped();
@@ -92,7 +92,6 @@ class LinkOutbox {
   explicit LinkOutbox(Options options) : options_(std::move(options)) {}
   Status open_env();
   Status drop_best_effort(MDB_txn* txn, uint64_t need_bytes, Stats& next);
-  Status commit_first(size_t count);  // the first `count` pending entries, in one transaction
 
   Options options_;
   MDB_env* env_ = nullptr;

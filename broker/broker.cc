@@ -185,6 +185,8 @@ uint64_t backlog_messages(const Link& l) {
   return (l.outbox ? l.outbox->stats().messages : 0) + l.waiting_messages;
 }
 uint64_t backlog_bytes(const Link& l) { return (l.outbox ? l.outbox->stats().bytes : 0) + l.waiting_bytes; }
+// Best-effort messages the link's overflow policy dropped: from the outbox and from the waiting batches.
+uint64_t dropped(const Link& l) { return (l.outbox ? l.outbox->stats().dropped : 0) + l.waiting_dropped; }
 
 struct Group {
   std::string pattern, name;
@@ -2621,7 +2623,7 @@ std::string BrokerImpl::render_metrics() const {
        [](const Link& l) { return double(backlog_bytes(l)); }},
       {"tracemesh_link_dropped_total", "counter",
        "Best-effort messages dropped by the link's overflow policy (outbox and waiting batches).",
-       [](const Link& l) { return (l.outbox ? double(l.outbox->stats().dropped) : 0.0) + double(l.waiting_dropped); }},
+       [](const Link& l) { return double(dropped(l)); }},
       {"tracemesh_link_swapped_batches_total", "counter",
        "Best-effort batches that waited for a busy peer in the swap area (past memory_queue_bytes).",
        [](const Link& l) { return double(l.swapped_batches); }},
@@ -2659,7 +2661,7 @@ void BrokerImpl::fill_mesh_status(wire::MeshStatus::Builder b) {
     e.setState(Link::state_name(l.state));
     e.setBacklogMessages(backlog_messages(l));
     e.setBacklogBytes(backlog_bytes(l));
-    e.setDropped((l.outbox ? l.outbox->stats().dropped : 0) + l.waiting_dropped);
+    e.setDropped(dropped(l));
     e.setRttUs(l.rtt_us);
     e.setMsgsPerSec(l.msgs_per_sec);
     e.setBytesPerSec(l.bytes_per_sec);

@@ -415,6 +415,7 @@ class BrokerImpl final : public Broker {
   Clock::time_point next_capture_sweep_{};
   uint64_t mesh_duplicates_ = 0;
   std::vector<std::pair<std::string, MessageId>> link_acks_;  // durable acks after outbox sync
+  Errc link_refusal_ = Errc::overloaded;  // why the last durable forward_to was refused
 
   std::vector<WriteOp> writes_;
   std::unordered_map<uint64_t, PendingWrite> pending_writes_;
@@ -1132,11 +1133,12 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
     if (durable && !rt) {
       // No local stream: the message is durable if a link's outbox takes it.
       bool to_link = false, refused = false;
+      link_refusal_ = Errc::overloaded;
       const size_t targets = route(p, n, topic, nullptr, true, &to_link, &refused);
       if (refused) {
-        // A link's outbox is full: push back on the publisher rather than lose it.
+        // A link's outbox is full or cannot store: push back on the publisher rather than lose it.
         seen_.erase(id);  // a retry must be accepted
-        s.acks_out.push_back({id, {0, wire::ErrorCode::OVERLOADED}});
+        s.acks_out.push_back({id, {0, codec::to_wire(link_refusal_)}});
         s.acks_dup.push_back(false);
         if (!s.dirty) { s.dirty = true; dirty_sessions_.push_back(&s); }
       } else if (to_link) {
@@ -2212,6 +2214,7 @@ bool BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool dura
   if (!durable) ++l.stored;
   if (!st.ok()) {
     if (!durable) ++drops_;  // best-effort overflow: counted in the link's dropped too
+    else link_refusal_ = st.code();  // overloaded (full of durable messages) or storage_full
     return false;
   }
   if (durable) l.durable_pending = true;
@@ -2372,7 +2375,7 @@ void BrokerImpl::service_links() {
       spdlog::debug("link '{}': outbox still cannot store: {}", l.name, st.error().message());
       if (!std::exchange(l.outbox_failing, true))
         spdlog::error("link '{}': outbox cannot store: {}; durable messages for it are not acked (publishers "
-                      "are answered 'overloaded') until it can",
+                      "are answered 'storageFull') until it can",
                       l.name, st.error().message());
     } else if (std::exchange(l.outbox_failing, false)) {
       spdlog::info("link '{}': outbox stores again", l.name);

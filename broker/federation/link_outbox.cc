@@ -31,6 +31,14 @@ struct SwapKey {
   uint8_t bytes[9];
 };
 
+// The key that keeps the numbering of an empty outbox: it sorts after every other key.
+MDB_val meta_key() { return MDB_val{5, const_cast<char*>("\xffmeta")}; }
+
+int put_meta(MDB_txn* txn, MDB_dbi db, const uint64_t& last_seq) {
+  MDB_val k = meta_key(), v{8, const_cast<uint64_t*>(&last_seq)};
+  return mdb_put(txn, db, &k, &v, 0);
+}
+
 }  // namespace
 
 Result<std::unique_ptr<LinkOutbox>> LinkOutbox::open(const Options& options) {
@@ -79,7 +87,7 @@ Status LinkOutbox::open_env() {
   }
   mdb_cursor_close(cur);
   // An empty outbox keeps its numbering in a meta key so seqs never repeat.
-  MDB_val mk{5, const_cast<char*>("\xffmeta")}, mv;
+  MDB_val mk = meta_key(), mv;
   if (mdb_get(txn, db_, &mk, &mv) == 0 && mv.mv_size == 8) {
     uint64_t last;
     std::memcpy(&last, mv.mv_data, 8);
@@ -192,9 +200,7 @@ Status LinkOutbox::commit() {
     next.bytes += p.envelope.size();
     if (p.durable) next.durable_bytes += p.envelope.size();
   }
-  MDB_val mk{5, const_cast<char*>("\xffmeta")};
-  MDB_val mv{8, &next.last_seq};
-  rc = mdb_put(txn, db_, &mk, &mv, 0);
+  rc = put_meta(txn, db_, next.last_seq);
   if (rc) return fail(txn, mdb_error("put meta", rc, options_.dir));
   rc = mdb_txn_commit(txn);
   if (rc) return fail(nullptr, mdb_error("commit", rc, options_.dir));
@@ -259,64 +265,57 @@ Status LinkOutbox::ack(uint64_t upto) {
   if (!store_error_.empty()) {
     // Recovering from a full map or disk: LMDB reuses the pages a transaction frees only
     // once a later one has committed. A small one now lets the next commit use this room.
-    if (mdb_txn_begin(env_, nullptr, 0, &txn) == 0) {
-      MDB_val mk{5, const_cast<char*>("\xffmeta")};
-      MDB_val mv{8, &stats_.last_seq};
-      if (mdb_put(txn, db_, &mk, &mv, 0) == 0) (void)mdb_txn_commit(txn);
-      else mdb_txn_abort(txn);
-    }
+    (void)in_write_txn("touch", [&](MDB_txn* t) { return put_meta(t, db_, stats_.last_seq); });
   }
   return Status::Ok();
 }
 
-}  // namespace tracemesh::broker
-
-namespace tracemesh::broker {
-
-Status LinkOutbox::swap_out(uint64_t key, std::string_view batch) {
+Status LinkOutbox::in_write_txn(const char* what, const std::function<int(MDB_txn*)>& fn) {
   MDB_txn* txn;
   int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
-  if (rc) return mdb_error("begin swap", rc, options_.dir);
-  SwapKey sk(key);
-  MDB_val k = sk.val(), v{batch.size(), nullptr};
-  rc = mdb_put(txn, db_, &k, &v, MDB_RESERVE);
-  if (rc) {
+  if (rc) return mdb_error(what, rc, options_.dir);
+  if ((rc = fn(txn)) != 0) {
     mdb_txn_abort(txn);
-    return mdb_error("swap out", rc, options_.dir);
+    return mdb_error(what, rc, options_.dir);
   }
-  std::memcpy(v.mv_data, batch.data(), batch.size());
   rc = mdb_txn_commit(txn);
-  return rc ? Status(mdb_error("commit swap", rc, options_.dir)) : Status::Ok();
+  return rc ? Status(mdb_error(what, rc, options_.dir)) : Status::Ok();
+}
+
+Status LinkOutbox::swap_out(uint64_t key, std::string_view batch) {
+  return in_write_txn("swap out", [&](MDB_txn* txn) {
+    SwapKey sk(key);
+    MDB_val k = sk.val(), v{batch.size(), nullptr};
+    const int rc = mdb_put(txn, db_, &k, &v, MDB_RESERVE);
+    if (rc == 0) std::memcpy(v.mv_data, batch.data(), batch.size());
+    return rc;
+  });
 }
 
 Status LinkOutbox::swap_in(uint64_t key, const std::function<void(std::string_view)>& take) {
-  MDB_txn* txn;
-  int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
-  if (rc) return mdb_error("begin swap", rc, options_.dir);
-  SwapKey sk(key);
-  MDB_val k = sk.val(), v;
-  rc = mdb_get(txn, db_, &k, &v);
-  if (rc) {
-    mdb_txn_abort(txn);
-    return rc == MDB_NOTFOUND ? Status(Error(Errc::not_found, "link outbox " + options_.dir + ": no swapped batch " +
-                                                                   std::to_string(key)))
-                              : Status(mdb_error("swap in", rc, options_.dir));
-  }
-  take(std::string_view(static_cast<const char*>(v.mv_data), v.mv_size));
-  mdb_del(txn, db_, &k, nullptr);
-  rc = mdb_txn_commit(txn);
-  return rc ? Status(mdb_error("commit swap", rc, options_.dir)) : Status::Ok();
+  bool found = false;
+  Status st = in_write_txn("swap in", [&](MDB_txn* txn) {
+    SwapKey sk(key);
+    MDB_val k = sk.val(), v;
+    const int rc = mdb_get(txn, db_, &k, &v);
+    if (rc == MDB_NOTFOUND) return 0;
+    if (rc) return rc;
+    found = true;
+    take(std::string_view(static_cast<const char*>(v.mv_data), v.mv_size));
+    return mdb_del(txn, db_, &k, nullptr);
+  });
+  if (st.ok() && !found)
+    return Error(Errc::not_found, "link outbox " + options_.dir + ": no swapped batch " + std::to_string(key));
+  return st;
 }
 
 Status LinkOutbox::drop_swapped(uint64_t key) {
-  MDB_txn* txn;
-  int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
-  if (rc) return mdb_error("begin swap", rc, options_.dir);
-  SwapKey sk(key);
-  MDB_val k = sk.val();
-  mdb_del(txn, db_, &k, nullptr);
-  rc = mdb_txn_commit(txn);
-  return rc ? Status(mdb_error("commit swap", rc, options_.dir)) : Status::Ok();
+  return in_write_txn("drop swapped", [&](MDB_txn* txn) {
+    SwapKey sk(key);
+    MDB_val k = sk.val();
+    const int rc = mdb_del(txn, db_, &k, nullptr);
+    return rc == MDB_NOTFOUND ? 0 : rc;
+  });
 }
 
 Result<size_t> LinkOutbox::clear_swapped() {

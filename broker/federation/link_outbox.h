@@ -92,6 +92,8 @@ class LinkOutbox {
   explicit LinkOutbox(Options options) : options_(std::move(options)) {}
   Status open_env();
   Status drop_best_effort(MDB_txn* txn, uint64_t need_bytes, Stats& next);
+  // Runs fn (an LMDB return code) in a write transaction: committed when it returns 0.
+  Status in_write_txn(const char* what, const std::function<int(MDB_txn*)>& fn);
 
   Options options_;
   MDB_env* env_ = nullptr;

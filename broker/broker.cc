@@ -24,6 +24,7 @@
 
 #include "admin_http.h"
 #include "codec/envelope_codec.h"
+#include "codec/frame_stream.h"
 #include "iso_time.h"
 #include "federation/id_window.h"
 #include "federation/link_interest.h"
@@ -238,11 +239,12 @@ struct Session {
   bool out_droppable = true;  // false once a durable-consumer delivery is in the batch
   std::vector<std::pair<MessageId, std::pair<uint64_t, wire::ErrorCode>>> acks_out;
   std::vector<bool> acks_dup;
-  std::deque<OutFrame> queued;  // could not be handed to ZeroMQ yet
+  std::deque<OutFrame> queued;  // could not be handed to ZeroMQ (or the unix stream) yet
   size_t queued_bytes = 0;
   uint64_t messages_out = 0;
   uint64_t drops = 0;
   bool dirty = false;  // has output to flush
+  std::unique_ptr<codec::FrameStream> stream;  // a unix:// connection (no ZeroMQ socket)
 };
 
 struct InFlight {
@@ -292,7 +294,7 @@ class BrokerImpl final : public Broker {
  private:
   // Frames
   void on_readable(size_t listener);
-  void on_frame(size_t listener, zmq::message_t& rid, zmq::message_t& header, zmq::message_t* body);
+  void on_frame(size_t listener, std::string_view rid, zmq::message_t& header, zmq::message_t* body);
   void on_hello(Session& s, zmq::message_t& header, wire::Hello::Reader hello);
   void on_publish(Session& s, wire::Publish::Reader publish, zmq::message_t* body);
   void on_subscribe(Session& s, wire::Subscribe::Reader sub);
@@ -380,11 +382,31 @@ class BrokerImpl final : public Broker {
   std::unique_ptr<AdminHttp> admin_http_;  // [admin] http; null when off
   Clock::time_point next_metrics_{};
   struct Listener {
-    std::unique_ptr<zmq::socket_t> socket;
+    std::unique_ptr<zmq::socket_t> socket;  // tcp:// and ipc://
+    int stream_fd = -1;                     // unix://: a listening stream socket
+    std::string stream_path;
     std::string endpoint;  // as bound (resolved port)
     bool curve = false;
     bool recheck = false;  // sent on, or left unread: ask ZMQ_EVENTS before sleeping (see run)
+    Listener() = default;
+    Listener(Listener&& o) noexcept
+        : socket(std::move(o.socket)), stream_fd(std::exchange(o.stream_fd, -1)),
+          stream_path(std::move(o.stream_path)), endpoint(std::move(o.endpoint)), curve(o.curve),
+          recheck(o.recheck) {}
+    ~Listener() {
+      if (stream_fd < 0) return;
+      ::close(stream_fd);
+      std::error_code ec;
+      fs::remove(stream_path, ec);
+    }
   };
+  Status bind_unix(Listener& l, const std::string& endpoint);
+  void accept_streams(size_t listener);
+  // Reads a unix:// session's socket and handles the records; false when the
+  // session ended (closed by the peer, broken, or dropped by a frame).
+  bool on_stream_readable(const std::string& key);
+  void flush_streams();
+  uint64_t next_stream_id_ = 1;
   std::vector<Listener> listeners_;
 
   std::unordered_map<std::string, std::unique_ptr<Session>, StringHash, std::equal_to<>> sessions_;
@@ -523,6 +545,11 @@ Status BrokerImpl::init() {
   }
   for (const auto& endpoint : config_.listen) {
     Listener l;
+    if (!codec::unix_path(endpoint).empty()) {
+      if (auto s = bind_unix(l, endpoint); !s.ok()) return s;
+      listeners_.push_back(std::move(l));
+      continue;
+    }
     l.curve = config_.curve && endpoint.rfind("tcp://", 0) == 0;
     try {
       l.socket = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::router);
@@ -567,6 +594,91 @@ Status BrokerImpl::init() {
     admin_http_ = std::move(*http);
   }
   return init_links();
+}
+
+Status BrokerImpl::bind_unix(Listener& l, const std::string& endpoint) {
+  const std::string path = codec::unix_path(endpoint);
+  auto fail = [&](const std::string& why) {
+    return Error(Errc::io, config_.path + ": broker.listen: cannot bind '" + endpoint + "': " + why);
+  };
+  sockaddr_un addr{};
+  if (path.size() >= sizeof addr.sun_path)
+    return fail("the path is longer than " + std::to_string(sizeof addr.sun_path - 1) + " bytes");
+  std::error_code ec;
+  if (fs::exists(path, ec)) {
+    if (unix_socket_in_use(path)) return fail("in use by another running process");
+    fs::remove(path, ec);  // a stale socket file from a crash
+  }
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return fail(std::strerror(errno));
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 || ::listen(fd, 128) != 0) {
+    const std::string why = std::strerror(errno);
+    ::close(fd);
+    return fail(why);
+  }
+  l.stream_fd = fd;
+  l.stream_path = path;
+  l.endpoint = endpoint;
+  return Status::Ok();
+}
+
+void BrokerImpl::accept_streams(size_t listener) {
+  while (true) {
+    const int fd = ::accept4(listeners_[listener].stream_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
+        spdlog::warn("accept on {}: {}", listeners_[listener].endpoint, std::strerror(errno));
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      return;
+    }
+    // Room for the largest publish frame a client may send (as for ZeroMQ's maxmsgsize).
+    const size_t max_record = static_cast<size_t>(config_.max_message_bytes) * 64 + (1 << 20);
+    auto s = std::make_unique<Session>();
+    s->listener = listener;
+    const uint64_t id = next_stream_id_++;
+    s->routing_id.assign(reinterpret_cast<const char*>(&id), sizeof id);
+    s->key.push_back(static_cast<char>(listener));
+    s->key += s->routing_id;
+    s->last_seen = Clock::now();
+    s->stream = std::make_unique<codec::FrameStream>(fd, max_record);
+    sessions_.emplace(s->key, std::move(s));
+  }
+}
+
+bool BrokerImpl::on_stream_readable(const std::string& key) {
+  auto it = sessions_.find(key);
+  if (it == sessions_.end()) return false;
+  Session* s = it->second.get();
+  if (!s->stream->fill()) {
+    drop_session(key, "disconnected");
+    return false;
+  }
+  zmq::message_t header;
+  std::optional<zmq::message_t> body;
+  for (int i = 0; i < 256; ++i) {
+    if (!s->stream->next(header, body)) break;
+    on_frame(s->listener, s->routing_id, header, body ? &*body : nullptr);
+    it = sessions_.find(key);  // a frame may end the session
+    if (it == sessions_.end()) return false;
+    s = it->second.get();
+  }
+  if (s->stream->broken()) {
+    ++malformed_;
+    spdlog::warn("unix session of {}: {}; closing it", s->authenticated ? s->claims.name : "an unauthenticated peer",
+                 s->stream->error());
+    drop_session(key, "disconnected");
+    return false;
+  }
+  return true;
+}
+
+void BrokerImpl::flush_streams() {
+  std::vector<std::string> broken;
+  for (auto& [k, s] : sessions_)
+    if (s->stream && s->stream->queued_bytes() > 0 && !s->stream->flush()) broken.push_back(k);
+  for (const auto& k : broken) drop_session(k, "disconnected");
 }
 
 void BrokerImpl::load_revocations() {
@@ -628,7 +740,7 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     items.push_back({fd, POLLIN, 0});
     return items.size() - 1;
   };
-  for (auto& l : listeners_) add(l.socket->get(zmq::sockopt::fd));
+  for (auto& l : listeners_) add(l.socket ? l.socket->get(zmq::sockopt::fd) : l.stream_fd);
   const size_t zap_index = add(zap_->get(zmq::sockopt::fd));
   const size_t writer_index = add(writer_->notify_fd());
   const size_t signal_index = add(signal_fd);  // poll(2) skips a negative fd
@@ -641,8 +753,11 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     add(l->monitor->get(zmq::sockopt::fd));
     l->recheck = true;
   }
-  for (auto& l : listeners_) l.recheck = true;
-  for (Link* l : dialed) on_link_monitor(*l);  // what arrived before the loop started
+  for (auto& l : listeners_) l.recheck = l.socket != nullptr;
+  for (Link* l : dialed) on_link_monitor(*l);
+  // unix:// sessions follow, one fd each, listed anew every iteration.
+  const size_t streams_index = items.size();
+  std::vector<std::string> stream_keys;  // what arrived before the loop started
   std::vector<uint8_t> listener_ready(listeners_.size()), dealer_ready(dialed.size());
 
   if (auto s = write_ready_file(ready_file); !s.ok()) return s;
@@ -671,6 +786,14 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
       dealer_ready[i] = dialed[i]->dealer->get(zmq::sockopt::events) & ZMQ_POLLIN;
       ready = ready || dealer_ready[i];
     }
+    items.resize(streams_index);
+    stream_keys.clear();
+    for (auto& [k, s] : sessions_) {
+      if (!s->stream) continue;
+      items.push_back({s->stream->fd(), s->stream->poll_events(), 0});
+      stream_keys.push_back(k);
+      ready = ready || s->stream->has_record();  // records left from the last read
+    }
     const int timeout_ms = ready ? 0 : queued_output ? 1 : 50;
     if (::poll(items.data(), items.size(), timeout_ms) < 0) {
       if (errno == EINTR) continue;
@@ -692,8 +815,21 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
       }
     }
     if (items[zap_index].revents & POLLIN) on_zap();
-    for (size_t i = 0; i < listeners_.size(); ++i)
-      if (std::exchange(listener_ready[i], 0) || (items[i].revents & POLLIN)) on_readable(i);
+    for (size_t i = 0; i < listeners_.size(); ++i) {
+      if (!listeners_[i].socket) {
+        if (items[i].revents & POLLIN) accept_streams(i);
+      } else if (std::exchange(listener_ready[i], 0) || (items[i].revents & POLLIN)) {
+        on_readable(i);
+      }
+    }
+    for (size_t i = 0; i < stream_keys.size(); ++i) {
+      const short ev = items[streams_index + i].revents;
+      if (ev & (POLLIN | POLLHUP | POLLERR)) {
+        on_stream_readable(stream_keys[i]);
+      } else if (auto it = sessions_.find(stream_keys[i]); it != sessions_.end() && it->second->stream->has_record()) {
+        on_stream_readable(stream_keys[i]);
+      }
+    }
     if (items[writer_index].revents & POLLIN) on_write_results();
     for (size_t i = 0; i < dialed.size(); ++i) {
       if (items[links_index + 2 * i + 1].revents & POLLIN) on_link_monitor(*dialed[i]);
@@ -719,10 +855,11 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     writes_.clear();
     service_links();
     flush_sessions();
+    flush_streams();
 
     if (draining_) {
       bool idle = pending_writes_.empty();
-      for (auto& [k, s] : sessions_) idle = idle && s->queued.empty();
+      for (auto& [k, s] : sessions_) idle = idle && s->queued.empty() && (!s->stream || !s->stream->queued_bytes());
       for (auto& l : links_) idle = idle && (!l->up() || l->waiting.empty());
       if (idle || now >= drain_deadline) break;
     }
@@ -741,6 +878,7 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     (void)l->outbox->sync();
   }
   flush_sessions();
+  flush_streams();
   spdlog::info("broker '{}' stopped cleanly: {} messages in ({} batches), {} out ({} batches)", config_.name,
                messages_in_, frames_in_, messages_out_, frames_out_);
   for (const auto& l : links_)
@@ -799,30 +937,33 @@ void BrokerImpl::on_readable(size_t listener) {
         if (!sock.recv(extra, zmq::recv_flags::none) || !extra.more()) break;
       }
     }
-    on_frame(listener, rid, header, has_body ? &body : nullptr);
+    on_frame(listener, std::string_view(static_cast<const char*>(rid.data()), rid.size()), header,
+             has_body ? &body : nullptr);
   }
   listeners_[listener].recheck = true;  // more may wait: do not sleep on the fd
 }
 
-void BrokerImpl::on_frame(size_t listener, zmq::message_t& rid, zmq::message_t& header,
+void BrokerImpl::on_frame(size_t listener, std::string_view rid, zmq::message_t& header,
                           zmq::message_t* body) {
   std::string key;
   key.reserve(rid.size() + 1);
   key.push_back(static_cast<char>(listener));
-  key.append(static_cast<const char*>(rid.data()), rid.size());
+  key.append(rid);
   auto it = sessions_.find(key);
   codec::FrameReader reader(header);
   if (!reader.status().ok()) {
     ++malformed_;
     spdlog::warn("malformed frame from {}: {}", it != sessions_.end() ? it->second->claims.name : "unauthenticated peer",
                  reader.status().error().message());
-    if (it == sessions_.end()) {
-      auto s = std::make_unique<Session>();
-      s->listener = listener;
-      s->routing_id.assign(static_cast<const char*>(rid.data()), rid.size());
-      s->key = key;
-      Session& ref = *s;
-      sessions_.emplace(key, std::move(s));
+    if (it == sessions_.end() || !it->second->authenticated) {
+      if (it == sessions_.end()) {
+        auto s = std::make_unique<Session>();
+        s->listener = listener;
+        s->routing_id.assign(rid);
+        s->key = key;
+        it = sessions_.emplace(key, std::move(s)).first;
+      }
+      Session& ref = *it->second;
       send_control(ref, codec::error_frame(wire::ErrorCode::PROTOCOL_MISMATCH, reader.status().error().message()));
       flush_session(ref);
       sessions_.erase(key);
@@ -836,7 +977,7 @@ void BrokerImpl::on_frame(size_t listener, zmq::message_t& rid, zmq::message_t& 
     if (it == sessions_.end()) {
       auto s = std::make_unique<Session>();
       s->listener = listener;
-      s->routing_id.assign(static_cast<const char*>(rid.data()), rid.size());
+      s->routing_id.assign(rid);
       s->key = key;
       s->last_seen = Clock::now();
       it = sessions_.emplace(key, std::move(s)).first;
@@ -1613,20 +1754,30 @@ void BrokerImpl::send_control(Session& s, zmq::message_t&& frame) {
 }
 
 bool BrokerImpl::try_send(Session& s, OutFrame& f) {
-  auto& sock = *listeners_[s.listener].socket;
-  listeners_[s.listener].recheck = true;
-  try {
-    if (!sock.send(zmq::buffer(s.routing_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait))
-      return false;
-    if (f.body) {
-      sock.send(f.header, zmq::send_flags::sndmore);
-      sock.send(*f.body, zmq::send_flags::none);
-    } else {
-      sock.send(f.header, zmq::send_flags::none);
+  if (s.stream) {
+    // Written at the end of the loop iteration (flush_streams). Past this much
+    // unwritten output the session's own queue holds frames, as for ZeroMQ's
+    // high-water mark.
+    constexpr size_t kStreamHighWater = 4 << 20;
+    if (s.stream->broken()) return true;  // peer gone; the loop drops the session
+    if (s.stream->queued_bytes() > kStreamHighWater) return false;
+    s.stream->queue(std::move(f.header), f.body ? &*f.body : nullptr);
+  } else {
+    auto& sock = *listeners_[s.listener].socket;
+    listeners_[s.listener].recheck = true;
+    try {
+      if (!sock.send(zmq::buffer(s.routing_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait))
+        return false;
+      if (f.body) {
+        sock.send(f.header, zmq::send_flags::sndmore);
+        sock.send(*f.body, zmq::send_flags::none);
+      } else {
+        sock.send(f.header, zmq::send_flags::none);
+      }
+    } catch (const zmq::error_t& e) {
+      if (e.num() == EHOSTUNREACH) return true;  // peer gone; expiry removes the session
+      throw;
     }
-  } catch (const zmq::error_t& e) {
-    if (e.num() == EHOSTUNREACH) return true;  // peer gone; expiry removes the session
-    throw;
   }
   messages_out_ += f.messages;
   bytes_out_ += f.bytes;

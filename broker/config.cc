@@ -119,8 +119,9 @@ class Loader {
     if (c.data_dir.empty()) return error(broker, "broker.data_dir", "required");
     if (c.listen.empty()) return error(broker, "broker.listen", "at least one endpoint is required");
     for (const auto& l : c.listen)
-      if (l.rfind("tcp://", 0) != 0 && l.rfind("ipc://", 0) != 0)
-        return error(broker->get("listen"), "broker.listen", "'" + l + "' must start with tcp:// or ipc://");
+      if (l.rfind("tcp://", 0) != 0 && l.rfind("ipc://", 0) != 0 && l.rfind("unix://", 0) != 0)
+        return error(broker->get("listen"), "broker.listen",
+                     "'" + l + "' must start with tcp://, ipc:// or unix://");
     c.identity_path = resolve(c.identity_path);
     c.data_dir = resolve(c.data_dir);
 
@@ -213,7 +214,9 @@ class Loader {
       if (l.name.find_first_of("/ \t") != std::string::npos)
         return error(t->get("name"), "link.name", "must not contain '/' or spaces");
       if (l.endpoint.rfind("tcp://", 0) != 0 && l.endpoint.rfind("ipc://", 0) != 0)
-        return error(t->get("endpoint"), "link.endpoint", "'" + l.endpoint + "' must start with tcp:// or ipc://");
+        return error(t->get("endpoint"), "link.endpoint",
+                     "'" + l.endpoint + "' must start with tcp:// or ipc:// (links do not use unix://, "
+                     "which is for local clients)");
       if (l.curve && l.endpoint.rfind("tcp://", 0) == 0) {
         if (auto k = decode_key(l.broker_key); !k.ok())
           return error(t->get("broker_key") ? t->get("broker_key") : t, "link.broker_key", k.error().message());

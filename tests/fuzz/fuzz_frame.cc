@@ -1,19 +1,23 @@
 // libFuzzer target for everything a broker decodes from the network: control
 // frames, batch bodies of envelopes (and the visited-path stamp it writes into
-// them), and credentials inside Hello.
+// them), credentials inside Hello, and the records of a unix:// stream.
 //
 // Input layout: byte 0 selects what the rest is fed to.
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <cstdint>
 #include <cstring>
 
 #include "codec/envelope_codec.h"
+#include "codec/frame_stream.h"
 #include "tracemesh/identity.h"
 
 using namespace tracemesh;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
-  const uint8_t mode = data[0] % 3;
+  const uint8_t mode = data[0] % 4;
   ++data;
   --size;
   if (mode == 0) {
@@ -67,6 +71,31 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       }
       return true;
     });
+  } else if (mode == 3) {
+    // Bytes a local peer writes to a unix:// socket, read back as records.
+    int fds[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM, 0, fds) != 0) return 0;
+    if (size > 0 && ::write(fds[0], data, size) != static_cast<ssize_t>(size)) {
+      ::close(fds[0]);
+      ::close(fds[1]);
+      return 0;
+    }
+    ::close(fds[0]);
+    codec::FrameStream stream(fds[1], 4096);
+    zmq::message_t header;
+    std::optional<zmq::message_t> body;
+    while (true) {
+      while (stream.next(header, body)) {
+        codec::FrameReader reader(header);
+        if (reader.status().ok()) {
+          try {
+            (void)reader.root().which();
+          } catch (const kj::Exception&) {
+          }
+        }
+      }
+      if (!stream.fill()) break;
+    }
   } else {
     (void)Credential::parse(std::string(reinterpret_cast<const char*>(data), size));
     (void)Credential::from_armored(std::string(reinterpret_cast<const char*>(data), size));

@@ -1,0 +1,185 @@
+#include "codec/frame_stream.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace tracemesh::codec {
+
+namespace {
+
+constexpr size_t kReadChunk = 256 * 1024;
+constexpr size_t kMaxIov = 64;
+
+uint32_t load_u32(const uint8_t* p) {
+  return uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24;
+}
+
+void store_u32(uint8_t* p, uint32_t v) {
+  p[0] = static_cast<uint8_t>(v);
+  p[1] = static_cast<uint8_t>(v >> 8);
+  p[2] = static_cast<uint8_t>(v >> 16);
+  p[3] = static_cast<uint8_t>(v >> 24);
+}
+
+}  // namespace
+
+std::string unix_path(std::string_view url) {
+  if (url.substr(0, kUnixScheme.size()) != kUnixScheme) return {};
+  return std::string(url.substr(kUnixScheme.size()));
+}
+
+int connect_unix(const std::string& path) {
+  sockaddr_un addr{};
+  if (path.empty() || path.size() >= sizeof addr.sun_path) {
+    errno = ENAMETOOLONG;
+    return -1;
+  }
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
+    const int e = errno;
+    ::close(fd);
+    errno = e;
+    return -1;
+  }
+  return fd;
+}
+
+FrameStream::FrameStream(int fd, size_t max_record_bytes) : fd_(fd), max_record_(max_record_bytes) {
+  const int flags = ::fcntl(fd_, F_GETFL, 0);
+  ::fcntl(fd_, F_SETFL, flags | O_NONBLOCK);
+}
+
+FrameStream::~FrameStream() {
+  if (fd_ < 0) return;
+  if (!broken()) (void)flush();
+  ::close(fd_);
+}
+
+short FrameStream::poll_events() const { return out_.empty() ? POLLIN : POLLIN | POLLOUT; }
+
+bool FrameStream::fill() {
+  if (broken()) return false;
+  if (in_begin_ == in_end_) in_begin_ = in_end_ = 0;
+  if (in_.size() - in_end_ < kReadChunk) {
+    if (in_begin_ > 0) {  // move the partial record to the front
+      std::memmove(in_.data(), in_.data() + in_begin_, in_end_ - in_begin_);
+      in_end_ -= in_begin_;
+      in_begin_ = 0;
+    }
+    if (in_.size() - in_end_ < kReadChunk) in_.resize(in_end_ + kReadChunk);
+  }
+  const ssize_t n = ::read(fd_, in_.data() + in_end_, in_.size() - in_end_);
+  if (n > 0) {
+    in_end_ += static_cast<size_t>(n);
+    return true;
+  }
+  if (n < 0 && (errno == EAGAIN || errno == EINTR)) return true;
+  error_ = n == 0 ? "closed by the peer" : std::string("read: ") + std::strerror(errno);
+  return false;
+}
+
+bool FrameStream::has_record() const {
+  const size_t avail = in_end_ - in_begin_;
+  if (avail < 8) return false;
+  const uint8_t* p = in_.data() + in_begin_;
+  const uint32_t body = load_u32(p + 4);
+  return avail >= 8 + size_t{load_u32(p)} + (body ? body - 1 : 0);
+}
+
+bool FrameStream::next(zmq::message_t& header, std::optional<zmq::message_t>& body) {
+  if (broken() || in_end_ - in_begin_ < 8) return false;
+  const uint8_t* p = in_.data() + in_begin_;
+  const size_t header_size = load_u32(p);
+  const uint32_t body_field = load_u32(p + 4);
+  const size_t body_size = body_field ? body_field - 1 : 0;
+  if (header_size == 0 || header_size + body_size > max_record_) {
+    error_ = "record of " + std::to_string(header_size + body_size) + " bytes (header " +
+             std::to_string(header_size) + ") is empty or exceeds the limit of " + std::to_string(max_record_);
+    return false;
+  }
+  if (in_end_ - in_begin_ < 8 + header_size + body_size) {
+    // Room for the whole record, so that fill() can complete it.
+    if (in_.size() < 8 + header_size + body_size + kReadChunk) {
+      std::memmove(in_.data(), in_.data() + in_begin_, in_end_ - in_begin_);
+      in_end_ -= in_begin_;
+      in_begin_ = 0;
+      in_.resize(8 + header_size + body_size + kReadChunk);
+    }
+    return false;
+  }
+  header.rebuild(p + 8, header_size);
+  if (body_field)
+    body.emplace(p + 8 + header_size, body_size);
+  else
+    body.reset();
+  in_begin_ += 8 + header_size + body_size;
+  return true;
+}
+
+void FrameStream::queue(zmq::message_t&& header, zmq::message_t* body) {
+  Out o;
+  store_u32(o.prefix, static_cast<uint32_t>(header.size()));
+  store_u32(o.prefix + 4, body ? static_cast<uint32_t>(body->size() + 1) : 0);
+  o.header = std::move(header);
+  if (body) {
+    o.body = std::move(*body);
+    o.has_body = true;
+  }
+  out_bytes_ += o.size();
+  out_.push_back(std::move(o));
+}
+
+bool FrameStream::flush() {
+  while (!out_.empty() && !broken()) {
+    iovec iov[kMaxIov];
+    size_t n = 0;
+    for (size_t i = 0; i < out_.size() && n + 3 <= kMaxIov; ++i) {
+      Out& o = out_[i];
+      size_t skip = i == 0 ? o.sent : 0;
+      auto add = [&](const void* data, size_t size) {
+        if (skip >= size) {
+          skip -= size;
+          return;
+        }
+        iov[n++] = {const_cast<uint8_t*>(static_cast<const uint8_t*>(data)) + skip, size - skip};
+        skip = 0;
+      };
+      add(o.prefix, 8);
+      add(o.header.data(), o.header.size());
+      if (o.has_body && o.body.size() > 0) add(o.body.data(), o.body.size());
+    }
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = n;
+    const ssize_t sent = ::sendmsg(fd_, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (sent < 0) {
+      if (errno == EAGAIN || errno == EINTR) return true;
+      error_ = std::string("write: ") + std::strerror(errno);
+      return false;
+    }
+    size_t left = static_cast<size_t>(sent);
+    out_bytes_ -= left;
+    while (left > 0) {
+      Out& o = out_.front();
+      const size_t rest = o.size() - o.sent;
+      if (left < rest) {
+        o.sent += left;
+        break;
+      }
+      left -= rest;
+      out_.pop_front();
+    }
+  }
+  return !broken();
+}
+
+}  // namespace tracemesh::codec

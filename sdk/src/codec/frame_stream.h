@@ -1,0 +1,79 @@
+// The unix:// transport: control frames and their bodies as length-prefixed
+// records on a local stream socket, read and written without a thread of its
+// own. A ZeroMQ connection hands every message to an I/O thread on each side;
+// on one host those hand-offs are most of a round trip, and this transport has
+// none. It carries no CURVE: the socket file's permissions and the signed hello
+// guard it, as for ipc://.
+//
+// Record: u32 header size, u32 body size + 1 (0: no body), little-endian, then
+// the header, then the body.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <cstdint>
+#include <deque>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+#include <zmq.hpp>
+
+namespace tracemesh::codec {
+
+inline constexpr std::string_view kUnixScheme = "unix://";
+
+// The socket path of a unix:// url; empty when the url is not one.
+std::string unix_path(std::string_view url);
+
+class FrameStream {
+ public:
+  // Takes ownership of a connected stream socket and makes it non-blocking.
+  // A record larger than max_record_bytes breaks the stream (see error()).
+  FrameStream(int fd, size_t max_record_bytes);
+  ~FrameStream();  // writes what it still can without blocking, then closes
+  FrameStream(const FrameStream&) = delete;
+  FrameStream& operator=(const FrameStream&) = delete;
+
+  int fd() const { return fd_; }
+  // poll(2) events to wait for: POLLIN, and POLLOUT while output waits.
+  short poll_events() const;
+
+  // Reads what the socket holds (one read). False once the peer closed or the
+  // stream broke; error() says why.
+  bool fill();
+  // The next complete record read so far; false when none is complete.
+  bool next(zmq::message_t& header, std::optional<zmq::message_t>& body);
+  // A complete record waits in the read buffer (next() would return one).
+  bool has_record() const;
+
+  // Queues a record; flush() writes it. Bodies are sent from their buffers.
+  void queue(zmq::message_t&& header, zmq::message_t* body);
+  // Writes what is queued until the socket would block. False once broken.
+  bool flush();
+  size_t queued_bytes() const { return out_bytes_; }
+  bool broken() const { return !error_.empty(); }
+  const std::string& error() const { return error_; }
+
+ private:
+  struct Out {
+    uint8_t prefix[8];
+    zmq::message_t header, body;
+    bool has_body = false;
+    size_t sent = 0;  // bytes of this record already written
+    size_t size() const { return 8 + header.size() + (has_body ? body.size() : 0); }
+  };
+  int fd_ = -1;
+  size_t max_record_;
+  std::vector<uint8_t> in_;
+  size_t in_begin_ = 0, in_end_ = 0;
+  std::deque<Out> out_;
+  size_t out_bytes_ = 0;
+  std::string error_;
+};
+
+// Connects to a unix:// url's socket (blocking; a local connect does not wait).
+// Returns the fd, or -1 with errno set.
+int connect_unix(const std::string& path);
+
+}  // namespace tracemesh::codec

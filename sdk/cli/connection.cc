@@ -3,7 +3,7 @@
 namespace tracemesh::cli {
 
 void ConnectionFlags::add_to(CLI::App& cmd) {
-  cmd.add_option("-u,--url", url, "broker endpoint, tcp://HOST:PORT or ipc:///PATH")
+  cmd.add_option("-u,--url", url, "broker endpoint: tcp://HOST:PORT, ipc:///PATH or unix:///PATH")
       ->envname("TRACEMESH_URL")
       ->required();
   cmd.add_option("-i,--identity", identity, "identity file (tracemesh keygen)")

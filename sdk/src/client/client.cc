@@ -1,5 +1,5 @@
-// Client: one DEALER connection, an I/O thread that batches and owns the
-// socket, and a dispatcher thread that runs handlers.
+// Client: one connection (a ZeroMQ DEALER, or a unix:// stream), an I/O thread
+// that batches and owns it, and a dispatcher thread that runs handlers.
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -15,7 +15,9 @@
 #include <unordered_map>
 #include <zmq.hpp>
 
+#include "client/connection.h"
 #include "codec/envelope_codec.h"
+#include "codec/frame_stream.h"
 #include "tracemesh/client.h"
 
 namespace tracemesh {
@@ -163,7 +165,7 @@ class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
   void send_hello();
   void send_frame(zmq::message_t&& header, zmq::message_t&& body = zmq::message_t(),
                   bool has_body = false);
-  // Hands queued frames to ZeroMQ; true when it sent on sock_.
+  // Hands queued frames to the connection; true when it sent.
   bool flush_outgoing();
   // Sends one best-effort envelope from the caller's thread while the I/O
   // thread sleeps and nothing is queued: a quiet client skips a thread hand-off.
@@ -176,12 +178,10 @@ class ClientImpl : public std::enable_shared_from_this<ClientImpl> {
   ClientOptions opts_;
   std::string producer_;
   zmq::context_t ctx_{1};
-  // Every use of sock_ once started holds sock_mu_: the I/O thread receives and
+  // Every use of conn_ once started holds sock_mu_: the I/O thread receives and
   // flushes, and a caller may send directly (send_direct). Lock order: mu_, then sock_mu_.
-  std::unique_ptr<zmq::socket_t> sock_;
+  std::unique_ptr<client::Connection> conn_;
   std::mutex sock_mu_;
-  int sock_fd_ = -1;                        // ZeroMQ's notification fd for sock_
-  std::unique_ptr<zmq::socket_t> monitor_;  // owned by the I/O thread
   int wake_fd_ = -1;
   std::thread io_thread_, dispatch_thread_;
   std::atomic<bool> stop_{false};
@@ -247,8 +247,10 @@ Status ClientImpl::start() {
   if (opts_.url.empty()) return Error(Errc::invalid_argument, "a broker url is required");
   if (opts_.credential) producer_ = opts_.credential->claims().name;
   const bool tcp = opts_.url.rfind("tcp://", 0) == 0;
-  if (!tcp && opts_.url.rfind("ipc://", 0) != 0 && opts_.url.rfind("inproc://", 0) != 0)
-    return Error(Errc::invalid_argument, "broker url '" + opts_.url + "' must start with tcp:// or ipc://");
+  const std::string unix_path = codec::unix_path(opts_.url);
+  if (!tcp && unix_path.empty() && opts_.url.rfind("ipc://", 0) != 0 && opts_.url.rfind("inproc://", 0) != 0)
+    return Error(Errc::invalid_argument,
+                 "broker url '" + opts_.url + "' must start with tcp://, ipc:// or unix://");
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return Error(Errc::io, std::string("eventfd: ") + std::strerror(errno));
   try {
@@ -260,20 +262,13 @@ Status ClientImpl::start() {
       if (!key.ok()) return Error(Errc::invalid_argument, "broker key: " + key.error().message());
       curve_key = *key;
     }
-    sock_ = codec::make_dealer(ctx_, std::chrono::milliseconds(2000), *opts_.identity,
-                               curve_key ? &*curve_key : nullptr);
-    char monitor_url[64];
-    std::snprintf(monitor_url, sizeof monitor_url, "inproc://tm-monitor-%p", static_cast<void*>(this));
-    if (zmq_socket_monitor(sock_->handle(), monitor_url,
-                           ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED |
-                               ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
-                               ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
-                               ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0)
-      return Error(Errc::internal, std::string("socket monitor: ") + zmq_strerror(zmq_errno()));
-    monitor_ = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::pair);
-    monitor_->connect(monitor_url);
-    sock_->connect(opts_.url);
-    sock_fd_ = sock_->get(zmq::sockopt::fd);
+    if (!unix_path.empty()) {
+      // Room for the largest frame a broker sends (its batches stay far below this).
+      conn_ = client::unix_connection(unix_path, std::chrono::milliseconds(2000), size_t{1} << 30);
+    } else {
+      conn_ = client::zmq_connection(ctx_, opts_.url, std::chrono::milliseconds(2000), *opts_.identity,
+                                     curve_key ? &*curve_key : nullptr);
+    }
   } catch (const zmq::error_t& e) {
     return Error(Errc::invalid_argument, "connect to '" + opts_.url + "': " + e.what());
   }
@@ -362,8 +357,10 @@ void ClientImpl::shutdown(std::chrono::milliseconds timeout) {
   for (auto& [id, w] : ping_waiters_) w.set_value(Error(Errc::disconnected, "client closed"));
   ping_waiters_.clear();
   space_cv_.notify_all();
-  monitor_.reset();
-  sock_.reset();
+  {
+    std::lock_guard sock(sock_mu_);
+    conn_.reset();
+  }
   ctx_.close();
   if (wake_fd_ >= 0) ::close(wake_fd_);
   wake_fd_ = -1;
@@ -466,15 +463,10 @@ bool ClientImpl::send_direct(const codec::EnvelopeFields& f) {
   bool incoming;
   {
     std::lock_guard sock(sock_mu_);
-    try {
-      if (!sock_->send(header, zmq::send_flags::sndmore | zmq::send_flags::dontwait)) return false;
-      (void)sock_->send(data, zmq::send_flags::none);
-      // Sending may have taken the notification the sleeping I/O thread waits
-      // for; if something is waiting to be read, wake it.
-      incoming = sock_->get(zmq::sockopt::events) & ZMQ_POLLIN;
-    } catch (const zmq::error_t&) {
-      return false;
-    }
+    if (!conn_->send(header, &data)) return false;
+    // Sending may have taken the notification the sleeping I/O thread waits
+    // for; if something is waiting to be read, wake it.
+    incoming = conn_->ready(false);
   }
   last_direct_ = now;
   if (incoming) wake();
@@ -482,15 +474,15 @@ bool ClientImpl::send_direct(const codec::EnvelopeFields& f) {
 }
 
 void ClientImpl::io_loop() {
-  // The sockets are polled through their ZMQ_FD, in poll(2): that does not
-  // touch sock_ while a caller sends on it (send_direct), and costs one
-  // syscall where zmq_poll costs several (about a microsecond each on a VM).
-  // ZMQ_FD announces only what arrives after a socket was read empty, so
-  // sock_ is read until EAGAIN, and asked for ZMQ_EVENTS before sleeping when
-  // it was sent on since. The monitor is only ever read empty.
+  // The connection is polled through its fd, in poll(2): that does not touch
+  // it while a caller sends on it (send_direct), and costs one syscall where
+  // zmq_poll costs several (about a microsecond each on a VM). A ZeroMQ
+  // socket's fd announces only what arrives after it was read empty, so it is
+  // read until EAGAIN, and asked whether it is ready before sleeping when it
+  // was sent on since. Connection events are only ever read empty.
   pollfd items[3] = {
-      {sock_fd_, POLLIN, 0},
-      {monitor_->get(zmq::sockopt::fd), POLLIN, 0},
+      {-1, 0, 0},
+      {-1, POLLIN, 0},
       {wake_fd_, POLLIN, 0},
   };
   next_ping_at_ = Clock::now() + kPingInterval;
@@ -506,11 +498,16 @@ void ClientImpl::io_loop() {
       outq_empty_ = outq_.empty();
     }
     bool socket_ready = false;
-    if (recheck && !work_waiting) {
-      recheck = false;
+    {
       std::lock_guard sock(sock_mu_);
-      const int events = sock_->get(zmq::sockopt::events);
-      socket_ready = (events & ZMQ_POLLIN) || (!outq_.empty() && (events & ZMQ_POLLOUT));
+      conn_->tick(Clock::now());
+      if (recheck && !work_waiting) {
+        recheck = false;
+        socket_ready = conn_->ready(!outq_.empty());
+      }
+      items[0].fd = conn_->fd();
+      items[0].events = conn_->poll_events();
+      items[1].fd = conn_->event_fd();
     }
     const int timeout_ms = work_waiting || socket_ready ? 0 : outq_.empty() && !dispatch_behind_ ? 100 : 2;
     if (::poll(items, 3, timeout_ms) < 0 && errno != EINTR) break;
@@ -522,7 +519,11 @@ void ClientImpl::io_loop() {
       uint64_t v;
       [[maybe_unused]] auto n = ::read(wake_fd_, &v, sizeof v);
     }
-    if (items[1].revents & POLLIN) on_monitor_event();
+    if (items[0].revents) {
+      std::lock_guard sock(sock_mu_);
+      conn_->on_poll(items[0].revents);
+    }
+    if (items[1].fd < 0 || (items[1].revents & POLLIN)) on_monitor_event();
     // Receive everything available, unless the dispatcher is far behind:
     // then leave frames in the socket so TCP pushes back on the broker.
     size_t backlog;
@@ -537,18 +538,9 @@ void ClientImpl::io_loop() {
       {
         // Not held while the frame is handled: a handler may publish (send_direct).
         std::lock_guard sock(sock_mu_);
-        if (!sock_->recv(header, zmq::recv_flags::dontwait)) {
+        if (!conn_->recv(header, body)) {
           drained = true;
           break;
-        }
-        if (header.more()) {
-          body = std::make_shared<zmq::message_t>();
-          if (!sock_->recv(*body, zmq::recv_flags::none)) break;
-          while (body->more()) {  // ignore unexpected extra parts
-            zmq::message_t extra;
-            if (!sock_->recv(extra, zmq::recv_flags::none)) break;
-            if (!extra.more()) break;
-          }
         }
       }
       on_frame(header, std::move(body));
@@ -597,20 +589,19 @@ void ClientImpl::expire_durables(Clock::time_point now) {
 
 void ClientImpl::on_monitor_event() {
   while (true) {
-    zmq::message_t event, address;
-    if (!monitor_->recv(event, zmq::recv_flags::dontwait)) return;
-    if (event.more()) (void)monitor_->recv(address, zmq::recv_flags::none);
-    uint16_t kind;
-    std::memcpy(&kind, event.data(), 2);
-    uint32_t value;
-    std::memcpy(&value, static_cast<const uint8_t*>(event.data()) + 2, 4);
+    client::Connection::Event event;
+    std::string why;
+    {
+      std::lock_guard sock(sock_mu_);
+      if (!conn_->next_event(event, why)) return;
+    }
     std::unique_lock lock(mu_);
     if (state_ == State::closed || state_ == State::failed) continue;
-    if (kind == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
+    if (event == client::Connection::Event::connected) {
       state_ = State::handshaking;
       lock.unlock();
       send_hello();
-    } else if (kind == ZMQ_EVENT_DISCONNECTED) {
+    } else if (event == client::Connection::Event::disconnected) {
       const bool was_ready = state_ == State::ready;
       state_ = State::connecting;
       lock.unlock();
@@ -620,10 +611,6 @@ void ClientImpl::on_monitor_event() {
       if (was_ready && opts_.on_error)
         opts_.on_error(Error(Errc::disconnected, "connection to " + opts_.url + " lost; reconnecting"));
     } else {
-      std::string why = kind == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH
-                            ? "the broker refused the CURVE handshake"
-                            : "the CURVE handshake with the broker failed (wrong --broker-key, or "
-                              "the broker does not use CURVE on this endpoint)";
       last_handshake_error_ = Error(Errc::unauthenticated, why);
     }
   }
@@ -967,17 +954,7 @@ bool ClientImpl::flush_outgoing() {
   while (!outq_.empty()) {
     auto& [header, body, hello] = outq_.front();
     if (!ready && !hello) break;  // data waits for the new session
-    try {
-      if (body) {
-        if (!sock_->send(header, zmq::send_flags::sndmore | zmq::send_flags::dontwait)) break;
-        // Once the first part is queued the second cannot fail with EAGAIN.
-        (void)sock_->send(*body, zmq::send_flags::none);
-      } else {
-        if (!sock_->send(header, zmq::send_flags::dontwait)) break;
-      }
-    } catch (const zmq::error_t&) {
-      break;
-    }
+    if (!conn_->send(header, body ? &*body : nullptr)) break;
     outq_.pop_front();
   }
   return true;

@@ -80,9 +80,9 @@ std::string resolve_tracemeshd(const BrokerSpec& spec) {
 
 Result<std::unique_ptr<BrokerProcess>> BrokerProcess::start(
     BrokerSpec spec, const std::string& identity_path, const std::string& operator_public_key) {
-  if (!spec.listen_tcp && !spec.listen_ipc) {
+  if (!spec.listen_tcp && !spec.listen_ipc && !spec.listen_unix) {
     return Error(Errc::invalid_argument,
-                 "broker spec listens on nothing: set listen_tcp or listen_ipc");
+                 "broker spec listens on nothing: set listen_tcp, listen_ipc or listen_unix");
   }
   std::unique_ptr<BrokerProcess> broker(new BrokerProcess());
   if (spec.dir.empty()) {
@@ -98,7 +98,7 @@ Result<std::unique_ptr<BrokerProcess>> BrokerProcess::start(
     if (ec) return Error(Errc::io, "broker dir " + spec.dir.string() + ": " + ec.message());
   }
   if (const std::string socket = (broker->dir_ / "broker.sock").string();
-      spec.listen_ipc && socket.size() > kMaxIpcPath) {
+      (spec.listen_ipc || spec.listen_unix) && socket.size() > kMaxIpcPath) {
     return Error(Errc::invalid_argument, "ipc socket path too long for a unix socket: " + socket +
                                              " (use a shorter dir or $TMPDIR)");
   }
@@ -138,6 +138,7 @@ Status BrokerProcess::write_config() const {
   std::vector<std::string> listen;
   if (spec_.listen_tcp) listen.push_back(tcp_listen_);
   if (spec_.listen_ipc) listen.push_back("ipc://" + (dir_ / "broker.sock").string());
+  if (spec_.listen_unix) listen.push_back("unix://" + (dir_ / "client.sock").string());
   toml << "listen = " << toml_array(listen) << "\n"
        << "curve = " << (spec_.curve ? "true" : "false") << "\n";
   if (!spec_.tier.empty()) toml << "tier = " << toml_string(spec_.tier) << "\n";
@@ -242,7 +243,7 @@ Status BrokerProcess::launch() {
     else if (!line.empty())
       lines.push_back(line);
   }
-  const size_t expected = (spec_.listen_tcp ? 1 : 0) + (spec_.listen_ipc ? 1 : 0);
+  const size_t expected = (spec_.listen_tcp ? 1 : 0) + (spec_.listen_ipc ? 1 : 0) + (spec_.listen_unix ? 1 : 0);
   if (lines.size() != expected) {
     child_->kill_and_wait();
     return Error(Errc::protocol, "ready file " + ready_path().string() + " lists " +
@@ -252,9 +253,11 @@ Status BrokerProcess::launch() {
   endpoints_ = std::move(lines);
   tcp_endpoint_.clear();
   ipc_endpoint_.clear();
+  unix_endpoint_.clear();
   for (const std::string& endpoint : endpoints_) {
     if (endpoint.rfind("tcp://", 0) == 0 && tcp_endpoint_.empty()) tcp_endpoint_ = endpoint;
     if (endpoint.rfind("ipc://", 0) == 0 && ipc_endpoint_.empty()) ipc_endpoint_ = endpoint;
+    if (endpoint.rfind("unix://", 0) == 0 && unix_endpoint_.empty()) unix_endpoint_ = endpoint;
   }
   if (spec_.listen_tcp) {
     if (tcp_endpoint_.empty() || tcp_endpoint_.ends_with(":0")) {

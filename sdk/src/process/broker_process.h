@@ -47,6 +47,7 @@ struct BrokerSpec {
   bool curve = true;        // CURVE on the tcp endpoint
   bool listen_tcp = true;   // tcp://127.0.0.1, ephemeral port
   bool listen_ipc = false;  // ipc://<dir>/broker.sock
+  bool listen_unix = false; // unix://<dir>/client.sock (local clients without ZeroMQ)
   std::vector<StreamSpec> streams;
   std::vector<std::string> revoked;  // credential ids (hex)
   std::string revoked_file;          // [security] revoked_file: re-read on SIGHUP
@@ -90,6 +91,7 @@ class BrokerProcess {
   // Endpoints with real ports, from the ready file. "" if not listening on that transport.
   const std::string& tcp_endpoint() const { return tcp_endpoint_; }
   const std::string& ipc_endpoint() const { return ipc_endpoint_; }
+  const std::string& unix_endpoint() const { return unix_endpoint_; }
   // The admin HTTP endpoint, "http://127.0.0.1:PORT"; empty when BrokerSpec::admin_http is "".
   const std::string& http_url() const { return http_url_; }
   // Every line of the ready file, in the order of `listen`.
@@ -139,6 +141,7 @@ class BrokerProcess {
   std::vector<std::string> endpoints_;
   std::string tcp_endpoint_;
   std::string ipc_endpoint_;
+  std::string unix_endpoint_;
   std::string http_url_;
 };
 

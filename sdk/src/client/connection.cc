@@ -1,0 +1,208 @@
+#include "client/connection.h"
+
+#include <poll.h>
+
+#include <cstring>
+
+#include "codec/envelope_codec.h"
+#include "codec/frame_stream.h"
+
+namespace tracemesh::client {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+class ZmqConnection final : public Connection {
+ public:
+  ZmqConnection(zmq::context_t& ctx, const std::string& url, std::chrono::milliseconds reconnect_max,
+                const Identity& identity, const PublicKey* broker_key) {
+    sock_ = codec::make_dealer(ctx, reconnect_max, identity, broker_key);
+    char monitor_url[64];
+    std::snprintf(monitor_url, sizeof monitor_url, "inproc://tm-monitor-%p", static_cast<void*>(this));
+    if (zmq_socket_monitor(sock_->handle(), monitor_url,
+                           ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0)
+      throw zmq::error_t();
+    monitor_ = std::make_unique<zmq::socket_t>(ctx, zmq::socket_type::pair);
+    monitor_->connect(monitor_url);
+    sock_->connect(url);
+    fd_ = sock_->get(zmq::sockopt::fd);
+    monitor_fd_ = monitor_->get(zmq::sockopt::fd);
+  }
+  ~ZmqConnection() override {
+    monitor_.reset();
+    sock_.reset();
+  }
+
+  int fd() const override { return fd_; }
+  short poll_events() const override { return POLLIN; }
+  int event_fd() const override { return monitor_fd_; }
+  void on_poll(short) override {}  // ZeroMQ reads in its own thread
+
+  bool send(zmq::message_t& header, zmq::message_t* body) override {
+    try {
+      if (body) {
+        if (!sock_->send(header, zmq::send_flags::sndmore | zmq::send_flags::dontwait)) return false;
+        // Once the first part is queued the second cannot fail with EAGAIN.
+        (void)sock_->send(*body, zmq::send_flags::none);
+      } else if (!sock_->send(header, zmq::send_flags::dontwait)) {
+        return false;
+      }
+    } catch (const zmq::error_t&) {
+      return false;
+    }
+    return true;
+  }
+
+  bool recv(zmq::message_t& header, std::shared_ptr<zmq::message_t>& body) override {
+    if (!sock_->recv(header, zmq::recv_flags::dontwait)) return false;
+    if (header.more()) {
+      body = std::make_shared<zmq::message_t>();
+      if (!sock_->recv(*body, zmq::recv_flags::none)) return false;
+      while (body->more()) {  // ignore unexpected extra parts
+        zmq::message_t extra;
+        if (!sock_->recv(extra, zmq::recv_flags::none) || !extra.more()) break;
+      }
+    }
+    return true;
+  }
+
+  bool ready(bool want_write) override {
+    // ZMQ_FD announces only what arrives after the socket was read empty, and a
+    // send may take the announcement: ask ZMQ_EVENTS.
+    const int events = sock_->get(zmq::sockopt::events);
+    return (events & ZMQ_POLLIN) || (want_write && (events & ZMQ_POLLOUT));
+  }
+
+  bool next_event(Event& event, std::string& why) override {
+    while (true) {
+      zmq::message_t msg, address;
+      if (!monitor_->recv(msg, zmq::recv_flags::dontwait)) return false;
+      if (msg.more()) (void)monitor_->recv(address, zmq::recv_flags::none);
+      uint16_t kind;
+      std::memcpy(&kind, msg.data(), 2);
+      if (kind == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
+        event = Event::connected;
+      } else if (kind == ZMQ_EVENT_DISCONNECTED) {
+        event = Event::disconnected;
+      } else {
+        event = Event::handshake_failed;
+        why = kind == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH
+                  ? "the broker refused the CURVE handshake"
+                  : "the CURVE handshake with the broker failed (wrong --broker-key, or "
+                    "the broker does not use CURVE on this endpoint)";
+      }
+      return true;
+    }
+  }
+
+  void tick(Clock::time_point) override {}
+
+ private:
+  std::unique_ptr<zmq::socket_t> sock_, monitor_;
+  int fd_ = -1, monitor_fd_ = -1;
+};
+
+class UnixConnection final : public Connection {
+ public:
+  UnixConnection(std::string path, std::chrono::milliseconds reconnect_max, size_t max_record)
+      : path_(std::move(path)), reconnect_max_(reconnect_max), max_record_(max_record) {
+    tick(Clock::now());
+  }
+  ~UnixConnection() override {
+    if (!stream_) return;
+    // What is still queued (a goodbye, say) goes out if the broker takes it soon.
+    const auto deadline = Clock::now() + std::chrono::milliseconds(500);
+    while (stream_->queued_bytes() > 0 && stream_->flush() && stream_->queued_bytes() > 0) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+      if (left <= 0) break;
+      pollfd p{stream_->fd(), POLLOUT, 0};
+      if (::poll(&p, 1, static_cast<int>(left)) <= 0) break;
+    }
+  }
+
+  int fd() const override { return stream_ ? stream_->fd() : -1; }
+  short poll_events() const override { return stream_ ? stream_->poll_events() : 0; }
+  int event_fd() const override { return -1; }
+
+  void on_poll(short revents) override {
+    if (!stream_) return;
+    if ((revents & (POLLIN | POLLHUP | POLLERR)) && !stream_->fill()) return lost();
+    if ((revents & POLLOUT) && !stream_->flush()) lost();
+  }
+
+  bool send(zmq::message_t& header, zmq::message_t* body) override {
+    constexpr size_t kHighWater = 4 << 20;  // as ZeroMQ's send high-water mark
+    if (!stream_ || stream_->queued_bytes() > kHighWater) return false;
+    stream_->queue(std::move(header), body);
+    if (!stream_->flush()) lost();  // what was sent is gone with the session, as over ZeroMQ
+    return true;
+  }
+
+  bool recv(zmq::message_t& header, std::shared_ptr<zmq::message_t>& body) override {
+    if (!stream_) return false;
+    std::optional<zmq::message_t> b;
+    if (!stream_->next(header, b)) {
+      if (stream_->broken()) lost();
+      return false;
+    }
+    if (b) body = std::make_shared<zmq::message_t>(std::move(*b));
+    return true;
+  }
+
+  bool ready(bool want_write) override {
+    return !events_.empty() || (stream_ && (stream_->has_record() || (want_write && stream_->queued_bytes() == 0)));
+  }
+
+  bool next_event(Event& event, std::string&) override {
+    if (events_.empty()) return false;
+    event = events_.front();
+    events_.pop_front();
+    return true;
+  }
+
+  void tick(Clock::time_point now) override {
+    if (stream_ || now < retry_at_) return;
+    const int fd = codec::connect_unix(path_);
+    if (fd < 0) {
+      retry_at_ = now + backoff_;
+      backoff_ = std::min(backoff_ * 2, reconnect_max_);
+      return;
+    }
+    backoff_ = std::chrono::milliseconds(100);
+    stream_ = std::make_unique<codec::FrameStream>(fd, max_record_);
+    events_.push_back(Event::connected);
+  }
+
+ private:
+  void lost() {
+    stream_.reset();
+    events_.push_back(Event::disconnected);
+    retry_at_ = Clock::now() + backoff_;
+  }
+
+  std::string path_;
+  std::chrono::milliseconds reconnect_max_;
+  size_t max_record_;
+  std::unique_ptr<codec::FrameStream> stream_;
+  std::deque<Event> events_;
+  std::chrono::milliseconds backoff_{100};
+  Clock::time_point retry_at_{};
+};
+
+}  // namespace
+
+std::unique_ptr<Connection> zmq_connection(zmq::context_t& ctx, const std::string& url,
+                                           std::chrono::milliseconds reconnect_max, const Identity& identity,
+                                           const PublicKey* broker_key) {
+  return std::make_unique<ZmqConnection>(ctx, url, reconnect_max, identity, broker_key);
+}
+
+std::unique_ptr<Connection> unix_connection(const std::string& path, std::chrono::milliseconds reconnect_max,
+                                            size_t max_record_bytes) {
+  return std::make_unique<UnixConnection>(path, reconnect_max, max_record_bytes);
+}
+
+}  // namespace tracemesh::client

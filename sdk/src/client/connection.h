@@ -1,0 +1,49 @@
+// A client's connection to its broker: a ZeroMQ DEALER for tcp:// and ipc://,
+// or a unix:// stream (codec/frame_stream.h). The client's I/O thread and a
+// caller sending directly share it under the client's socket mutex.
+#pragma once
+
+#include <chrono>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <zmq.hpp>
+
+#include "tracemesh/identity.h"
+
+namespace tracemesh::client {
+
+class Connection {
+ public:
+  enum class Event { connected, disconnected, handshake_failed };
+  virtual ~Connection() = default;
+
+  // The fd to poll for data, and the poll(2) events to ask for; -1 while not connected.
+  virtual int fd() const = 0;
+  virtual short poll_events() const = 0;
+  // An fd announcing connection events (-1: events come from the calls below).
+  virtual int event_fd() const = 0;
+  // After poll(2) reported `revents` on fd(): read and write what the socket allows.
+  virtual void on_poll(short revents) = 0;
+  // Hands a frame over without blocking; false when it cannot go now.
+  virtual bool send(zmq::message_t& header, zmq::message_t* body) = 0;
+  // The next received frame; false when none waits.
+  virtual bool recv(zmq::message_t& header, std::shared_ptr<zmq::message_t>& body) = 0;
+  // A frame or an event waits, or (want_write) output could go: do not sleep.
+  virtual bool ready(bool want_write) = 0;
+  // The next connection event; false when none. `why` explains handshake_failed.
+  virtual bool next_event(Event& event, std::string& why) = 0;
+  // Periodic work (reconnecting); called at least every 100 ms.
+  virtual void tick(std::chrono::steady_clock::time_point now) = 0;
+};
+
+// tcp:// or ipc:// through ZeroMQ, CURVE when broker_key is given.
+std::unique_ptr<Connection> zmq_connection(zmq::context_t& ctx, const std::string& url,
+                                           std::chrono::milliseconds reconnect_max, const Identity& identity,
+                                           const PublicKey* broker_key);
+// unix://PATH. Connects at once when the broker is there, else retries with back-off.
+std::unique_ptr<Connection> unix_connection(const std::string& path, std::chrono::milliseconds reconnect_max,
+                                            size_t max_record_bytes);
+
+}  // namespace tracemesh::client

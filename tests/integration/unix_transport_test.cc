@@ -1,0 +1,199 @@
+// The unix:// transport for local clients, against a real tracemeshd: the same
+// sessions as over ZeroMQ (auth, pub/sub, request/reply, durable acks,
+// reconnects), mixed with tcp clients on one broker, and a stream that sends
+// garbage is closed and counted without harm to anyone else.
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <future>
+
+#include "codec/envelope_codec.h"
+#include "codec/frame_stream.h"
+#include "harness.h"
+
+namespace tracemesh::testing {
+namespace {
+
+class UnixTransportTest : public MeshTest {
+ protected:
+  void SetUp() override {
+    MeshTest::SetUp();
+    auto s = spec();
+    s.listen_unix = true;
+    s.streams = {{"QUALITY", {"plant/+/quality"}}};
+    broker_ = start_broker(s);
+    ASSERT_NE(broker_, nullptr);
+    ASSERT_EQ(broker_->unix_endpoint().rfind("unix://", 0), 0u) << broker_->unix_endpoint();
+  }
+
+  ClientOptions unix_options(const Principal& p) {
+    ClientOptions o = options(*broker_, p);
+    o.url = broker_->unix_endpoint();
+    o.curve = false;
+    return o;
+  }
+
+  std::unique_ptr<Client> connect_unix(const std::string& name) {
+    auto c = Client::connect(unix_options(principal(name)));
+    if (!c.ok()) {
+      ADD_FAILURE() << "connect over unix:// failed: " << c.error().to_string();
+      return nullptr;
+    }
+    return std::move(*c);
+  }
+
+  // A raw connection to the broker's unix socket.
+  int raw_socket() {
+    const int fd = codec::connect_unix(codec::unix_path(broker_->unix_endpoint()));
+    EXPECT_GE(fd, 0) << std::strerror(errno);
+    return fd;
+  }
+
+  // True when the broker closes `fd` within the timeout (read returns 0 or an error).
+  static bool closed_by_broker(int fd, std::chrono::milliseconds timeout = 10s) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    char buf[4096];
+    while (std::chrono::steady_clock::now() < deadline) {
+      pollfd p{fd, POLLIN, 0};
+      if (::poll(&p, 1, 100) <= 0) continue;
+      const ssize_t n = ::read(fd, buf, sizeof buf);
+      if (n <= 0) return true;
+    }
+    return false;
+  }
+
+  std::unique_ptr<process::BrokerProcess> broker_;
+};
+
+TEST_F(UnixTransportTest, UnixAndTcpClientsShareTopicsRequestsAndDurableStreams) {
+  auto local_sub = connect_unix("local-dashboard");
+  auto remote_pub = connect(*broker_, "remote-line");
+  auto local_responder = connect_unix("local-model");
+  ASSERT_TRUE(local_sub && remote_pub && local_responder);
+  EXPECT_EQ(local_sub->broker_name(), "broker");
+
+  Inbox inbox;
+  ASSERT_TRUE(local_sub->subscribe("plant/+/temperature", inbox.handler()).ok());
+  for (int i = 0; i < 2000; ++i) ASSERT_TRUE(remote_pub->publish("plant/l1/temperature", std::to_string(i)).ok());
+  ASSERT_TRUE(inbox.wait_for(2000));
+  {
+    std::lock_guard lock(inbox.mu);
+    for (int i = 0; i < 2000; ++i) ASSERT_EQ(inbox.payloads[i], std::to_string(i));
+  }
+
+  // A tcp requester reaches a responder on unix://, and a unix requester reaches it too.
+  Client* r = local_responder.get();
+  ASSERT_TRUE(local_responder->subscribe("svc/score", [r](const Message& m) {
+    (void)r->reply(m, "score:" + std::string(m.payload()));
+  }).ok());
+  auto reply = remote_pub->request("svc/score", "part-7", 5s);
+  ASSERT_TRUE(reply.ok()) << reply.error().to_string();
+  EXPECT_EQ(reply->payload(), "score:part-7");
+  auto local_reply = local_sub->request("svc/score", "part-8", 5s);
+  ASSERT_TRUE(local_reply.ok()) << local_reply.error().to_string();
+  EXPECT_EQ(local_reply->payload(), "score:part-8");
+  auto none = local_sub->request("svc/nobody", "x", 5s);
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.error().code(), Errc::no_responders) << none.error().to_string();
+
+  // Durable publishes over unix:// are acked with their stream sequence.
+  auto local_pub = connect_unix("local-inspection");
+  ASSERT_TRUE(local_pub);
+  std::vector<std::future<Result<PublishAck>>> acks;
+  for (int i = 0; i < 500; ++i) acks.push_back(local_pub->publish_durable("plant/l1/quality", std::to_string(i)));
+  uint64_t last = 0;
+  for (auto& f : acks) {
+    ASSERT_EQ(f.wait_for(10s), std::future_status::ready);
+    auto a = f.get();
+    ASSERT_TRUE(a.ok()) << a.error().to_string();
+    EXPECT_GT(a->stream_seq, last);
+    last = a->stream_seq;
+  }
+  EXPECT_EQ(last, 500u);
+}
+
+TEST_F(UnixTransportTest, RefusalsReachTheClientWithTheirReason) {
+  auto stranger = std::make_shared<Identity>(Identity::generate());
+  auto c = Client::connect(unix_options(principal("intruder", 0, stranger)));
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.error().code(), Errc::unauthenticated) << c.error().to_string();
+  EXPECT_NE(c.error().message().find("operator"), std::string::npos) << c.error().to_string();
+
+  auto expired = Client::connect(unix_options(principal("late", codec::now_ms() - 60000)));
+  ASSERT_FALSE(expired.ok());
+  EXPECT_NE(expired.error().message().find("expired"), std::string::npos) << expired.error().to_string();
+}
+
+TEST_F(UnixTransportTest, ClientReconnectsAndResubscribesAfterABrokerRestart) {
+  auto sub = connect_unix("local-dashboard");
+  ASSERT_TRUE(sub);
+  Inbox inbox;
+  ASSERT_TRUE(sub->subscribe("plant/l2/energy", inbox.handler()).ok());
+  ASSERT_TRUE(broker_->restart().ok()) << broker_->log_tail();
+  auto pub = connect_unix("local-meter");
+  ASSERT_TRUE(pub);
+  // The subscriber comes back on its own; until it has resubscribed, publishes find no one.
+  ASSERT_TRUE(wait_until(
+      [&] {
+        (void)pub->publish("plant/l2/energy", "kwh");
+        return inbox.size() > 0;
+      },
+      10s))
+      << broker_->log_tail();
+  auto stats = pub->stats();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_EQ(stats->clients, 2u);
+}
+
+TEST_F(UnixTransportTest, GarbageOnTheSocketClosesThatConnectionOnlyAndIsCounted) {
+  auto admin = connect_unix("admin");
+  ASSERT_TRUE(admin);
+  const uint64_t before = admin->stats()->malformed_frames;
+
+  // A record far larger than any frame the broker accepts.
+  const int big = raw_socket();
+  const uint8_t huge[8] = {0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0};
+  ASSERT_EQ(::write(big, huge, sizeof huge), 8);
+  EXPECT_TRUE(closed_by_broker(big));
+  ::close(big);
+
+  // A well-formed record whose header is not a frame: refused with an error record, then closed.
+  const int junk = raw_socket();
+  const uint8_t record[8 + 5] = {5, 0, 0, 0, 0, 0, 0, 0, 'h', 'e', 'l', 'l', 'o'};
+  ASSERT_EQ(::write(junk, record, sizeof record), static_cast<ssize_t>(sizeof record));
+  EXPECT_TRUE(closed_by_broker(junk));
+  ::close(junk);
+
+  // A peer that hangs up mid-record leaves nothing behind.
+  const int cut = raw_socket();
+  const uint8_t partial[8 + 2] = {64, 0, 0, 0, 0, 0, 0, 0, 1, 2};
+  ASSERT_EQ(::write(cut, partial, sizeof partial), static_cast<ssize_t>(sizeof partial));
+  ::close(cut);
+
+  ASSERT_TRUE(wait_until([&] { return admin->stats()->malformed_frames >= before + 2; }))
+      << "malformed_frames went from " << before << " to " << admin->stats()->malformed_frames;
+  auto pub = connect_unix("after-pub");
+  ASSERT_TRUE(pub);
+  Inbox inbox;
+  ASSERT_TRUE(admin->subscribe("still/alive", inbox.handler()).ok());
+  ASSERT_TRUE(pub->publish("still/alive", "yes").ok());
+  ASSERT_TRUE(inbox.wait_for(1));
+  ASSERT_TRUE(wait_until([&] { return admin->stats()->clients == 2; })) << admin->stats()->clients;
+}
+
+TEST_F(UnixTransportTest, ACrashLeavesAStaleSocketThatTheRestartReplacesAndSigtermRemoves) {
+  const std::string path = codec::unix_path(broker_->unix_endpoint());
+  broker_->kill9();
+  ASSERT_TRUE(std::filesystem::exists(path)) << "kill -9 cannot remove " << path;
+  ASSERT_TRUE(broker_->restart().ok()) << broker_->log_tail();
+  auto c = connect_unix("after-crash");
+  ASSERT_TRUE(c);
+  c->close();
+  ASSERT_TRUE(broker_->stop().ok());
+  EXPECT_FALSE(std::filesystem::exists(path)) << path << " left behind after SIGTERM";
+}
+
+}  // namespace
+}  // namespace tracemesh::testing

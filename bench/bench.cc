@@ -37,6 +37,7 @@ struct BenchFlags {
   size_t size = 128;
   uint64_t count = 1000000;
   std::string curve = "off";
+  std::string transport = "tcp";  // how the bench's clients reach the broker: tcp | unix
   bool json = false;
   bool peers = false;
   int runs = 1;
@@ -62,6 +63,7 @@ struct Rig {
   std::unique_ptr<process::BrokerProcess> broker;
   std::string broker_key;
   bool curve = false;
+  bool unix_transport = false;
   bool show_log = false;
 
   ~Rig() {
@@ -75,6 +77,8 @@ struct Rig {
     spec.name = "bench";
     spec.curve = f.curve == "on";
     curve = spec.curve;
+    unix_transport = f.transport == "unix";
+    spec.listen_unix = unix_transport;
     show_log = f.show_log;
     spec.tracemeshd = !f.tracemeshd.empty() ? f.tracemeshd
                       : std::filesystem::exists(self_dir() + "/tracemeshd") ? self_dir() + "/tracemeshd"
@@ -90,6 +94,10 @@ struct Rig {
     return Status::Ok();
   }
 
+  std::string label() const {
+    return std::string("tracemesh") + (curve ? " (CURVE)" : "") + (unix_transport ? " (unix)" : "");
+  }
+
   Result<std::unique_ptr<Client>> client(
       const std::string& name,
       ClientOptions::HandlerThread handlers = ClientOptions::HandlerThread::dispatcher) {
@@ -98,7 +106,7 @@ struct Rig {
     claims.subject = id->public_key();
     claims.name = name;
     ClientOptions o;
-    o.url = broker->tcp_endpoint();
+    o.url = unix_transport ? broker->unix_endpoint() : broker->tcp_endpoint();
     o.broker_key = broker_key;
     o.curve = curve;
     o.identity = id;
@@ -206,7 +214,7 @@ struct ThroughputMeter {
 // What one subscriber's meter saw, as a result row of `workload`.
 PeerResult metered(const Rig& rig, const char* workload, uint64_t sent, const ThroughputMeter& meter) {
   PeerResult r;
-  r.system = std::string("tracemesh") + (rig.curve ? " (CURVE)" : "");
+  r.system = rig.label();
   r.workload = workload;
   r.sent = sent;
   r.received = meter.received;
@@ -270,7 +278,7 @@ Result<PeerResult> run_fanout(const BenchFlags& f) {
   (void)(*pub)->flush(60s);
   for (auto& m : meters) m->wait(f.count, 2s);
   PeerResult r;
-  r.system = std::string("tracemesh") + (rig.curve ? " (CURVE)" : "");
+  r.system = rig.label();
   r.workload = "fanout-1x" + std::to_string(kFanout);
   r.sent = f.count * kFanout;
   Clock::time_point first = Clock::time_point::max(), last{};
@@ -343,7 +351,7 @@ Result<PeerResult> run_rtt(const BenchFlags& f) {
   }
   std::sort(us.begin(), us.end());
   PeerResult r;
-  r.system = std::string("tracemesh") + (rig.curve ? " (CURVE)" : "");
+  r.system = rig.label();
   r.workload = "rtt";
   r.sent = r.received = f.count;
   r.p50_us = us[us.size() / 2];
@@ -925,6 +933,11 @@ void add_bench_command(CLI::App& app, Context& ctx) {
   cmd->add_option("--curve", f->curve, "CURVE on the broker's tcp endpoint: on | off")
       ->capture_default_str()
       ->check(CLI::IsMember({"on", "off"}));
+  cmd->add_option("--transport", f->transport,
+                  "how the bench's clients reach the broker: tcp (ZeroMQ) | unix (unix:// socket, local clients; "
+                  "no CURVE)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"tcp", "unix"}));
   cmd->add_flag("--json", f->json, "print one JSON object");
   cmd->add_flag("--peers", f->peers, "also run nats-server, mosquitto and raw ZeroMQ in this run and print ratios");
   cmd->add_option("--runs", f->runs, "repeat and report min/median/max")->capture_default_str()->check(CLI::Range(1, 20));
@@ -941,6 +954,17 @@ void add_bench_command(CLI::App& app, Context& ctx) {
   cmd->callback([f, &ctx] {
     if (f->crash && f->workload != "durable") {
       std::fprintf(stderr, "tracemesh: bench: --crash applies to the durable workload\n");
+      ctx.exit_code = 2;
+      return;
+    }
+    if (f->transport == "unix" && f->curve == "on") {
+      std::fprintf(stderr, "tracemesh: bench: --transport unix carries no CURVE; use --curve off\n");
+      ctx.exit_code = 2;
+      return;
+    }
+    if (f->transport == "unix" && (f->workload == "chain" || f->workload == "outage")) {
+      std::fprintf(stderr, "tracemesh: bench: --transport unix applies to one broker's clients, not to %s\n",
+                   f->workload.c_str());
       ctx.exit_code = 2;
       return;
     }

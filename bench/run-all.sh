@@ -13,6 +13,8 @@ $tm bench fanin --size 128 --count 1000000 --curve on --peers --runs "$runs"
 $tm bench fanout --size 128 --count 250000 --peers --runs "$runs"
 $tm bench many-topics --size 128 --count 1000000 --peers --runs "$runs"
 $tm bench rtt --count 10000 --peers --runs "$runs"
+$tm bench rtt --count 10000 --peers --runs "$runs" --transport unix
+$tm bench fanin --size 128 --count 1000000 --curve off --peers --runs "$runs" --transport unix
 $tm bench durable --size 128 --count 300000 --peers --runs "$runs"
 $tm bench durable --size 128 --count 100000 --crash
 $tm bench chain --size 128 --count 1000000 --peers --runs "$runs"

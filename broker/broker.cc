@@ -633,8 +633,9 @@ void BrokerImpl::accept_streams(size_t listener) {
       if (errno == EINTR || errno == ECONNABORTED) continue;
       return;
     }
-    // Room for the largest publish frame a client may send (as for ZeroMQ's maxmsgsize).
-    const size_t max_record = static_cast<size_t>(config_.max_message_bytes) * 64 + (1 << 20);
+    // Until its hello is accepted a peer may send only small records (a hello is
+    // a few hundred bytes); then as large as ZeroMQ's maxmsgsize on the other listeners.
+    constexpr size_t kUnauthenticatedRecord = 64 * 1024;
     auto s = std::make_unique<Session>();
     s->listener = listener;
     const uint64_t id = next_stream_id_++;
@@ -642,7 +643,7 @@ void BrokerImpl::accept_streams(size_t listener) {
     s->key.push_back(static_cast<char>(listener));
     s->key += s->routing_id;
     s->last_seen = Clock::now();
-    s->stream = std::make_unique<codec::FrameStream>(fd, max_record);
+    s->stream = std::make_unique<codec::FrameStream>(fd, kUnauthenticatedRecord);
     sessions_.emplace(s->key, std::move(s));
   }
 }
@@ -1111,6 +1112,7 @@ void BrokerImpl::on_hello(Session& s, zmq::message_t& header, wire::Hello::Reade
   }
   s.authenticated = true;
   s.claims = claims;
+  if (s.stream) s.stream->set_max_record(static_cast<size_t>(config_.max_message_bytes) * 64 + (1 << 20));
   uint8_t r[8];
   randombytes_buf(r, sizeof r);
   s.inbox = "_INBOX/" + hex(r, sizeof r);

@@ -12,7 +12,8 @@
 //  - line-1 publishes at the DEVICE broker: vibration and temperature readings durably (acked
 //    once the device broker's link outbox has them on disk) and energy readings best-effort;
 //  - alarm-service reads LINE1 at the centre through a durable consumer, derives alarms and
-//    publishes them from inside its handler, so every alarm's lineage parent is its reading;
+//    publishes them from inside its handler, so every alarm's lineage parent is its reading.
+//    It runs on the centre's host and connects over the broker's unix:// socket;
 //  - lineage-auditor reads ALARMS at the centre and checks each alarm's parents();
 //  - a third of the way through, the regional broker is killed (SIGKILL): the edge->regional
 //    and regional->centre links are cut. The device and edge brokers keep accepting; the edge's
@@ -464,6 +465,7 @@ int run(const DemoOptions& opt) {
     spec.credential_path = (keys / (std::string(t.name) + ".cred")).string();
     if (i == kCentre) {
       spec.streams = {{"LINE1", {"plant/line1/#"}}, {"ALARMS", {"alarms/line1/#"}}};
+      spec.listen_unix = true;  // for the applications on the centre's own host
     } else {
       tracemesh::process::LinkSpec link;
       link.name = t.uplink;
@@ -481,10 +483,10 @@ int run(const DemoOptions& opt) {
     mesh[i].key = tracemesh::encode_key(enrolled[i]->identity->public_key());
     if (i == kCentre) {
       out.line(
-          "tracemeshd '%s' (%s, pid %d) on %s; durable streams LINE1 <- plant/line1/#, "
+          "tracemeshd '%s' (%s, pid %d) on %s and %s; durable streams LINE1 <- plant/line1/#, "
           "ALARMS <- alarms/line1/#",
           t.name, t.tier, static_cast<int>(mesh[i].broker->pid()),
-          mesh[i].broker->tcp_endpoint().c_str());
+          mesh[i].broker->tcp_endpoint().c_str(), mesh[i].broker->unix_endpoint().c_str());
     } else {
       out.line("tracemeshd '%s' (%s, pid %d) on %s; link '%s' dials %s (CURVE, key %.12s...)",
                t.name, t.tier, static_cast<int>(mesh[i].broker->pid()),
@@ -493,10 +495,11 @@ int run(const DemoOptions& opt) {
     }
   }
 
-  auto connect = [&](const std::string& name, const Principal& p,
-                     size_t node) -> Result<std::unique_ptr<Client>> {
+  // `local`: over the broker's unix:// socket, as an application on its host would.
+  auto connect = [&](const std::string& name, const Principal& p, size_t node,
+                     bool local = false) -> Result<std::unique_ptr<Client>> {
     tracemesh::ClientOptions o;
-    o.url = mesh[node].broker->tcp_endpoint();
+    o.url = local ? mesh[node].broker->unix_endpoint() : mesh[node].broker->tcp_endpoint();
     o.broker_key = mesh[node].key;
     o.identity = p.identity;
     o.credential = p.credential;
@@ -556,7 +559,7 @@ int run(const DemoOptions& opt) {
   auto line_client = connect("line-1", line1, kDevice);
   if (!line_client.ok())
     return fail_with_log("line-1 could not connect: " + line_client.error().to_string());
-  auto app_client = connect("alarm-service", alarm_app, kCentre);
+  auto app_client = connect("alarm-service", alarm_app, kCentre, /*local=*/true);
   if (!app_client.ok())
     return fail_with_log("alarm-service could not connect: " + app_client.error().to_string());
   auto audit_client = connect("lineage-auditor", auditor, kCentre);

@@ -68,6 +68,7 @@ class CliTest : public MeshTest {
     ASSERT_TRUE(operator_->save(operator_file_).ok());
     auto s = spec();
     s.listen_ipc = true;
+    s.listen_unix = true;
     broker_ = start_broker(s);
     ASSERT_NE(broker_, nullptr);
   }
@@ -277,6 +278,28 @@ TEST_F(CliTest, RequestAndReply) {
   EXPECT_EQ(finish(responder).exit_code, 0);
 }
 
+TEST_F(CliTest, ResponderOnUnixAnswersARequesterOnTcp) {
+  auto admin = connect(*broker_, "admin");
+  ASSERT_NE(admin, nullptr);
+  Files server = files("local-model");
+  Files client = files("remote-caller");
+  const uint32_t before = subscriptions(*admin);
+  auto responder = spawn(cat({"reply", "svc/score", "ok", "-n", "1"},
+                             flags(server, broker_->unix_endpoint(), *broker_)));
+  ASSERT_TRUE(wait_until([&] { return subscriptions(*admin) >= before + 2; }));
+  Run r = cli(cat({"req", "svc/score", "part-1"}, conn(client, *broker_)));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "ok\n");
+  EXPECT_EQ(finish(responder).exit_code, 0);
+
+  // No broker at a unix:// path: exit 3 as for a broker that does not answer, naming the path and why.
+  Files lost = files("lost");
+  Run none = cli(cat({"req", "svc/score", "x"},
+                     flags(lost, "unix://" + (work_->path() / "nobody.sock").string(), *broker_)));
+  EXPECT_EQ(none.exit_code, 3) << none.err;
+  EXPECT_NE(none.err.find("nobody.sock: No such file or directory"), std::string::npos) << none.err;
+}
+
 TEST_F(CliTest, RequestWithoutResponderExitsFour) {
   Files f = files("caller");
   const auto start = std::chrono::steady_clock::now();
@@ -415,6 +438,12 @@ TEST_F(CliTest, BenchFanoutManyTopicsAndFaninCountEveryDelivery) {
   EXPECT_NE(fanin.out.find("\"sent\":20000,\"received\":20000"), std::string::npos) << fanin.out;
   EXPECT_NE(fanin.out.find("CPU s per 1 M msgs: broker "), std::string::npos) << fanin.out;
   EXPECT_NE(fanin.out.find(", clients "), std::string::npos) << fanin.out;
+
+  // rtt with the bench's clients on the broker's unix:// socket.
+  Run rtt = cli({"bench", "rtt", "-n", "200", "--transport", "unix", "--json", "--tracemeshd", TRACEMESHD_PATH}, 60s);
+  ASSERT_EQ(rtt.exit_code, 0) << rtt.err;
+  EXPECT_NE(rtt.out.find("\"system\":\"tracemesh (unix)\""), std::string::npos) << rtt.out;
+  EXPECT_NE(rtt.out.find("\"sent\":200,\"received\":200"), std::string::npos) << rtt.out;
 }
 
 TEST_F(CliTest, HelpOnEverySubcommandExitsZero) {

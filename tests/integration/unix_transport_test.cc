@@ -126,6 +126,19 @@ TEST_F(UnixTransportTest, RefusalsReachTheClientWithTheirReason) {
   EXPECT_NE(expired.error().message().find("expired"), std::string::npos) << expired.error().to_string();
 }
 
+TEST_F(UnixTransportTest, ANoBrokerAtThePathIsReportedWithTheReason) {
+  auto o = unix_options(principal("lost"));
+  const std::string missing = (work_->path() / "nobody.sock").string();
+  o.url = "unix://" + missing;
+  o.connect_timeout = 500ms;
+  auto c = Client::connect(o);
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.error().code(), Errc::timeout) << c.error().to_string();
+  EXPECT_NE(c.error().message().find("cannot connect to " + missing + ": No such file or directory"),
+            std::string::npos)
+      << c.error().to_string();
+}
+
 TEST_F(UnixTransportTest, ClientReconnectsAndResubscribesAfterABrokerRestart) {
   auto sub = connect_unix("local-dashboard");
   ASSERT_TRUE(sub);
@@ -152,9 +165,10 @@ TEST_F(UnixTransportTest, GarbageOnTheSocketClosesThatConnectionOnlyAndIsCounted
   ASSERT_TRUE(admin);
   const uint64_t before = admin->stats()->malformed_frames;
 
-  // A record far larger than any frame the broker accepts.
+  // A 1 MiB record before any hello: more than a peer without a session may send
+  // (the broker would otherwise make room for it).
   const int big = raw_socket();
-  const uint8_t huge[8] = {0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0};
+  const uint8_t huge[8] = {0, 0, 0x10, 0, 0, 0, 0, 0};
   ASSERT_EQ(::write(big, huge, sizeof huge), 8);
   EXPECT_TRUE(closed_by_broker(big));
   ::close(big);

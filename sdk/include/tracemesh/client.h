@@ -177,10 +177,11 @@ struct MeshStatus {
 };
 
 struct ClientOptions {
-  // tcp://host:port (CURVE) or ipc:///path. Required.
+  // tcp://host:port (CURVE), ipc:///path, or unix:///path (a local broker's
+  // unix:// listener: no ZeroMQ, the lowest latency on one host). Required.
   std::string url;
-  // The broker's public key (base64url). Required for tcp with CURVE; on ipc it
-  // is checked against the broker's Hello reply when set.
+  // The broker's public key (base64url). Required for tcp with CURVE; on ipc and
+  // unix it is checked against the broker's Hello reply when set.
   std::string broker_key;
   // CURVE on tcp. Turn off only for brokers configured with curve = false.
   bool curve = true;

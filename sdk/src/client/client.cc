@@ -465,8 +465,9 @@ bool ClientImpl::send_direct(const codec::EnvelopeFields& f) {
     std::lock_guard sock(sock_mu_);
     if (!conn_->send(header, &data)) return false;
     // Sending may have taken the notification the sleeping I/O thread waits
-    // for; if something is waiting to be read, wake it.
-    incoming = conn_->ready(false);
+    // for; if something is waiting to be read, wake it. Wake it too when the
+    // socket did not take everything: it must poll for room to write the rest.
+    incoming = conn_->ready(false) || conn_->output_waiting();
   }
   last_direct_ = now;
   if (incoming) wake();
@@ -610,6 +611,8 @@ void ClientImpl::on_monitor_event() {
       outq_.clear();
       if (was_ready && opts_.on_error)
         opts_.on_error(Error(Errc::disconnected, "connection to " + opts_.url + " lost; reconnecting"));
+    } else if (event == client::Connection::Event::connect_failed) {
+      last_handshake_error_ = Error(Errc::disconnected, why);
     } else {
       last_handshake_error_ = Error(Errc::unauthenticated, why);
     }

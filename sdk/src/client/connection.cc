@@ -40,6 +40,7 @@ class ZmqConnection final : public Connection {
   short poll_events() const override { return POLLIN; }
   int event_fd() const override { return monitor_fd_; }
   void on_poll(short) override {}  // ZeroMQ reads in its own thread
+  bool output_waiting() const override { return false; }  // ZeroMQ's I/O thread writes
 
   bool send(zmq::message_t& header, zmq::message_t* body) override {
     try {
@@ -126,6 +127,7 @@ class UnixConnection final : public Connection {
   int fd() const override { return stream_ ? stream_->fd() : -1; }
   short poll_events() const override { return stream_ ? stream_->poll_events() : 0; }
   int event_fd() const override { return -1; }
+  bool output_waiting() const override { return stream_ && stream_->queued_bytes() > 0; }
 
   void on_poll(short revents) override {
     if (!stream_) return;
@@ -156,10 +158,11 @@ class UnixConnection final : public Connection {
     return !events_.empty() || (stream_ && (stream_->has_record() || (want_write && stream_->queued_bytes() == 0)));
   }
 
-  bool next_event(Event& event, std::string&) override {
+  bool next_event(Event& event, std::string& why) override {
     if (events_.empty()) return false;
     event = events_.front();
     events_.pop_front();
+    if (event == Event::connect_failed) why = failure_;
     return true;
   }
 
@@ -167,11 +170,18 @@ class UnixConnection final : public Connection {
     if (stream_ || now < retry_at_) return;
     const int fd = codec::connect_unix(path_);
     if (fd < 0) {
+      // Said once per kind of failure: the client's connect timeout reports it.
+      if (errno != last_errno_) {
+        last_errno_ = errno;
+        failure_ = "cannot connect to " + path_ + ": " + std::strerror(errno);
+        events_.push_back(Event::connect_failed);
+      }
       retry_at_ = now + backoff_;
       backoff_ = std::min(backoff_ * 2, reconnect_max_);
       return;
     }
     backoff_ = std::chrono::milliseconds(100);
+    last_errno_ = 0;
     stream_ = std::make_unique<codec::FrameStream>(fd, max_record_);
     events_.push_back(Event::connected);
   }
@@ -188,6 +198,8 @@ class UnixConnection final : public Connection {
   size_t max_record_;
   std::unique_ptr<codec::FrameStream> stream_;
   std::deque<Event> events_;
+  int last_errno_ = 0;
+  std::string failure_;  // why the last connect failed
   std::chrono::milliseconds backoff_{100};
   Clock::time_point retry_at_{};
 };

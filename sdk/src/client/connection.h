@@ -16,7 +16,7 @@ namespace tracemesh::client {
 
 class Connection {
  public:
-  enum class Event { connected, disconnected, handshake_failed };
+  enum class Event { connected, disconnected, handshake_failed, connect_failed };
   virtual ~Connection() = default;
 
   // The fd to poll for data, and the poll(2) events to ask for; -1 while not connected.
@@ -32,7 +32,10 @@ class Connection {
   virtual bool recv(zmq::message_t& header, std::shared_ptr<zmq::message_t>& body) = 0;
   // A frame or an event waits, or (want_write) output could go: do not sleep.
   virtual bool ready(bool want_write) = 0;
-  // The next connection event; false when none. `why` explains handshake_failed.
+  // Output handed over that the socket has not taken yet (poll for POLLOUT).
+  virtual bool output_waiting() const = 0;
+  // The next connection event; false when none. `why` explains handshake_failed
+  // and connect_failed.
   virtual bool next_event(Event& event, std::string& why) = 0;
   // Periodic work (reconnecting); called at least every 100 ms.
   virtual void tick(std::chrono::steady_clock::time_point now) = 0;

@@ -6,6 +6,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -13,7 +14,7 @@ namespace tracemesh::codec {
 
 namespace {
 
-constexpr size_t kReadChunk = 256 * 1024;
+constexpr size_t kReadChunk = 64 * 1024;  // the least a read asks for
 constexpr size_t kMaxIov = 64;
 
 uint32_t load_u32(const uint8_t* p) {
@@ -66,18 +67,29 @@ FrameStream::~FrameStream() {
 
 short FrameStream::poll_events() const { return out_.empty() ? POLLIN : POLLIN | POLLOUT; }
 
+void FrameStream::make_room(size_t room) {
+  const size_t unread = in_end_ - in_begin_;
+  if (in_cap_ - in_end_ >= room) return;
+  if (in_ && in_cap_ - unread >= room) {
+    std::memmove(in_.get(), in_.get() + in_begin_, unread);
+  } else {
+    std::unique_ptr<uint8_t[]> bigger(new uint8_t[unread + room]);
+    if (unread > 0) std::memcpy(bigger.get(), in_.get() + in_begin_, unread);
+    in_ = std::move(bigger);
+    in_cap_ = unread + room;
+  }
+  in_begin_ = 0;
+  in_end_ = unread;
+}
+
 bool FrameStream::fill() {
   if (broken()) return false;
-  if (in_begin_ == in_end_) in_begin_ = in_end_ = 0;
-  if (in_.size() - in_end_ < kReadChunk) {
-    if (in_begin_ > 0) {  // move the partial record to the front
-      std::memmove(in_.data(), in_.data() + in_begin_, in_end_ - in_begin_);
-      in_end_ -= in_begin_;
-      in_begin_ = 0;
-    }
-    if (in_.size() - in_end_ < kReadChunk) in_.resize(in_end_ + kReadChunk);
-  }
-  const ssize_t n = ::read(fd_, in_.data() + in_end_, in_.size() - in_end_);
+  // Reads into what is free after the unparsed bytes (next() made room for a
+  // whole record); moves or grows the buffer only when little is free, so a
+  // large record is not moved again for every read that adds to it.
+  constexpr size_t kLeastRead = 4096;
+  if (in_cap_ - in_end_ < kLeastRead) make_room(kReadChunk);
+  const ssize_t n = ::read(fd_, in_.get() + in_end_, in_cap_ - in_end_);
   if (n > 0) {
     in_end_ += static_cast<size_t>(n);
     return true;
@@ -90,14 +102,20 @@ bool FrameStream::fill() {
 bool FrameStream::has_record() const {
   const size_t avail = in_end_ - in_begin_;
   if (avail < 8) return false;
-  const uint8_t* p = in_.data() + in_begin_;
+  const uint8_t* p = in_.get() + in_begin_;
   const uint32_t body = load_u32(p + 4);
   return avail >= 8 + size_t{load_u32(p)} + (body ? body - 1 : 0);
 }
 
 bool FrameStream::next(zmq::message_t& header, std::optional<zmq::message_t>& body) {
-  if (broken() || in_end_ - in_begin_ < 8) return false;
-  const uint8_t* p = in_.data() + in_begin_;
+  if (broken()) return false;
+  const size_t avail = in_end_ - in_begin_;
+  if (avail == 0 && in_) {  // all parsed: an idle connection keeps no buffer
+    in_.reset();
+    in_cap_ = in_begin_ = in_end_ = 0;
+  }
+  if (avail < 8) return false;
+  const uint8_t* p = in_.get() + in_begin_;
   const size_t header_size = load_u32(p);
   const uint32_t body_field = load_u32(p + 4);
   const size_t body_size = body_field ? body_field - 1 : 0;
@@ -106,14 +124,9 @@ bool FrameStream::next(zmq::message_t& header, std::optional<zmq::message_t>& bo
              std::to_string(header_size) + ") is empty or exceeds the limit of " + std::to_string(max_record_);
     return false;
   }
-  if (in_end_ - in_begin_ < 8 + header_size + body_size) {
-    // Room for the whole record, so that fill() can complete it.
-    if (in_.size() < 8 + header_size + body_size + kReadChunk) {
-      std::memmove(in_.data(), in_.data() + in_begin_, in_end_ - in_begin_);
-      in_end_ -= in_begin_;
-      in_begin_ = 0;
-      in_.resize(8 + header_size + body_size + kReadChunk);
-    }
+  const size_t record = 8 + header_size + body_size;
+  if (avail < record) {
+    make_room(std::max(record - avail, kReadChunk));  // so that fill() can complete it
     return false;
   }
   header.rebuild(p + 8, header_size);
@@ -121,7 +134,7 @@ bool FrameStream::next(zmq::message_t& header, std::optional<zmq::message_t>& bo
     body.emplace(p + 8 + header_size, body_size);
   else
     body.reset();
-  in_begin_ += 8 + header_size + body_size;
+  in_begin_ += record;
   return true;
 }
 

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -36,6 +37,7 @@ class FrameStream {
   FrameStream& operator=(const FrameStream&) = delete;
 
   int fd() const { return fd_; }
+  void set_max_record(size_t bytes) { max_record_ = bytes; }
   // poll(2) events to wait for: POLLIN, and POLLOUT while output waits.
   short poll_events() const;
 
@@ -63,10 +65,15 @@ class FrameStream {
     size_t sent = 0;  // bytes of this record already written
     size_t size() const { return 8 + header.size() + (has_body ? body.size() : 0); }
   };
+  // Makes room for `room` more bytes after what was read, keeping what is unparsed.
+  void make_room(size_t room);
+
   int fd_ = -1;
   size_t max_record_;
-  std::vector<uint8_t> in_;
-  size_t in_begin_ = 0, in_end_ = 0;
+  // Read but not yet parsed: [in_begin_, in_end_). Released whenever all is
+  // parsed, so an idle connection holds no buffer.
+  std::unique_ptr<uint8_t[]> in_;
+  size_t in_cap_ = 0, in_begin_ = 0, in_end_ = 0;
   std::deque<Out> out_;
   size_t out_bytes_ = 0;
   std::string error_;

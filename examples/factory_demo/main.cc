@@ -562,6 +562,8 @@ int run(const DemoOptions& opt) {
   auto app_client = connect("alarm-service", alarm_app, kCentre, /*local=*/true);
   if (!app_client.ok())
     return fail_with_log("alarm-service could not connect: " + app_client.error().to_string());
+  out.line("alarm-service connected to centre over %s (on the centre's host: no ZeroMQ, no CURVE)",
+           mesh[kCentre].broker->unix_endpoint().c_str());
   auto audit_client = connect("lineage-auditor", auditor, kCentre);
   if (!audit_client.ok())
     return fail_with_log("lineage-auditor could not connect: " + audit_client.error().to_string());

@@ -84,6 +84,7 @@ class RobustnessTest : public MeshTest {
     MeshTest::SetUp();
     auto s = spec();
     s.listen_ipc = true;
+    s.listen_unix = true;
     s.extra_toml = "[limits]\nsubscriber_queue_bytes = 1048576\n";
     broker_ = start_broker(s);
     ASSERT_NE(broker_, nullptr);
@@ -265,9 +266,19 @@ class SlowConsumerTest : public RobustnessTest {
  protected:
   static constexpr size_t kMessages = 200'000;
 
-  // A subscriber whose handler blocks until release(), as one stuck on I/O would.
-  void subscribe_stuck_handler() {
-    stuck_client_ = connect(*broker_, "stuck-dashboard");
+  // A subscriber whose handler blocks until release(), as one stuck on I/O would;
+  // over unix:// the broker writes to its socket itself, not through ZeroMQ.
+  void subscribe_stuck_handler(bool over_unix = false) {
+    if (over_unix) {
+      auto o = options(*broker_, principal("stuck-dashboard"));
+      o.url = broker_->unix_endpoint();
+      o.curve = false;
+      auto c = Client::connect(o);
+      ASSERT_TRUE(c.ok()) << c.error().to_string();
+      stuck_client_ = std::move(*c);
+    } else {
+      stuck_client_ = connect(*broker_, "stuck-dashboard");
+    }
     ASSERT_NE(stuck_client_, nullptr);
     std::shared_future<void> released = release_.get_future().share();
     ASSERT_TRUE(
@@ -382,6 +393,16 @@ class SlowConsumerTest : public RobustnessTest {
 
 TEST_F(SlowConsumerTest, StuckHandlerIsDroppedWhileOthersAreServed) {
   subscribe_stuck_handler();
+  publish_load_to_fast_subscriber();
+  expect_stuck_subscriber_dropped();
+  ASSERT_TRUE(broker_->running()) << broker_->log_tail();
+  release();
+  stuck_client_->close(0ms);
+  expect_broker_serves();
+}
+
+TEST_F(SlowConsumerTest, StuckHandlerOnUnixIsDroppedWhileOthersAreServed) {
+  subscribe_stuck_handler(/*over_unix=*/true);
   publish_load_to_fast_subscriber();
   expect_stuck_subscriber_dropped();
   ASSERT_TRUE(broker_->running()) << broker_->log_tail();

@@ -2,6 +2,7 @@
 
 #include <endian.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 
@@ -34,6 +35,9 @@ struct SwapKey {
 // The key that keeps the numbering of an empty outbox: it sorts after every other key.
 MDB_val meta_key() { return MDB_val{5, const_cast<char*>("\xffmeta")}; }
 
+// The map's room beyond Options::map_bytes, for deletes only (see link_outbox.h).
+uint64_t reserve_bytes(uint64_t map_bytes) { return std::max<uint64_t>(uint64_t{1} << 20, map_bytes / 16); }
+
 int put_meta(MDB_txn* txn, MDB_dbi db, const uint64_t& last_seq) {
   MDB_val k = meta_key(), v{8, const_cast<uint64_t*>(&last_seq)};
   return mdb_put(txn, db, &k, &v, 0);
@@ -57,7 +61,7 @@ Status LinkOutbox::open_env() {
   if (ec) return Error(Errc::io, options_.dir + ": " + ec.message());
   int rc = mdb_env_create(&env_);
   if (rc) return mdb_error("create", rc, options_.dir);
-  mdb_env_set_mapsize(env_, options_.map_bytes);
+  mdb_env_set_mapsize(env_, options_.map_bytes + reserve_bytes(options_.map_bytes));
   rc = mdb_env_open(env_, options_.dir.c_str(), MDB_NOSYNC | MDB_NOTLS, 0640);
   if (rc) return mdb_error("open", rc, options_.dir);
   MDB_txn* txn;
@@ -145,6 +149,41 @@ Status LinkOutbox::drop_best_effort(MDB_txn* txn, uint64_t need_bytes, Stats& ne
   return Status::Ok();
 }
 
+Status LinkOutbox::check_room(uint64_t bytes) const {
+  MDB_envinfo info;
+  MDB_stat st;
+  mdb_env_info(env_, &info);
+  mdb_env_stat(env_, &st);
+  const uint64_t page = st.ms_psize;
+  // Records, their B-tree nodes and half-filled pages: allow half as much again, plus a few pages.
+  const uint64_t need = bytes + bytes / 2 + 4 * page;
+  uint64_t pages = info.me_last_pgno + 1;
+  if (pages * page + need <= options_.map_bytes) return Status::Ok();
+  // Pages that earlier transactions freed are used before the file grows: count them
+  // (the freelist's records are page lists, each starting with its length). LMDB reads
+  // its freelist only in a read-only transaction (MDB_NOTLS lets this thread hold one
+  // beside its write transaction).
+  MDB_txn* read;
+  if (mdb_txn_begin(env_, nullptr, MDB_RDONLY, &read) == 0) {
+    MDB_cursor* cur;
+    if (mdb_cursor_open(read, 0 /* the freelist */, &cur) == 0) {
+      MDB_val k, v;
+      while (mdb_cursor_get(cur, &k, &v, MDB_NEXT) == 0) {
+        if (v.mv_size < sizeof(size_t)) continue;
+        size_t n;
+        std::memcpy(&n, v.mv_data, sizeof n);
+        pages -= std::min<uint64_t>(pages, n);
+      }
+      mdb_cursor_close(cur);
+    }
+    mdb_txn_abort(read);
+  }
+  if (pages * page + need <= options_.map_bytes) return Status::Ok();
+  return Error(Errc::storage_full, "link outbox " + options_.dir + ": file full (" + std::to_string(pages * page) +
+                                       " of " + std::to_string(options_.map_bytes) + " bytes in use, " +
+                                       std::to_string(bytes) + " more to store)");
+}
+
 Status LinkOutbox::commit() {
   // After a failure, an empty commit (the meta key alone) finds out whether it can store again.
   if (pending_.empty() && store_error_.empty()) return Status::Ok();
@@ -184,6 +223,7 @@ Status LinkOutbox::commit() {
       next.dropped++;
     }
   }
+  if (auto room = check_room(incoming); !room.ok()) return fail(txn, room.error());
   for (size_t i = 0; i < count; ++i) {
     if (drop[i]) continue;
     const Pending& p = pending_[i];
@@ -253,11 +293,15 @@ Status LinkOutbox::ack(uint64_t upto) {
     next.messages--;
     next.bytes -= v.mv_size - 1;
     if (static_cast<const uint8_t*>(v.mv_data)[0] != 0) next.durable_bytes -= v.mv_size - 1;
-    mdb_cursor_del(cur, 0);
+    if ((rc = mdb_cursor_del(cur, 0)) != 0) break;
     // After a delete the cursor already stands on the next record.
     rc = mdb_cursor_get(cur, &k, &v, MDB_GET_CURRENT);
   }
   mdb_cursor_close(cur);
+  if (rc != 0 && rc != MDB_NOTFOUND) {
+    mdb_txn_abort(txn);
+    return mdb_error("ack", rc, options_.dir);
+  }
   rc = mdb_txn_commit(txn);
   if (rc) return mdb_error("commit", rc, options_.dir);
   next.acked_seq = upto;
@@ -283,13 +327,16 @@ Status LinkOutbox::in_write_txn(const char* what, const std::function<int(MDB_tx
 }
 
 Status LinkOutbox::swap_out(uint64_t key, std::string_view batch) {
-  return in_write_txn("swap out", [&](MDB_txn* txn) {
+  Status room = Status::Ok();
+  Status st = in_write_txn("swap out", [&](MDB_txn* txn) {
+    if (room = check_room(batch.size()); !room.ok()) return MDB_MAP_FULL;
     SwapKey sk(key);
     MDB_val k = sk.val(), v{batch.size(), nullptr};
     const int rc = mdb_put(txn, db_, &k, &v, MDB_RESERVE);
     if (rc == 0) std::memcpy(v.mv_data, batch.data(), batch.size());
     return rc;
   });
+  return room.ok() ? st : room;
 }
 
 Status LinkOutbox::swap_in(uint64_t key, const std::function<void(std::string_view)>& take) {

@@ -14,6 +14,12 @@
 // sync() forces the data to disk; the broker calls it before acking a durable
 // publish that is bound for a link.
 //
+// A full map: LMDB needs free pages to delete too, so a map filled to its last
+// page could not even take the acks that would empty it. The map is therefore
+// larger than Options::map_bytes by a reserve that only deletes (acks, swap-ins)
+// use: commits and swap-outs that would take the pages in use past map_bytes
+// fail with storage_full instead.
+//
 // Threading: one thread (the broker loop) uses an outbox.
 #pragma once
 
@@ -36,7 +42,7 @@ class LinkOutbox {
     std::string dir;                    // created if missing
     uint64_t budget_bytes = 256u << 20; // accepted backlog before overflow applies
     bool drop_oldest = true;            // best-effort overflow: drop oldest (else refuse newest)
-    uint64_t map_bytes = 8ull << 30;    // LMDB map size (sparse)
+    uint64_t map_bytes = 8ull << 30;    // what commits may fill of the LMDB map (sparse)
   };
   struct Entry {
     uint64_t seq;
@@ -94,6 +100,8 @@ class LinkOutbox {
   Status drop_best_effort(MDB_txn* txn, uint64_t need_bytes, Stats& next);
   // Runs fn (an LMDB return code) in a write transaction: committed when it returns 0.
   Status in_write_txn(const char* what, const std::function<int(MDB_txn*)>& fn);
+  // storage_full when writing `bytes` more could take the pages in use past map_bytes.
+  Status check_room(uint64_t bytes) const;
 
   Options options_;
   MDB_env* env_ = nullptr;

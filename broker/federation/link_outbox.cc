@@ -64,6 +64,8 @@ Status LinkOutbox::open_env() {
   mdb_env_set_mapsize(env_, options_.map_bytes + reserve_bytes(options_.map_bytes));
   rc = mdb_env_open(env_, options_.dir.c_str(), MDB_NOSYNC | MDB_NOTLS, 0640);
   if (rc) return mdb_error("open", rc, options_.dir);
+  MDB_stat env_stat;
+  if (mdb_env_stat(env_, &env_stat) == 0) page_bytes_ = env_stat.ms_psize;
   MDB_txn* txn;
   rc = mdb_txn_begin(env_, nullptr, 0, &txn);
   if (rc) return mdb_error("begin", rc, options_.dir);
@@ -149,16 +151,17 @@ Status LinkOutbox::drop_best_effort(MDB_txn* txn, uint64_t need_bytes, Stats& ne
   return Status::Ok();
 }
 
-Status LinkOutbox::check_room(uint64_t bytes) const {
+uint64_t LinkOutbox::stored_size(uint64_t bytes) const {
+  // Records, their B-tree nodes and half-filled pages: half as much again, plus a few pages.
+  return bytes + bytes / 2 + 4 * page_bytes_;
+}
+
+uint64_t LinkOutbox::room_bytes() const {
   MDB_envinfo info;
-  MDB_stat st;
   mdb_env_info(env_, &info);
-  mdb_env_stat(env_, &st);
-  const uint64_t page = st.ms_psize;
-  // Records, their B-tree nodes and half-filled pages: allow half as much again, plus a few pages.
-  const uint64_t need = bytes + bytes / 2 + 4 * page;
   uint64_t pages = info.me_last_pgno + 1;
-  if (pages * page + need <= options_.map_bytes) return Status::Ok();
+  if (pages * page_bytes_ + options_.map_bytes / 2 <= options_.map_bytes)
+    return options_.map_bytes - pages * page_bytes_;  // far from full: the file's length will do
   // Pages that earlier transactions freed are used before the file grows: count them
   // (the freelist's records are page lists, each starting with its length). LMDB reads
   // its freelist only in a read-only transaction (MDB_NOTLS lets this thread hold one
@@ -178,33 +181,49 @@ Status LinkOutbox::check_room(uint64_t bytes) const {
     }
     mdb_txn_abort(read);
   }
-  if (pages * page + need <= options_.map_bytes) return Status::Ok();
-  return Error(Errc::storage_full, "link outbox " + options_.dir + ": file full (" + std::to_string(pages * page) +
-                                       " of " + std::to_string(options_.map_bytes) + " bytes in use, " +
+  const uint64_t used = pages * page_bytes_;
+  return used < options_.map_bytes ? options_.map_bytes - used : 0;
+}
+
+Error LinkOutbox::full_error(uint64_t bytes) const {
+  const uint64_t room = room_bytes();
+  return Error(Errc::storage_full, "link outbox " + options_.dir + ": file full (" +
+                                       std::to_string(options_.map_bytes - room) + " of " +
+                                       std::to_string(options_.map_bytes) + " bytes in use, " +
                                        std::to_string(bytes) + " more to store)");
 }
 
 Status LinkOutbox::commit() {
   // After a failure, an empty commit (the meta key alone) finds out whether it can store again.
   if (pending_.empty() && store_error_.empty()) return Status::Ok();
-  // All or nothing, worked out on `next` and in one transaction: a failure (a full disk,
-  // say) leaves the stored outbox and its counters as they were. (Storing a part of what
-  // is pending when the map is nearly full would leave no room for the deletes that the
-  // peer's acks need to free it again.)
+  // Worked out on `next` and in one transaction: a failure (a full disk, say) leaves the
+  // stored outbox and its counters as they were. When the file has room for only a part
+  // of what is pending, that part is stored, oldest first, and the rest waits.
   const size_t count = pending_.size();
   Stats next = stats_;
   std::vector<bool> drop(count, false);
-  auto fail = [&](MDB_txn* txn, Error e) {
-    if (txn) mdb_txn_abort(txn);
-    store_error_ = e.message();
-    // Durable messages stay pending, retried by the next commit; best-effort ones are dropped.
+  // Keeps what was not stored: durable messages for the next commit; best-effort ones
+  // are dropped (counted) unless the budget already dropped them.
+  auto keep_rest = [&](size_t from) {
     std::vector<Pending> kept;
-    for (auto& p : pending_) {
-      if (p.durable) kept.push_back(std::move(p));
-      else stats_.dropped++;
+    pending_durable_bytes_ = 0;
+    for (size_t i = from; i < pending_.size(); ++i) {
+      Pending& p = pending_[i];
+      if (p.durable) {
+        pending_durable_bytes_ += p.envelope.size();
+        kept.push_back(std::move(p));
+      } else if (i >= drop.size() || !drop[i]) {
+        stats_.dropped++;
+      }
     }
     pending_ = std::move(kept);
     pending_bytes_ = pending_durable_bytes_;
+  };
+  auto fail = [&](MDB_txn* txn, Error e) {
+    if (txn) mdb_txn_abort(txn);
+    store_error_ = e.message();
+    drop.assign(count, false);  // nothing of this commit was counted
+    keep_rest(0);
     return e;
   };
   MDB_txn* txn;
@@ -223,8 +242,19 @@ Status LinkOutbox::commit() {
       next.dropped++;
     }
   }
-  if (auto room = check_room(incoming); !room.ok()) return fail(txn, room.error());
-  for (size_t i = 0; i < count; ++i) {
+  // What the file has room for (outbox_map_bytes; the map's reserve is for deletes).
+  size_t fits = count;
+  const uint64_t room = room_bytes();
+  if (stored_size(incoming) > room) {
+    uint64_t taking = 0;
+    for (fits = 0; fits < count; ++fits) {
+      if (drop[fits]) continue;
+      if (stored_size(taking + pending_[fits].envelope.size()) > room) break;
+      taking += pending_[fits].envelope.size();
+    }
+    if (taking == 0) return fail(txn, full_error(incoming));
+  }
+  for (size_t i = 0; i < fits; ++i) {
     if (drop[i]) continue;
     const Pending& p = pending_[i];
     const uint64_t seq = ++next.last_seq;
@@ -244,10 +274,18 @@ Status LinkOutbox::commit() {
   if (rc) return fail(txn, mdb_error("put meta", rc, options_.dir));
   rc = mdb_txn_commit(txn);
   if (rc) return fail(nullptr, mdb_error("commit", rc, options_.dir));
+  stats_ = next;
+  if (fits < count) {
+    uint64_t rest = 0;
+    for (size_t i = fits; i < count; ++i) rest += drop[i] ? 0 : pending_[i].envelope.size();
+    Error e = full_error(rest);
+    store_error_ = e.message();
+    keep_rest(fits);
+    return e;
+  }
   pending_.clear();
   pending_bytes_ = pending_durable_bytes_ = 0;
   store_error_.clear();
-  stats_ = next;
   return Status::Ok();
 }
 
@@ -329,7 +367,10 @@ Status LinkOutbox::in_write_txn(const char* what, const std::function<int(MDB_tx
 Status LinkOutbox::swap_out(uint64_t key, std::string_view batch) {
   Status room = Status::Ok();
   Status st = in_write_txn("swap out", [&](MDB_txn* txn) {
-    if (room = check_room(batch.size()); !room.ok()) return MDB_MAP_FULL;
+    if (stored_size(batch.size()) > room_bytes()) {
+      room = full_error(batch.size());
+      return MDB_MAP_FULL;
+    }
     SwapKey sk(key);
     MDB_val k = sk.val(), v{batch.size(), nullptr};
     const int rc = mdb_put(txn, db_, &k, &v, MDB_RESERVE);

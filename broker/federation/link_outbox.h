@@ -67,6 +67,9 @@ class LinkOutbox {
   // fails (a full disk, say), the stored outbox and stats() are as before; the durable
   // messages stay pending for the next commit and best-effort ones are dropped (counted),
   // and until a commit succeeds append() refuses durable messages with storage_full.
+  // When the file (map_bytes) has room for only a part of what is pending, that part is
+  // stored, oldest first, and the commit fails for the rest as above: acks free room,
+  // and later commits store the rest in turn.
   Status commit();
   // Durable messages appended but not yet committed (kept across failed commits).
   bool durable_pending() const { return pending_durable_bytes_ > 0; }
@@ -100,11 +103,15 @@ class LinkOutbox {
   Status drop_best_effort(MDB_txn* txn, uint64_t need_bytes, Stats& next);
   // Runs fn (an LMDB return code) in a write transaction: committed when it returns 0.
   Status in_write_txn(const char* what, const std::function<int(MDB_txn*)>& fn);
-  // storage_full when writing `bytes` more could take the pages in use past map_bytes.
-  Status check_room(uint64_t bytes) const;
+  // What the file may still take of map_bytes (free pages included), what storing
+  // `bytes` of records may take of it, and the error for a full file.
+  uint64_t room_bytes() const;
+  uint64_t stored_size(uint64_t bytes) const;
+  Error full_error(uint64_t bytes) const;
 
   Options options_;
   MDB_env* env_ = nullptr;
+  uint64_t page_bytes_ = 4096;  // LMDB's page size, from the environment
   // u64 seq (big-endian) -> [u8 durable][envelope]; "\xfe" u64 key -> swapped batch; "\xffmeta".
   MDB_dbi db_ = 0;
   struct Pending {

@@ -81,7 +81,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       return 0;
     }
     ::close(fds[0]);
-    codec::FrameStream stream(fds[1], 4096);
+    codec::FrameStream stream(fds[1], 1 << 20);
     zmq::message_t header;
     std::optional<zmq::message_t> body;
     while (true) {

@@ -15,6 +15,7 @@ namespace tracemesh::codec {
 namespace {
 
 constexpr size_t kReadChunk = 64 * 1024;  // the least a read asks for
+constexpr size_t kDirectBody = 64 * 1024;  // bodies this large are read into their own buffer
 constexpr size_t kMaxIov = 64;
 
 uint32_t load_u32(const uint8_t* p) {
@@ -88,10 +89,12 @@ bool FrameStream::fill() {
   // whole record); moves or grows the buffer only when little is free, so a
   // large record is not moved again for every read that adds to it.
   constexpr size_t kLeastRead = 4096;
-  if (in_cap_ - in_end_ < kLeastRead) make_room(kReadChunk);
-  const ssize_t n = ::read(fd_, in_.get() + in_end_, in_cap_ - in_end_);
+  const bool direct = big_ && big_got_ < big_body_.size();
+  if (!direct && in_cap_ - in_end_ < kLeastRead) make_room(kReadChunk);
+  const ssize_t n = direct ? ::read(fd_, static_cast<uint8_t*>(big_body_.data()) + big_got_, big_body_.size() - big_got_)
+                           : ::read(fd_, in_.get() + in_end_, in_cap_ - in_end_);
   if (n > 0) {
-    in_end_ += static_cast<size_t>(n);
+    (direct ? big_got_ : in_end_) += static_cast<size_t>(n);
     return true;
   }
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) return true;
@@ -100,6 +103,7 @@ bool FrameStream::fill() {
 }
 
 bool FrameStream::has_record() const {
+  if (big_) return big_got_ == big_body_.size();
   const size_t avail = in_end_ - in_begin_;
   if (avail < 8) return false;
   const uint8_t* p = in_.get() + in_begin_;
@@ -109,6 +113,15 @@ bool FrameStream::has_record() const {
 
 bool FrameStream::next(zmq::message_t& header, std::optional<zmq::message_t>& body) {
   if (broken()) return false;
+  if (big_) {
+    if (big_got_ < big_body_.size()) return false;
+    header = std::move(big_header_);
+    body.emplace(std::move(big_body_));
+    big_header_ = zmq::message_t();
+    big_body_ = zmq::message_t();
+    big_ = false;
+    return true;
+  }
   const size_t avail = in_end_ - in_begin_;
   if (avail == 0 && in_) {  // all parsed: an idle connection keeps no buffer
     in_.reset();
@@ -126,6 +139,16 @@ bool FrameStream::next(zmq::message_t& header, std::optional<zmq::message_t>& bo
   }
   const size_t record = 8 + header_size + body_size;
   if (avail < record) {
+    if (body_size >= kDirectBody && avail >= 8 + header_size) {
+      // The rest of a large body goes straight into its own buffer: no second copy.
+      big_header_.rebuild(p + 8, header_size);
+      big_body_.rebuild(body_size);
+      big_got_ = avail - 8 - header_size;
+      std::memcpy(big_body_.data(), p + 8 + header_size, big_got_);
+      big_ = true;
+      in_begin_ = in_end_;
+      return false;
+    }
     make_room(std::max(record - avail, kReadChunk));  // so that fill() can complete it
     return false;
   }

@@ -74,6 +74,10 @@ class FrameStream {
   // parsed, so an idle connection holds no buffer.
   std::unique_ptr<uint8_t[]> in_;
   size_t in_cap_ = 0, in_begin_ = 0, in_end_ = 0;
+  // A record with a large body, being read: the body straight into its own buffer.
+  bool big_ = false;
+  zmq::message_t big_header_, big_body_;
+  size_t big_got_ = 0;  // body bytes read so far
   std::deque<Out> out_;
   size_t out_bytes_ = 0;
   std::string error_;

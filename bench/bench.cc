@@ -770,6 +770,7 @@ std::vector<Result<PeerResult>> run_peers(const BenchFlags& f) {
   } else if (f.workload == "rtt") {
     out.push_back(bench::run_nats_rtt(f.count, limits));
     out.push_back(bench::run_zmq_router_echo(f.count, limits));
+    if (f.transport == "unix") out.push_back(bench::run_zmq_router_echo_ipc(f.count, limits));
     out.push_back(bench::run_zmq_router_broker_rtt(f.count, limits));
   } else {
     out.push_back(bench::run_jetstream_durable(f.size, f.count, limits));
@@ -901,6 +902,8 @@ int run_bench(const BenchFlags& f) {
       if (echo && forwarded && echo->p50.median > 0)
         std::printf("p50 over the direct zmq echo: zmq router broker %.2fx, tracemesh %.2fx\n",
                     forwarded->p50.median / echo->p50.median, base->p50.median / echo->p50.median);
+      if (const Row* ipc = found("zmq router ipc"); ipc && ipc->p50.median > 0)
+        std::printf("p50 over the direct zmq echo on ipc: tracemesh %.2fx\n", base->p50.median / ipc->p50.median);
     }
     if (f.workload == "chain" && base) {
       const Row* one = found("tracemesh");

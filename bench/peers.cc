@@ -1279,10 +1279,18 @@ Result<PeerResult> run_zmq_router_broker_rtt(uint64_t count, const RunLimits& li
   }
 }
 
-Result<PeerResult> run_zmq_router_echo(uint64_t count, const RunLimits& limits) {
+namespace {
+
+Result<PeerResult> router_echo(uint64_t count, const RunLimits& limits, bool ipc) {
   if (Status valid = validate(limits.rtt_size, count); !valid) return valid.error();
   const Clock::time_point started = Clock::now();
   const Clock::time_point deadline = started + limits.deadline;
+  std::optional<process::TempDir> dir;
+  if (ipc) {
+    auto made = process::TempDir::create("tm-echo-");
+    if (!made) return made.error();
+    dir.emplace(std::move(made).value());
+  }
   try {
     zmq::context_t ctx;
     zmq::socket_t router(ctx, zmq::socket_type::router);
@@ -1290,7 +1298,13 @@ Result<PeerResult> run_zmq_router_echo(uint64_t count, const RunLimits& limits) 
     for (zmq::socket_t* s : {&router, &dealer}) s->set(zmq::sockopt::linger, 0);
     router.set(zmq::sockopt::rcvtimeo, kPollMs);
     dealer.set(zmq::sockopt::rcvtimeo, kPollMs);
-    const std::string endpoint = bind_ephemeral(router);
+    std::string endpoint;
+    if (ipc) {
+      endpoint = "ipc://" + dir->file("echo.sock").string();
+      router.bind(endpoint);
+    } else {
+      endpoint = bind_ephemeral(router);
+    }
 
     std::atomic<bool> stop{false};
     ScopedThread echo(
@@ -1301,13 +1315,23 @@ Result<PeerResult> run_zmq_router_echo(uint64_t count, const RunLimits& limits) 
     RttLoop loop = run_rtt_loop(dealer, count, limits, deadline);
     echo.join();
 
-    PeerResult result = loop.result("zmq router", started);
+    PeerResult result = loop.result(ipc ? "zmq router ipc" : "zmq router", started);
     result.note = std::to_string(limits.rtt_size) + " B, DEALER -> ROUTER echo thread, " +
-                  std::to_string(limits.warmup) + " warm-up" + result.note;
+                  (ipc ? "ipc, " : "tcp loopback, ") + std::to_string(limits.warmup) + " warm-up" + result.note;
     return result;
   } catch (const zmq::error_t& e) {
-    return zmq_failure("zmq router echo", e);
+    return zmq_failure(ipc ? "zmq router echo (ipc)" : "zmq router echo", e);
   }
+}
+
+}  // namespace
+
+Result<PeerResult> run_zmq_router_echo(uint64_t count, const RunLimits& limits) {
+  return router_echo(count, limits, false);
+}
+
+Result<PeerResult> run_zmq_router_echo_ipc(uint64_t count, const RunLimits& limits) {
+  return router_echo(count, limits, true);
 }
 
 // --- versions -------------------------------------------------------------------------------

@@ -71,6 +71,8 @@ Result<PeerResult> run_zmq_proxy(size_t size, uint64_t count, bool curve, int ho
                                  const RunLimits& limits = {});
 // ZeroMQ DEALER -> ROUTER echo (a thread of this process) round trips.
 Result<PeerResult> run_zmq_router_echo(uint64_t count, const RunLimits& limits = {});
+// The same echo over ZeroMQ's ipc transport (a unix socket): the baseline of a local transport.
+Result<PeerResult> run_zmq_router_echo_ipc(uint64_t count, const RunLimits& limits = {});
 // Request/reply through a minimal ZeroMQ broker: requester DEALER -> ROUTER broker thread ->
 // replier DEALER thread and back, each with its own context. The floor of `rtt` for any broker
 // built on ZeroMQ: two network round trips where the direct echo has one.

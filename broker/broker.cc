@@ -652,7 +652,9 @@ bool BrokerImpl::on_stream_readable(const std::string& key) {
   auto it = sessions_.find(key);
   if (it == sessions_.end()) return false;
   Session* s = it->second.get();
-  if (!s->stream->fill()) {
+  // Records read before are handled first: a peer sending faster than the loop
+  // handles them waits in its socket, not in our memory.
+  if (!s->stream->has_record() && !s->stream->fill()) {
     drop_session(key, "disconnected");
     return false;
   }

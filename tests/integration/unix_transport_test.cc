@@ -3,6 +3,7 @@
 // reconnects), mixed with tcp clients on one broker, and a stream that sends
 // garbage is closed and counted without harm to anyone else.
 #include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -158,6 +159,34 @@ TEST_F(UnixTransportTest, ClientReconnectsAndResubscribesAfterABrokerRestart) {
   auto stats = pub->stats();
   ASSERT_TRUE(stats.ok());
   EXPECT_EQ(stats->clients, 2u);
+}
+
+// A broker that takes nothing (stopped): a publisher's queue fills to max_pending_bytes and
+// then publish says overloaded, instead of the client buffering without end.
+TEST_F(UnixTransportTest, APublisherToABrokerThatTakesNothingIsPushedBackNotBuffered) {
+  for (const bool over_unix : {true, false}) {
+    SCOPED_TRACE(over_unix ? "unix://" : "tcp://");
+    auto o = over_unix ? unix_options(principal("camera")) : options(*broker_, principal("camera"));
+    o.max_pending_bytes = 1 << 20;
+    o.publish_block_timeout = 100ms;
+    auto c = Client::connect(o);
+    ASSERT_TRUE(c.ok()) << c.error().to_string();
+    ASSERT_EQ(::kill(broker_->pid(), SIGSTOP), 0);
+    const std::string image(64 * 1024, 'i');
+    size_t published = 0;
+    Status last = Status::Ok();
+    while (published < (256u << 20)) {
+      last = (*c)->publish("plant/l1/images", image);
+      if (!last.ok()) break;
+      published += image.size();
+    }
+    ASSERT_EQ(::kill(broker_->pid(), SIGCONT), 0);
+    ASSERT_FALSE(last.ok()) << "256 MB taken by a client whose broker reads nothing";
+    EXPECT_EQ(last.error().code(), Errc::overloaded) << last.error().to_string();
+    // What it took: the pending queue, a few frames for the connection and the socket buffers.
+    EXPECT_LT(published, size_t{64} << 20);
+    (*c)->close(0ms);
+  }
 }
 
 TEST_F(UnixTransportTest, GarbageOnTheSocketClosesThatConnectionOnlyAndIsCounted) {

@@ -31,6 +31,9 @@ constexpr uint64_t kInboxSubscription = 1;
 constexpr uint64_t kAdminCorrelationBase = uint64_t{1} << 62;
 constexpr auto kPingInterval = std::chrono::milliseconds(1000);
 constexpr size_t kMaxDispatchBacklog = 64;  // deliver frames queued for the dispatcher
+// Frames handed to the I/O thread's queue for a connection that is not taking them:
+// past this, publish batches stay pending, where max_pending_bytes blocks publishers.
+constexpr size_t kMaxOutgoing = 8;
 
 // The message being handled on this thread, for default lineage parents.
 thread_local const Message* current_message = nullptr;
@@ -494,7 +497,8 @@ void ClientImpl::io_loop() {
     {
       std::lock_guard lock(mu_);
       work_waiting = state_ == State::ready &&
-                     (!pending_.empty() || !control_.empty() || !acks_.empty() || !tail_.empty());
+                     (!control_.empty() || !acks_.empty() ||
+                      (outq_.size() < kMaxOutgoing && (!pending_.empty() || !tail_.empty())));
       io_idle_ = !work_waiting;
       outq_empty_ = outq_.empty();
     }
@@ -506,8 +510,8 @@ void ClientImpl::io_loop() {
         recheck = false;
         socket_ready = conn_->ready(!outq_.empty());
       }
-      items[0].fd = conn_->fd();
       items[0].events = conn_->poll_events();
+      items[0].fd = items[0].events ? conn_->fd() : -1;  // nothing to wait for on it (poll skips -1)
       items[1].fd = conn_->event_fd();
     }
     const int timeout_ms = work_waiting || socket_ready ? 0 : outq_.empty() && !dispatch_behind_ ? 100 : 2;
@@ -935,7 +939,7 @@ bool ClientImpl::flush_outgoing() {
         send_frame(codec::to_message(b));
       }
       acks_.clear();
-      while (!pending_.empty()) {
+      while (!pending_.empty() && outq_.size() < kMaxOutgoing) {
         capnp::MallocMessageBuilder b(16);
         auto f = b.initRoot<wire::Frame>();
         f.setVersion(wire::PROTOCOL_VERSION);
@@ -945,7 +949,7 @@ bool ClientImpl::flush_outgoing() {
         pending_.pop_front();
         pending_counts_.pop_front();
       }
-      while (!tail_.empty()) {
+      while (pending_.empty() && !tail_.empty()) {  // after the publishes queued before them
         send_frame(std::move(tail_.front()));
         tail_.pop_front();
       }

@@ -125,13 +125,19 @@ class UnixConnection final : public Connection {
   }
 
   int fd() const override { return stream_ ? stream_->fd() : -1; }
-  short poll_events() const override { return stream_ ? stream_->poll_events() : 0; }
+  short poll_events() const override {
+    if (!stream_) return 0;
+    // While a received record waits to be taken (the dispatcher is behind), nothing more
+    // is read: the broker's writes wait in the socket, which pushes back on it.
+    const short events = stream_->poll_events();
+    return stream_->has_record() ? static_cast<short>(events & ~POLLIN) : events;
+  }
   int event_fd() const override { return -1; }
   bool output_waiting() const override { return stream_ && stream_->queued_bytes() > 0; }
 
   void on_poll(short revents) override {
     if (!stream_) return;
-    if ((revents & (POLLIN | POLLHUP | POLLERR)) && !stream_->fill()) return lost();
+    if ((revents & (POLLIN | POLLHUP | POLLERR)) && !stream_->has_record() && !stream_->fill()) return lost();
     if ((revents & POLLOUT) && !stream_->flush()) lost();
   }
 

@@ -757,10 +757,10 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     l->recheck = true;
   }
   for (auto& l : listeners_) l.recheck = l.socket != nullptr;
-  for (Link* l : dialed) on_link_monitor(*l);
+  for (Link* l : dialed) on_link_monitor(*l);  // what arrived before the loop started
   // unix:// sessions follow, one fd each, listed anew every iteration.
   const size_t streams_index = items.size();
-  std::vector<std::string> stream_keys;  // what arrived before the loop started
+  std::vector<std::string> stream_keys;
   std::vector<uint8_t> listener_ready(listeners_.size()), dealer_ready(dialed.size());
 
   if (auto s = write_ready_file(ready_file); !s.ok()) return s;

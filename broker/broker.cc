@@ -245,6 +245,7 @@ struct Session {
   uint64_t drops = 0;
   bool dirty = false;  // has output to flush
   std::unique_ptr<codec::FrameStream> stream;  // a unix:// connection (no ZeroMQ socket)
+  std::string peer;  // unix://: the connecting process, "pid P, uid U", for the log
 };
 
 struct InFlight {
@@ -643,6 +644,10 @@ void BrokerImpl::accept_streams(size_t listener) {
     s->key.push_back(static_cast<char>(listener));
     s->key += s->routing_id;
     s->last_seen = Clock::now();
+    ucred cred{};
+    socklen_t len = sizeof cred;
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0)
+      s->peer = "pid " + std::to_string(cred.pid) + ", uid " + std::to_string(cred.uid);
     s->stream = std::make_unique<codec::FrameStream>(fd, kUnauthenticatedRecord);
     sessions_.emplace(s->key, std::move(s));
   }
@@ -1044,7 +1049,8 @@ void BrokerImpl::on_frame(size_t listener, std::string_view rid, zmq::message_t&
 void BrokerImpl::on_hello(Session& s, zmq::message_t& header, wire::Hello::Reader hello) {
   auto refuse = [&](wire::ErrorCode code, const std::string& why) {
     ++auth_failures_;
-    spdlog::warn("refused connection ({}): {}", hello.getClientName().cStr(), why);
+    spdlog::warn("refused connection ({}{}{}): {}", hello.getClientName().cStr(), s.peer.empty() ? "" : "; ",
+                 s.peer, why);
     send_control(s, codec::error_frame(code, why));
     flush_session(s);
     drop_session(s.key, nullptr);
@@ -1118,7 +1124,10 @@ void BrokerImpl::on_hello(Session& s, zmq::message_t& header, wire::Hello::Reade
   uint8_t r[8];
   randombytes_buf(r, sizeof r);
   s.inbox = "_INBOX/" + hex(r, sizeof r);
-  spdlog::info("client '{}' connected ({})", claims.name, listeners_[s.listener].endpoint);
+  if (s.peer.empty())
+    spdlog::info("client '{}' connected ({})", claims.name, listeners_[s.listener].endpoint);
+  else
+    spdlog::info("client '{}' connected ({}; {})", claims.name, listeners_[s.listener].endpoint, s.peer);
   capnp::MallocMessageBuilder b(128);
   auto ok = start_frame(b).getRoot<wire::Frame>().initHelloOk();
   ok.setBrokerName(config_.name);

@@ -121,6 +121,10 @@ TEST_F(UnixTransportTest, RefusalsReachTheClientWithTheirReason) {
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.error().code(), Errc::unauthenticated) << c.error().to_string();
   EXPECT_NE(c.error().message().find("operator"), std::string::npos) << c.error().to_string();
+  // The broker's log names the process that tried (from the socket's peer credentials).
+  const std::string who = "intruder; pid " + std::to_string(::getpid()) + ", uid " + std::to_string(::getuid());
+  EXPECT_NE(broker_->log_tail(50).find("refused connection (" + who + ")"), std::string::npos)
+      << broker_->log_tail(50);
 
   auto expired = Client::connect(unix_options(principal("late", codec::now_ms() - 60000)));
   ASSERT_FALSE(expired.ok());

@@ -4,6 +4,7 @@
 #include <sodium.h>
 #include <spdlog/spdlog.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 
@@ -618,6 +619,12 @@ Status BrokerImpl::bind_unix(Listener& l, const std::string& endpoint) {
     const std::string why = std::strerror(errno);
     ::close(fd);
     return fail(why);
+  }
+  if (config_.unix_socket_mode >= 0 && ::chmod(path.c_str(), static_cast<mode_t>(config_.unix_socket_mode)) != 0) {
+    const std::string why = std::strerror(errno);
+    ::close(fd);
+    fs::remove(path, ec);
+    return fail("chmod " + path + ": " + why);
   }
   l.stream_fd = fd;
   l.stream_path = path;

@@ -1,5 +1,6 @@
 #include "config.h"
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -98,7 +99,7 @@ class Loader {
   if (auto s = get(*t, n, k, v); !s.ok()) return s.error()
     if (auto s = check_keys(*broker, "broker",
                             {"name", "identity", "data_dir", "listen", "curve", "max_message_bytes",
-                             "store_map_bytes", "tier", "site", "region", "credential"});
+                             "store_map_bytes", "tier", "site", "region", "credential", "unix_socket_mode"});
         !s.ok())
       return s.error();
     TM_GET(broker, "broker", "name", c.name);
@@ -108,6 +109,16 @@ class Loader {
     TM_GET(broker, "broker", "curve", c.curve);
     TM_GET(broker, "broker", "max_message_bytes", c.max_message_bytes);
     TM_GET(broker, "broker", "store_map_bytes", c.store_map_bytes);
+    std::string unix_mode;
+    TM_GET(broker, "broker", "unix_socket_mode", unix_mode);
+    if (!unix_mode.empty()) {
+      char* end = nullptr;
+      const long mode = std::strtol(unix_mode.c_str(), &end, 8);
+      if (*end != '\0' || mode < 0 || mode > 0777 || unix_mode.size() > 4)
+        return error(broker->get("unix_socket_mode"), "broker.unix_socket_mode",
+                     "'" + unix_mode + "' is not an octal mode such as \"0660\"");
+      c.unix_socket_mode = static_cast<int>(mode);
+    }
     TM_GET(broker, "broker", "tier", c.tier);
     TM_GET(broker, "broker", "site", c.site);
     TM_GET(broker, "broker", "region", c.region);

@@ -29,7 +29,8 @@ struct BrokerConfig {
   std::string name = "tracemesh";
   std::string identity_path;          // resolved against the config file's directory
   std::string data_dir;               // resolved likewise
-  std::vector<std::string> listen;    // tcp://host:port (0 = ephemeral), ipc://path
+  std::vector<std::string> listen;    // tcp://host:port (0 = ephemeral), ipc://path, unix://path
+  int unix_socket_mode = -1;          // unix:// socket files: permission bits; -1 keeps the umask's
   bool curve = true;                  // CURVE on tcp endpoints
   uint32_t max_message_bytes = 8u << 20;
   uint64_t store_map_bytes = 64ull << 30;

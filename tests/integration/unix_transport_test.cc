@@ -242,5 +242,17 @@ TEST_F(UnixTransportTest, ACrashLeavesAStaleSocketThatTheRestartReplacesAndSigte
   EXPECT_FALSE(std::filesystem::exists(path)) << path << " left behind after SIGTERM";
 }
 
+TEST_F(UnixTransportTest, TheSocketFileGetsTheConfiguredMode) {
+  namespace fs = std::filesystem;
+  const std::string path = codec::unix_path(broker_->unix_endpoint());
+  // 0604: no umask makes a socket file that, so only the setting can.
+  const auto wanted = fs::perms::owner_read | fs::perms::owner_write | fs::perms::others_read;
+  broker_->respec().broker_extra = "unix_socket_mode = \"0604\"";
+  ASSERT_TRUE(broker_->restart().ok()) << broker_->log_tail();
+  EXPECT_EQ(fs::status(path).permissions() & fs::perms::mask, wanted);
+  auto c = connect_unix("after-chmod");
+  ASSERT_TRUE(c);
+}
+
 }  // namespace
 }  // namespace tracemesh::testing

@@ -91,6 +91,25 @@ TEST_F(ConfigTest, AdminHttpDefaultsToLoopbackAndIsChecked) {
       << unknown.error().message();
 }
 
+TEST_F(ConfigTest, UnixSocketModeIsOctalAndOptional) {
+  const std::string base = "[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"unix:///tmp/b.sock\"]\n";
+  const std::string security = "[security]\noperators = [\"" + op_ + "\"]\n";
+  auto defaults = load_config(write(base + security));
+  ASSERT_TRUE(defaults.ok()) << defaults.error().to_string();
+  EXPECT_EQ(defaults->unix_socket_mode, -1) << "the umask decides unless the operator says";
+  auto group = load_config(write(base + "unix_socket_mode = \"0660\"\n" + security));
+  ASSERT_TRUE(group.ok()) << group.error().to_string();
+  EXPECT_EQ(group->unix_socket_mode, 0660);
+  for (const char* bad : {"0668", "rw-rw----", "07777", "-1"}) {
+    auto c = load_config(write(base + "unix_socket_mode = \"" + std::string(bad) + "\"\n" + security));
+    ASSERT_FALSE(c.ok()) << bad;
+    EXPECT_NE(c.error().message().find("broker.toml:5"), std::string::npos) << c.error().message();
+    EXPECT_NE(c.error().message().find("broker.unix_socket_mode: '" + std::string(bad) + "' is not an octal mode"),
+              std::string::npos)
+        << c.error().message();
+  }
+}
+
 TEST_F(ConfigTest, LimitsMustBePositive) {
   const std::string base = "[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"tcp://a:1\"]\n"
                            "[security]\noperators = [\"" + op_ + "\"]\n";

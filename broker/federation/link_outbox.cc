@@ -242,9 +242,12 @@ Status LinkOutbox::commit() {
       next.dropped++;
     }
   }
-  // What the file has room for (outbox_map_bytes; the map's reserve is for deletes).
+  // What the file has room for (outbox_map_bytes; the map's reserve is for deletes). The
+  // room counted before, less what was stored since, is a lower bound (deletes only add
+  // room): the freelist is read again only once that is used up.
   size_t fits = count;
-  const uint64_t room = room_bytes();
+  if (stored_size(incoming) > room_known_) room_known_ = room_bytes();
+  const uint64_t room = room_known_;
   if (stored_size(incoming) > room) {
     uint64_t taking = 0;
     for (fits = 0; fits < count; ++fits) {
@@ -254,9 +257,11 @@ Status LinkOutbox::commit() {
     }
     if (taking == 0) return fail(txn, full_error(incoming));
   }
+  uint64_t stored_now = 0;  // envelope bytes this commit puts in the file
   for (size_t i = 0; i < fits; ++i) {
     if (drop[i]) continue;
     const Pending& p = pending_[i];
+    stored_now += p.envelope.size();
     const uint64_t seq = ++next.last_seq;
     const uint64_t be = htobe64(seq);
     MDB_val k{8, const_cast<uint64_t*>(&be)};
@@ -274,6 +279,7 @@ Status LinkOutbox::commit() {
   if (rc) return fail(txn, mdb_error("put meta", rc, options_.dir));
   rc = mdb_txn_commit(txn);
   if (rc) return fail(nullptr, mdb_error("commit", rc, options_.dir));
+  room_known_ -= std::min(room_known_, stored_size(stored_now));
   stats_ = next;
   if (fits < count) {
     uint64_t rest = 0;
@@ -367,10 +373,12 @@ Status LinkOutbox::in_write_txn(const char* what, const std::function<int(MDB_tx
 Status LinkOutbox::swap_out(uint64_t key, std::string_view batch) {
   Status room = Status::Ok();
   Status st = in_write_txn("swap out", [&](MDB_txn* txn) {
-    if (stored_size(batch.size()) > room_bytes()) {
+    if (stored_size(batch.size()) > room_known_) room_known_ = room_bytes();
+    if (stored_size(batch.size()) > room_known_) {
       room = full_error(batch.size());
       return MDB_MAP_FULL;
     }
+    room_known_ -= stored_size(batch.size());
     SwapKey sk(key);
     MDB_val k = sk.val(), v{batch.size(), nullptr};
     const int rc = mdb_put(txn, db_, &k, &v, MDB_RESERVE);

@@ -112,6 +112,7 @@ class LinkOutbox {
   Options options_;
   MDB_env* env_ = nullptr;
   uint64_t page_bytes_ = 4096;  // LMDB's page size, from the environment
+  uint64_t room_known_ = 0;     // room_bytes() when last counted, less what was stored since
   // u64 seq (big-endian) -> [u8 durable][envelope]; "\xfe" u64 key -> swapped batch; "\xffmeta".
   MDB_dbi db_ = 0;
   struct Pending {

@@ -66,17 +66,17 @@ std::string hex(const uint8_t* p, size_t n) {
 
 std::string_view view(capnp::Text::Reader t) { return {t.cStr(), t.size()}; }
 
-// Whether something accepts connections on the unix socket at `path`.
-bool unix_socket_in_use(const std::string& path) {
-  sockaddr_un addr{};
-  if (path.size() >= sizeof addr.sun_path) return false;
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return false;
-  const bool in_use = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
-  ::close(fd);
-  return in_use;
+// Makes `path` free for a unix socket: a stale socket file (from a crash) is
+// removed. False when a running process accepts connections there.
+bool free_socket_path(const std::string& path) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return true;
+  if (const int fd = codec::connect_unix(path); fd >= 0) {
+    ::close(fd);
+    return false;
+  }
+  fs::remove(path, ec);
+  return true;
 }
 
 using codec::take_buffer;
@@ -576,12 +576,9 @@ Status BrokerImpl::init() {
         bind = bind.substr(0, bind.size() - 1) + "*";
       if (bind.rfind("ipc://", 0) == 0) {
         const std::string path = bind.substr(6);
-        if (fs::exists(path, ec)) {
-          if (unix_socket_in_use(path))
-            return Error(Errc::io, config_.path + ": broker.listen: '" + endpoint +
-                                       "' is in use by another running process");
-          fs::remove(path, ec);  // a stale socket file from a crash
-        }
+        if (!free_socket_path(path))
+          return Error(Errc::io, config_.path + ": broker.listen: '" + endpoint +
+                                     "' is in use by another running process");
       }
       l.socket->bind(bind);
       l.endpoint = l.socket->get(zmq::sockopt::last_endpoint);
@@ -606,11 +603,7 @@ Status BrokerImpl::bind_unix(Listener& l, const std::string& endpoint) {
   sockaddr_un addr{};
   if (path.size() >= sizeof addr.sun_path)
     return fail("the path is longer than " + std::to_string(sizeof addr.sun_path - 1) + " bytes");
-  std::error_code ec;
-  if (fs::exists(path, ec)) {
-    if (unix_socket_in_use(path)) return fail("in use by another running process");
-    fs::remove(path, ec);  // a stale socket file from a crash
-  }
+  if (!free_socket_path(path)) return fail("in use by another running process");
   addr.sun_family = AF_UNIX;
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
   const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -623,6 +616,7 @@ Status BrokerImpl::bind_unix(Listener& l, const std::string& endpoint) {
   if (config_.unix_socket_mode >= 0 && ::chmod(path.c_str(), static_cast<mode_t>(config_.unix_socket_mode)) != 0) {
     const std::string why = std::strerror(errno);
     ::close(fd);
+    std::error_code ec;
     fs::remove(path, ec);
     return fail("chmod " + path + ": " + why);
   }

@@ -242,6 +242,19 @@ TEST_F(UnixTransportTest, ACrashLeavesAStaleSocketThatTheRestartReplacesAndSigte
   EXPECT_FALSE(std::filesystem::exists(path)) << path << " left behind after SIGTERM";
 }
 
+TEST_F(UnixTransportTest, ASecondBrokerOnTheSameSocketPathIsRefusedAndSaysWhy) {
+  auto other = spec("other");
+  other.extra_listen = {broker_->unix_endpoint()};
+  auto started = process::BrokerProcess::start(other, "", encode_key(operator_->public_key()));
+  ASSERT_FALSE(started.ok()) << "two brokers on " << broker_->unix_endpoint();
+  EXPECT_NE(started.error().to_string().find("broker.listen: cannot bind '" + broker_->unix_endpoint() +
+                                             "': in use by another running process"),
+            std::string::npos)
+      << started.error().to_string();
+  auto still = connect_unix("still-served");
+  ASSERT_TRUE(still) << "the first broker lost its socket";
+}
+
 TEST_F(UnixTransportTest, TheSocketFileGetsTheConfiguredMode) {
   namespace fs = std::filesystem;
   const std::string path = codec::unix_path(broker_->unix_endpoint());

@@ -139,6 +139,7 @@ Status BrokerProcess::write_config() const {
   if (spec_.listen_tcp) listen.push_back(tcp_listen_);
   if (spec_.listen_ipc) listen.push_back("ipc://" + (dir_ / "broker.sock").string());
   if (spec_.listen_unix) listen.push_back("unix://" + (dir_ / "client.sock").string());
+  listen.insert(listen.end(), spec_.extra_listen.begin(), spec_.extra_listen.end());
   toml << "listen = " << toml_array(listen) << "\n"
        << "curve = " << (spec_.curve ? "true" : "false") << "\n";
   if (!spec_.tier.empty()) toml << "tier = " << toml_string(spec_.tier) << "\n";
@@ -243,7 +244,8 @@ Status BrokerProcess::launch() {
     else if (!line.empty())
       lines.push_back(line);
   }
-  const size_t expected = (spec_.listen_tcp ? 1 : 0) + (spec_.listen_ipc ? 1 : 0) + (spec_.listen_unix ? 1 : 0);
+  const size_t expected = (spec_.listen_tcp ? 1 : 0) + (spec_.listen_ipc ? 1 : 0) + (spec_.listen_unix ? 1 : 0) +
+                          spec_.extra_listen.size();
   if (lines.size() != expected) {
     child_->kill_and_wait();
     return Error(Errc::protocol, "ready file " + ready_path().string() + " lists " +

@@ -48,6 +48,7 @@ struct BrokerSpec {
   bool listen_tcp = true;   // tcp://127.0.0.1, ephemeral port
   bool listen_ipc = false;  // ipc://<dir>/broker.sock
   bool listen_unix = false; // unix://<dir>/client.sock (local clients without ZeroMQ)
+  std::vector<std::string> extra_listen;  // further endpoints, as given
   std::vector<StreamSpec> streams;
   std::vector<std::string> revoked;  // credential ids (hex)
   std::string revoked_file;          // [security] revoked_file: re-read on SIGHUP

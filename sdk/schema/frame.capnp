@@ -13,7 +13,7 @@ $Cxx.namespace("tracemesh::wire");
 
 using Env = import "envelope.capnp";
 
-const protocolVersion :UInt16 = 1;
+const protocolVersion :UInt16 = 2;  # 2: Deliver.runs; envelopes may omit trailing null pointers
 
 enum ErrorCode {
   none @0;
@@ -126,8 +126,16 @@ struct Delivery {
   attempt @2 :UInt32;      # durable consumers: delivery attempt, 1 = first
 }
 
+struct DeliveryRun {
+  subscription @0 :UInt64; # client-chosen subscription id the envelopes matched
+  count @1 :UInt32;        # this many consecutive envelopes of part 2
+}
+
 struct Deliver {
+  # Either `deliveries` (one per envelope) or `runs` (consecutive envelopes that share a
+  # subscription, best-effort: stream sequence 0, attempt 0), never both.
   deliveries @0 :List(Delivery);  # one per envelope in part 2, same order
+  runs @1 :List(DeliveryRun);     # best-effort deliveries, 16 bytes per run instead of 24 per message
 }
 
 struct Subscribe {

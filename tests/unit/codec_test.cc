@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <random>
 
 #include "codec/envelope_codec.h"
@@ -58,6 +59,57 @@ TEST(Codec, PlainMessagesCarryNoTrace) {
   EXPECT_FALSE(reader.root().hasTrace());
   // Small enough that batching 128-byte payloads stays within ~2x of the payload.
   EXPECT_LE(buf.size(), 256u);
+}
+
+// The pointer count of an envelope's root struct, read from its root pointer.
+uint64_t root_pointers(const WordBuffer& buf) {
+  uint64_t root;
+  std::memcpy(&root, buf.data() + 8, 8);
+  return root >> 48;
+}
+
+TEST(Codec, PlainEnvelopesLeaveOutTheirTrailingNullPointers) {
+  // Segment table, root pointer, struct of 5 data words and 3 pointers, topic "a/b" (1 word),
+  // producer "line-1" (1 word), payload 128 B (16 words): 28 words. With the trace, path and
+  // groups slots it would be 31.
+  WordBuffer plain;
+  EXPECT_EQ(append_envelope(plain, sample("a/b", std::string(128, 'x'))), 28u * 8);
+  EXPECT_EQ(root_pointers(plain), 3u);
+  EnvelopeReader r(plain.data(), plain.size());
+  EXPECT_STREQ(r.root().getTopic().cStr(), "a/b");
+  EXPECT_STREQ(r.root().getProducer().cStr(), "line-1");
+  EXPECT_EQ(r.root().getPayload().size(), 128u);
+  EXPECT_EQ(r.root().getSequence(), 7u);
+  EXPECT_FALSE(r.root().hasTrace());
+  EXPECT_EQ(r.root().getPath().size(), 0u);
+  EXPECT_EQ(r.root().getGroups().size(), 0u);
+
+  // No producer: the null pointer among the kept ones stays null.
+  auto f = sample("a/b", "p");
+  f.producer = {};
+  WordBuffer anonymous;
+  append_envelope(anonymous, f);
+  EXPECT_EQ(root_pointers(anonymous), 3u);
+  EnvelopeReader r2(anonymous.data(), anonymous.size());
+  EXPECT_FALSE(r2.root().hasProducer());
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(r2.root().getPayload().begin()), 1), "p");
+
+  // A message with a trace keeps every slot.
+  std::vector<MessageId> parents = {{1, 2}};
+  f.parents = parents;
+  WordBuffer traced;
+  append_envelope(traced, f);
+  EXPECT_EQ(root_pointers(traced), 6u);
+  EnvelopeReader r3(traced.data(), traced.size());
+  EXPECT_EQ(r3.root().getTrace().getParents()[0].getLo(), 2u);
+
+  // So does a payload too big for the scratch segment, which is cut the same way.
+  WordBuffer big;
+  append_envelope(big, sample("big/one", std::string(100000, 'z')));
+  EXPECT_EQ(root_pointers(big), 3u);
+  EnvelopeReader r4(big.data(), big.size());
+  EXPECT_EQ(r4.root().getPayload().size(), 100000u);
+  EXPECT_EQ(r4.root().getPayload()[99999], 'z');
 }
 
 TEST(Codec, BatchOfManyEnvelopesIteratesInOrder) {

@@ -69,8 +69,12 @@ TEST(VisitedPath, StampsPlainEnvelopesAndKeepsEverythingElse) {
   EXPECT_EQ(path_of(b.root()), hops);
   EXPECT_FALSE(b.root().hasTrace()) << "a plain message stays without a trace";
   // In place: old lists stay behind as garbage, but a hop costs a few words, not a re-encode:
-  // the lists (1 + 2 + 3 + 4 words) and the names (2 + 2 + 2 + 5).
-  EXPECT_EQ(stamped.size(), original.size() + 8 * (10 + 11));
+  // the lists (1 + 2 + 3 + 4 words) and the names (2 + 2 + 2 + 5), and at the first hop the
+  // three pointer slots (trace, path, groups) the producer's encoder left out.
+  EXPECT_EQ(stamped.size(), original.size() + 8 * (3 + 10 + 11));
+  uint64_t root;
+  std::memcpy(&root, stamped.data() + 8, 8);
+  EXPECT_EQ(root >> 48, 6u) << "the stamped envelope has every pointer slot";
 }
 
 TEST(VisitedPath, StampsEnvelopesWithLineageLabelsAndAnExistingOrigin) {
@@ -95,6 +99,81 @@ TEST(VisitedPath, StampsEnvelopesWithLineageLabelsAndAnExistingOrigin) {
   expect_same_message(a.root(), b.root());
   EXPECT_EQ(path_of(b.root()), (std::vector<std::string>{"edge", "regional"}));
   EXPECT_STREQ(b.root().getTrace().getOriginBroker().cStr(), "set-by-producer") << "the origin is left alone";
+}
+
+// `env` (one segment, root struct first) with its root struct cut to `keep` pointers, as an
+// encoder that leaves out trailing null pointers (or an older schema) writes it.
+WordBuffer with_pointers(const WordBuffer& env, uint64_t keep) {
+  std::vector<uint64_t> w(env.words());
+  std::memcpy(w.data(), env.data(), env.size());
+  const uint64_t root = w[1], data_words = (root >> 32) & 0xffff, pointers = root >> 48;
+  const size_t first = 2 + data_words, cut = pointers - keep;
+  for (size_t i = keep; i < pointers; ++i) EXPECT_EQ(w[first + i], 0u) << "only null slots can go";
+  for (size_t i = 0; i < keep; ++i) {
+    uint64_t& p = w[first + i];
+    if (p == 0) continue;
+    const int32_t offset = static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2;
+    p = (p & 0xffffffff00000003ULL) | static_cast<uint32_t>((offset - static_cast<int32_t>(cut)) * 4);
+  }
+  w[1] = (root & 0x0000ffffffffffffULL) | keep << 48;
+  w.erase(w.begin() + first + keep, w.begin() + first + pointers);
+  const uint32_t table[2] = {0, static_cast<uint32_t>(w.size() - 1)};
+  std::memcpy(w.data(), table, 8);
+  WordBuffer out;
+  out.append(w.data(), w.size() * 8);
+  return out;
+}
+
+TEST(VisitedPath, EnvelopesWithoutPathSlotsAreWidenedInPlace) {
+  // A message with a trace (lineage, labels, reply inbox) but no path or groups slot: the
+  // trace struct and its lists move down with everything else and must still read back.
+  Labels labels;
+  labels.data_class = DataClass::log;
+  labels.regions = {"cn-east"};
+  std::vector<MessageId> parents = {{1, 2}, {3, 4}};
+  EnvelopeFields f;
+  f.id = next_message_id();
+  f.topic = "plant/line3/maintenance";
+  f.producer = "cmms";
+  f.labels = &labels;
+  f.parents = parents;
+  f.reply_to = "_INBOX/q/9";
+  f.payload = "bearing replaced";
+  WordBuffer traced;
+  append_envelope(traced, f);
+  WordBuffer with_trace = with_pointers(traced, 4);
+  // A plain message: the encoder itself leaves out trace, path and groups.
+  f.labels = nullptr;
+  f.parents = {};
+  f.reply_to = {};
+  WordBuffer plain;
+  append_envelope(plain, f);
+
+  for (const WordBuffer* original : {&with_trace, &plain}) {
+    uint64_t root;
+    std::memcpy(&root, original->data() + 8, 8);
+    const uint64_t pointers = root >> 48;
+    EnvelopeReader a(original->data(), original->size());
+    WordBuffer stamped = stamp_all(*original, {"edge", "regional"});
+    // The missing slots, then per hop a path list (1, 2 words) and a name ("edge" 1 word,
+    // "regional" 2).
+    EXPECT_EQ(stamped.size(), original->size() + 8 * ((6 - pointers) + 1 + 2 + 1 + 2)) << pointers;
+    EnvelopeReader b(stamped.data(), stamped.size());
+    expect_same_message(a.root(), b.root());
+    EXPECT_EQ(path_of(b.root()), (std::vector<std::string>{"edge", "regional"}));
+    EXPECT_EQ(b.root().getTrace().getLabels().getRegions().size(), a.root().getTrace().getLabels().getRegions().size());
+    if (pointers == 4) {
+      EXPECT_STREQ(b.root().getTrace().getLabels().getRegions()[0].cStr(), "cn-east");
+    }
+    // With groups delegated at the first hop, too.
+    WordBuffer delegated;
+    const std::vector<std::string_view> groups = {"planners"};
+    ASSERT_TRUE(append_visited(delegated, original->data(), original->size(), "edge", groups).ok());
+    EnvelopeReader d(delegated.data(), delegated.size());
+    ASSERT_EQ(d.root().getGroups().size(), 1u);
+    EXPECT_STREQ(d.root().getGroups()[0].cStr(), "planners");
+    expect_same_message(a.root(), d.root());
+  }
 }
 
 TEST(VisitedPath, EachCopyCarriesOnlyTheGroupsItsSenderDelegated) {

@@ -42,6 +42,57 @@ using codec::take_buffer;
 
 }  // namespace
 
+// Walks a deliver frame's header in envelope order, whichever of its two forms the broker
+// sent: one Delivery per envelope, or runs of best-effort envelopes of one subscription.
+class DeliveryCursor {
+ public:
+  explicit DeliveryCursor(wire::Deliver::Reader deliver)
+      : deliveries_(deliver.getDeliveries()), runs_(deliver.getRuns()) {
+    if (runs_.size() == 0) {
+      count_ = deliveries_.size();
+      return;
+    }
+    if (deliveries_.size() != 0) {
+      valid_ = false;  // both forms at once: not a frame any broker sends
+      return;
+    }
+    for (auto r : runs_) {
+      if (r.getCount() == 0) valid_ = false;
+      count_ += r.getCount();
+    }
+    if (count_ > UINT32_MAX) valid_ = false;
+  }
+  bool valid() const { return valid_; }
+  uint32_t count() const { return valid_ ? static_cast<uint32_t>(count_) : 0; }
+
+  // The next envelope's delivery; false past the end.
+  bool next(uint64_t& subscription, uint64_t& stream_seq, uint32_t& attempt) {
+    if (!valid_ || index_ >= count_) return false;
+    ++index_;
+    if (runs_.size() == 0) {
+      auto d = deliveries_[static_cast<unsigned>(index_ - 1)];
+      subscription = d.getSubscription();
+      stream_seq = d.getStreamSeq();
+      attempt = d.getAttempt();
+      return true;
+    }
+    while (left_in_run_ == 0) left_in_run_ = runs_[static_cast<unsigned>(run_++)].getCount();
+    --left_in_run_;
+    subscription = runs_[static_cast<unsigned>(run_ - 1)].getSubscription();
+    stream_seq = 0;
+    attempt = 0;
+    return true;
+  }
+
+ private:
+  capnp::List<wire::Delivery>::Reader deliveries_;
+  capnp::List<wire::DeliveryRun>::Reader runs_;
+  uint64_t count_ = 0, index_ = 0;
+  size_t run_ = 0;
+  uint32_t left_in_run_ = 0;
+  bool valid_ = true;
+};
+
 // Decodes the envelopes of a deliver frame one at a time into a reused
 // Message whose views point into the frame (no per-message allocation).
 class MessageDecoder {
@@ -50,15 +101,15 @@ class MessageDecoder {
   static Status for_each(const uint8_t* data, size_t size, const std::shared_ptr<const void>& keep,
                          wire::Deliver::Reader deliver, const std::weak_ptr<ClientImpl>& client,
                          Fn&& fn) {
-    auto deliveries = deliver.getDeliveries();
-    uint32_t index = 0;
+    DeliveryCursor cursor(deliver);
+    if (!cursor.valid()) return Error(Errc::protocol, "deliver frame with a malformed header");
+    uint64_t stream_seq = 0;
+    uint32_t attempt = 0;
     Message m;
     m.frame_ = keep;
     m.client_ = client;
-    return codec::for_each_envelope(data, size, deliveries.size(), [&](const uint8_t* p, size_t n) {
-      if (index >= deliveries.size()) return false;
-      auto d = deliveries[index++];
-      m.subscription_ = d.getSubscription();
+    return codec::for_each_envelope(data, size, cursor.count(), [&](const uint8_t* p, size_t n) {
+      if (!cursor.next(m.subscription_, stream_seq, attempt)) return false;
       if (!fn.wants(m.subscription_)) return true;
       codec::EnvelopeReader reader(p, n);
       auto env = reader.root();
@@ -95,8 +146,8 @@ class MessageDecoder {
       }
       // Brokers record where a message entered the mesh as the first hop of its path.
       if (m.origin_broker_.empty() && !m.path_.empty()) m.origin_broker_ = m.path_.front();
-      m.stream_seq_ = d.getStreamSeq();
-      m.attempt_ = d.getAttempt();
+      m.stream_seq_ = stream_seq;
+      m.attempt_ = attempt;
       fn(static_cast<const Message&>(m));
       return true;
     });
@@ -781,10 +832,15 @@ void ClientImpl::on_frame(zmq::message_t& header, std::shared_ptr<zmq::message_t
         keep = std::move(aligned);
       }
       bool inbox = false, other = false;
-      for (auto d : frame.getDeliver().getDeliveries()) {
-        if (d.getSubscription() == kInboxSubscription) inbox = true;
+      DeliveryCursor cursor(frame.getDeliver());
+      uint64_t sub = 0, seq = 0;
+      uint32_t attempt = 0;
+      while (cursor.next(sub, seq, attempt)) {
+        if (sub == kInboxSubscription) inbox = true;
         else other = true;
       }
+      if (!cursor.valid() && opts_.on_error)
+        opts_.on_error(Error(Errc::protocol, "deliver frame with a malformed header"));
       if (inbox) {
         // Replies complete on this thread, so a request made inside a handler cannot deadlock.
         struct OnlyInbox {

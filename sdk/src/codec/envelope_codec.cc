@@ -63,6 +63,50 @@ void fill(wire::Envelope::Builder env, const EnvelopeFields& f) {
     trace.setReplyTo(capnp::Text::Reader(f.reply_to.data(), f.reply_to.size()));
 }
 
+// Envelope pointer slots the SDK writes (topic, producer, payload); the three after them
+// (trace, path, groups) are usually null.
+constexpr uint64_t kLeadingPointers = 3;
+
+// Appends the one-segment message `seg` (words, root first) to `out` in stream framing. An
+// envelope whose trailing pointers (trace, path, groups) are all null goes without them: a
+// struct with fewer pointers is how Cap'n Proto encodes a message from an older schema, and
+// readers see the missing fields as null. That saves 24 of the ~270 bytes a 128-byte payload
+// takes, and every byte is encrypted twice under CURVE.
+size_t append_segment(WordBuffer& out, const capnp::word* words, size_t n) {
+  const auto* seg = reinterpret_cast<const uint64_t*>(words);
+  size_t cut = 0;
+  if (n >= 1 && (seg[0] & 3) == 0 && static_cast<uint32_t>(seg[0]) >> 2 == 0) {
+    const uint64_t data_words = (seg[0] >> 32) & 0xffff, pointers = seg[0] >> 48;
+    const size_t first = 1 + data_words;
+    if (pointers > kLeadingPointers && first + pointers <= n) {
+      bool trailing_null = true;
+      for (size_t i = kLeadingPointers; i < pointers; ++i) trailing_null = trailing_null && seg[first + i] == 0;
+      bool lists = true;  // the kept pointers are list pointers (or null), re-pointed below
+      for (size_t i = 0; i < kLeadingPointers; ++i) lists = lists && (seg[first + i] == 0 || (seg[first + i] & 3) == 1);
+      if (trailing_null && lists) cut = pointers - kLeadingPointers;
+    }
+  }
+  uint64_t* dst = out.grow(1 + n - cut);
+  const uint32_t table[2] = {0, static_cast<uint32_t>(n - cut)};
+  std::memcpy(dst, table, 8);
+  if (cut == 0) {
+    std::memcpy(dst + 1, seg, n * 8);
+    return (1 + n) * 8;
+  }
+  const uint64_t data_words = (seg[0] >> 32) & 0xffff;
+  const size_t keep = 1 + data_words + kLeadingPointers;  // root, data, kept pointers
+  std::memcpy(dst + 1, seg, keep * 8);
+  std::memcpy(dst + 1 + keep, seg + keep + cut, (n - keep - cut) * 8);
+  dst[1] = (seg[0] & 0x0000ffffffffffffULL) | (kLeadingPointers << 48);
+  for (size_t i = 0; i < kLeadingPointers; ++i) {
+    uint64_t& p = dst[1 + 1 + data_words + i];
+    if (p == 0) continue;
+    const int32_t offset = static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2;
+    p = (p & 0xffffffff00000000ULL) | static_cast<uint32_t>((offset - static_cast<int32_t>(cut)) * 4) | 1;
+  }
+  return (1 + n - cut) * 8;
+}
+
 }  // namespace
 
 size_t append_envelope(WordBuffer& out, const EnvelopeFields& fields) {
@@ -74,18 +118,17 @@ size_t append_envelope(WordBuffer& out, const EnvelopeFields& fields) {
     auto segments = builder.getSegmentsForOutput();
     if (segments.size() == 1 && segments[0].begin() == scratch) {
       const size_t n = segments[0].size();
-      uint64_t* dst = out.grow(1 + n);
-      uint32_t table[2] = {0, static_cast<uint32_t>(n)};
-      std::memcpy(dst, table, 8);
-      std::memcpy(dst + 1, scratch, n * 8);
+      const size_t bytes = append_segment(out, scratch, n);
       std::memset(scratch, 0, n * 8);
-      return (1 + n) * 8;
+      return bytes;
     }
     // Did not fit the scratch segment: fall through to the general path.
     std::memset(scratch, 0, sizeof(scratch));
   }
   capnp::MallocMessageBuilder builder(static_cast<unsigned>(std::min<size_t>(estimate, 1u << 28)));
   fill(builder.initRoot<wire::Envelope>(), fields);
+  auto segments = builder.getSegmentsForOutput();
+  if (segments.size() == 1) return append_segment(out, segments[0].begin(), segments[0].size());
   auto flat = capnp::messageToFlatArray(builder);
   out.append(flat.begin(), flat.size() * 8);
   return flat.size() * 8;

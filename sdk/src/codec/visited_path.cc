@@ -4,8 +4,10 @@
 // writes it) is an edit of the Cap'n Proto words in place: the envelope is copied verbatim, a
 // new path list (the old entries, re-pointed, plus one) and the broker's name are appended at
 // the end of the segment, and the envelope's path pointer is turned to the new list; the old
-// list stays behind as unreachable words. Anything else (several segments, an older layout, a
-// far pointer) takes the general path: decode, copy, re-encode.
+// list stays behind as unreachable words. An envelope sent without its trailing null pointers
+// gets its pointer slots back on the way (the words after them move down). Anything else
+// (several segments, another layout, a far pointer) takes the general path: decode, copy,
+// re-encode.
 #include <capnp/message.h>
 #include <capnp/serialize.h>
 
@@ -37,6 +39,10 @@ struct Plan {
   size_t seg_words = 0;
   size_t path_slot = 0;  // the envelope's path pointer (its groups pointer follows)
   size_t old_list = 0, old_len = 0;
+  // An envelope written without its trailing null pointers (see append_segment) is widened
+  // first: `widen` null slots go in at word `widen_at`, and the pointers before them move
+  // their targets by as much.
+  size_t widen = 0, widen_at = 0, kept_from = 0, kept = 0;
 };
 
 bool in_bounds(int64_t start, uint64_t words, size_t seg_words) {
@@ -55,8 +61,24 @@ bool plan_in_place(const uint8_t* env, size_t n, Plan& plan) {
   if (root == 0 || pointer_type(root) != kStructPointer) return false;
   const int64_t env_start = 1 + pointer_offset(root);
   const uint64_t data_words = (root >> 32) & 0xffff, pointers = root >> 48;
-  // An envelope from an encoder without the path and groups fields has no slots: re-encode.
-  if (pointers <= kEnvelopeGroups || !in_bounds(env_start, data_words + pointers, plan.seg_words)) return false;
+  if (!in_bounds(env_start, data_words + pointers, plan.seg_words)) return false;
+  if (pointers <= kEnvelopePath) {
+    // No path or groups slot (the encoder left out trailing null pointers): widen the struct
+    // in the copy. Only a root struct right after the root pointer, as encoders lay it out,
+    // whose pointers are lists or null; anything else is re-encoded.
+    if (env_start != 1) return false;
+    plan.kept_from = 1 + data_words;
+    plan.kept = pointers;
+    for (size_t i = 0; i < pointers; ++i) {
+      const uint64_t p = seg[plan.kept_from + i];
+      if (p != 0 && pointer_type(p) != kListPointer && pointer_type(p) != kStructPointer) return false;
+    }
+    plan.widen = kEnvelopeGroups + 1 - pointers;
+    plan.widen_at = plan.kept_from + pointers;
+    plan.path_slot = plan.kept_from + kEnvelopePath;
+    return true;
+  }
+  if (pointers == kEnvelopeGroups) return false;  // a path slot but no groups slot: re-encode
   plan.path_slot = env_start + data_words + kEnvelopePath;
   const uint64_t path = seg[plan.path_slot];
   if (path == 0) return true;
@@ -117,15 +139,27 @@ Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std
   const size_t name_words = (broker.size() + 8) / 8;
   size_t group_words = groups.size();
   for (auto g : groups) group_words += (g.size() + 8) / 8;
-  const size_t seg_words = plan.seg_words + plan.old_len + 1 + name_words + group_words;
+  const size_t seg_words = plan.seg_words + plan.widen + plan.old_len + 1 + name_words + group_words;
   if (seg_words > UINT32_MAX / 2) return append_visited_general(out, env, n, broker, groups);
   uint64_t* dst = out.grow(1 + seg_words);
-  std::memcpy(dst, env, n);
+  uint64_t* seg = dst + 1;
+  if (plan.widen == 0) {
+    std::memcpy(dst, env, n);
+  } else {
+    const auto* in = reinterpret_cast<const uint64_t*>(env + 8);
+    std::memcpy(seg, in, plan.widen_at * 8);
+    std::memset(seg + plan.widen_at, 0, plan.widen * 8);
+    std::memcpy(seg + plan.widen_at + plan.widen, in + plan.widen_at, (plan.seg_words - plan.widen_at) * 8);
+    seg[0] = (seg[0] & 0x0000ffffffffffffULL) | (uint64_t{kEnvelopeGroups + 1} << 48);
+    for (size_t i = 0; i < plan.kept; ++i) {
+      uint64_t& p = seg[plan.kept_from + i];
+      if (p != 0) p = make_pointer(pointer_type(p), pointer_offset(p) + static_cast<int64_t>(plan.widen), p >> 32);
+    }
+  }
   const uint32_t table[2] = {0, static_cast<uint32_t>(seg_words)};
   std::memcpy(dst, table, 8);
-  uint64_t* seg = dst + 1;
   // The new path list: the old entries pointing at the same texts, then this broker.
-  const size_t list = plan.seg_words;
+  const size_t list = plan.seg_words + plan.widen;
   for (size_t i = 0; i < plan.old_len; ++i) {
     const uint64_t e = seg[plan.old_list + i];
     if (e == 0) {

@@ -131,6 +131,7 @@ struct Link {
   Clock::time_point capture_retry_at{};
   std::chrono::milliseconds capture_backoff{0};
   bool durable_pending = false;             // a durable message awaits sync()
+  uint64_t synced_through = 0;              // outbox tickets of durable appends on disk up to here
   bool outbox_failing = false;              // the last commit or sync failed (logged once)
   Clock::time_point outbox_retry_at{};
   LinkInterest interest;                    // what the peer is told we want, collapsed
@@ -438,7 +439,22 @@ class BrokerImpl final : public Broker {
   std::unordered_map<MessageId, Clock::time_point> capture_retry_;
   Clock::time_point next_capture_sweep_{};
   uint64_t mesh_duplicates_ = 0;
-  std::vector<std::pair<std::string, MessageId>> link_acks_;  // durable acks after outbox sync
+  // Durable publishes that only links took, acked once every outbox they went to has them on
+  // disk: the outbox tickets they got, per link.
+  struct LinkAck {
+    std::string session;
+    MessageId id;
+    std::vector<std::pair<Link*, uint64_t>> tickets;
+  };
+  std::vector<LinkAck> link_acks_;
+  bool link_acks_added_ = false;
+  // Scratch of route(): the outbox tickets of the durable copies it appended.
+  std::vector<std::pair<Link*, uint64_t>> link_tickets_;
+  void hold_link_ack(const std::string& session, const MessageId& id,
+                     std::vector<std::pair<Link*, uint64_t>> tickets) {
+    link_acks_.push_back({session, id, std::move(tickets)});
+    link_acks_added_ = true;
+  }
   Errc link_refusal_ = Errc::overloaded;  // why the last durable forward_to was refused
 
   std::vector<WriteOp> writes_;
@@ -1166,6 +1182,7 @@ size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topi
                          bool durable, bool* to_link, bool* link_refused,
                          capnp::List<capnp::Text>::Reader visited, capnp::List<capnp::Text>::Reader delegated) {
   size_t targets = 0;
+  link_tickets_.clear();
   // One copy per link, however many of the peer's filters match (the peer routes it on),
   // carrying the queue groups this broker chose the peer for. The copies' storage is kept
   // from message to message.
@@ -1279,7 +1296,11 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
       ++duplicates_;
       if (!durable) return true;
       if (!stream_for(topic)) {
-        link_acks_.emplace_back(s.key, id);
+        // Its first copy may still wait in an outbox: ack once everything appended so far is stored.
+        std::vector<std::pair<Link*, uint64_t>> all;
+        for (auto& l : links_)
+          if (l->outbox) all.emplace_back(l.get(), l->outbox->last_ticket());
+        hold_link_ack(s.key, id, std::move(all));
         return true;
       }
       // With a stream, its dedup window below answers the resend.
@@ -1297,7 +1318,7 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
         s.acks_dup.push_back(false);
         if (!s.dirty) { s.dirty = true; dirty_sessions_.push_back(&s); }
       } else if (to_link) {
-        link_acks_.emplace_back(s.key, id);  // acked once the outbox is on disk
+        hold_link_ack(s.key, id, link_tickets_);  // acked once those outboxes have it on disk
       } else {
         s.acks_out.push_back({id, {0, wire::ErrorCode::NOT_FOUND}});
         s.acks_dup.push_back(false);
@@ -2405,7 +2426,10 @@ bool BrokerImpl::forward_to(Link& l, const uint8_t* data, size_t size, bool dura
     else link_refusal_ = st.code();  // overloaded (full of durable messages) or storage_full
     return false;
   }
-  if (durable) l.durable_pending = true;
+  if (durable) {
+    l.durable_pending = true;
+    link_tickets_.emplace_back(&l, l.outbox->last_ticket());
+  }
   return true;
 }
 
@@ -2545,18 +2569,31 @@ void BrokerImpl::service_links() {
   // Whether every outbox holds on disk what was appended to it: only then are the
   // durable publishes and forwarded batches that went there acked.
   bool stored = true;
+  bool advanced = false;  // some outbox has more on disk than before
   for (auto& lp : links_) {
     Link& l = *lp;
     if (!l.outbox) continue;
+    const uint64_t synced_before = l.synced_through;
     if (l.outbox_failing && now < l.outbox_retry_at) {  // a full disk: try again shortly
       stored = stored && !l.outbox->durable_pending() && !l.durable_pending;
       continue;
     }
     Status st = l.outbox->commit();
-    if (st.ok() && l.durable_pending) {
-      st = l.outbox->sync();
-      if (st.ok()) l.durable_pending = false;
+    // What the commit stored goes to disk now, also when the file had room for only a part
+    // of it: the durable publishes in that part are acked without waiting for the rest.
+    const uint64_t through = l.outbox->stored_through();
+    if (l.durable_pending && through > l.synced_through) {
+      Status synced = l.outbox->sync();
+      if (synced.ok()) {
+        l.synced_through = through;
+        l.durable_pending = l.outbox->durable_pending();
+      } else if (st.ok()) {
+        st = synced;
+      }
+    } else if (!l.durable_pending && through > l.synced_through) {
+      l.synced_through = through;  // only best-effort since the last sync
     }
+    if (l.synced_through != synced_before) advanced = true;
     if (!st.ok()) {
       stored = false;
       l.outbox_retry_at = now + std::chrono::milliseconds(100);
@@ -2569,18 +2606,22 @@ void BrokerImpl::service_links() {
       spdlog::info("link '{}': outbox stores again", l.name);
     }
   }
-  // Durable publishes that only links took: now on disk, so ack them. While an
-  // outbox cannot store they are held, with the forward acks below.
-  if (stored) {
-    for (const auto& [key, id] : link_acks_) {
-      auto it = sessions_.find(key);
-      if (it == sessions_.end()) continue;
+  // Durable publishes that only links took: acked once each outbox they went to has them on
+  // disk. While an outbox cannot store (a full disk, or a file full until acks free room)
+  // those bound for it are held, with the forward acks below.
+  if ((advanced || link_acks_added_) && !link_acks_.empty()) {
+    link_acks_added_ = false;
+    std::erase_if(link_acks_, [&](const LinkAck& a) {
+      for (const auto& [link, ticket] : a.tickets)
+        if (ticket > link->synced_through) return false;
+      auto it = sessions_.find(a.session);
+      if (it == sessions_.end()) return true;
       Session& s = *it->second;
-      s.acks_out.push_back({id, {0, wire::ErrorCode::NONE}});
+      s.acks_out.push_back({a.id, {0, wire::ErrorCode::NONE}});
       s.acks_dup.push_back(false);
       if (!s.dirty) { s.dirty = true; dirty_sessions_.push_back(&s); }
-    }
-    link_acks_.clear();
+      return true;
+    });
   }
   if (!capture_retry_.empty() && now >= next_capture_sweep_) {
     // A peer that never resends (its link removed) must not pin these for ever.

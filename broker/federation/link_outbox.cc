@@ -121,7 +121,7 @@ Status LinkOutbox::append(std::string_view envelope, bool durable) {
     stats_.dropped++;
     return Error(Errc::overloaded, "link outbox full: best-effort message dropped (overflow = reject)");
   }
-  pending_.push_back({std::string(envelope), durable});
+  pending_.push_back({std::string(envelope), durable, ++appended_});
   pending_bytes_ += envelope.size();
   return Status::Ok();
 }

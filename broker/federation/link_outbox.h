@@ -73,6 +73,11 @@ class LinkOutbox {
   Status commit();
   // Durable messages appended but not yet committed (kept across failed commits).
   bool durable_pending() const { return pending_durable_bytes_ > 0; }
+  // Every accepted append gets a ticket, counting up from 1; last_ticket() is the latest.
+  // Appends are stored in ticket order, so everything up to stored_through() is in the file
+  // (committed, not yet synced) or, if best-effort, dropped; what follows still waits.
+  uint64_t last_ticket() const { return appended_; }
+  uint64_t stored_through() const { return pending_.empty() ? appended_ : pending_.front().ticket - 1; }
   // Forces committed data to disk (fsync).
   Status sync();
   // Calls fn for unacked entries with seq > after, in order, until it returns false.
@@ -118,7 +123,9 @@ class LinkOutbox {
   struct Pending {
     std::string envelope;
     bool durable;
+    uint64_t ticket;  // append number
   };
+  uint64_t appended_ = 0;  // appends accepted so far (tickets handed out)
   std::vector<Pending> pending_;
   uint64_t pending_bytes_ = 0;  // sum of pending_ envelope sizes
   uint64_t pending_durable_bytes_ = 0;  // of which durable

@@ -765,8 +765,8 @@ TEST_F(FederationTest, DurablesAnOutboxCannotStoreAreNeverAcked) {
       ++done;
     }).ok());
     // In waves of 100 (100 kB), answered before the next: while the centre is away nothing
-    // frees room, and the durable publishes of a commit that did not fit whole wait unacked
-    // (LinkOutboxTest covers a commit larger than the whole file).
+    // frees room, and what a commit could not store waits unacked (the test below sends one
+    // burst larger than the file).
     if (i % 100 == 99) {
       ASSERT_TRUE(wait_until([&] { return done == i + 1; }, 20s)) << done << " answered";
     }
@@ -792,6 +792,57 @@ TEST_F(FederationTest, DurablesAnOutboxCannotStoreAreNeverAcked) {
   }, 30s)) << last.to_string() << nodes_["edge"].broker->log_tail();
   EXPECT_NE(nodes_["edge"].broker->log_tail(200).find("outbox stores again"), std::string::npos)
       << nodes_["edge"].broker->log_tail();
+}
+
+// One burst larger than the edge's outbox file while the centre is away: the outbox stores
+// what fits, oldest first, and the rest waits for room that only the centre's acks can free.
+// Every durable publish it stored is acked now, not once the rest is stored too, and each of
+// those reaches the centre when it is back.
+TEST_F(FederationTest, EveryDurableTheOutboxStoredIsAckedWhileTheRestWaits) {
+  start("centre", "centre", {}, {{"LINE", {"plant/#"}}});
+  outbox_map_bytes_ = 1u << 20;
+  start("edge", "edge", {"centre"});
+  outbox_map_bytes_ = 0;
+  ASSERT_TRUE(links_up("edge", 1));
+  auto o = options(*nodes_["edge"].broker, principal("line-1"));
+  o.ack_timeout = 5s;  // what the edge cannot store yet times out
+  auto connected = Client::connect(o);
+  ASSERT_TRUE(connected.ok()) << connected.error().to_string();
+  auto line = std::move(*connected);
+  ASSERT_TRUE(wait_until([&] { return line->publish_durable("plant/probe", "probe").get().ok(); }, 15s));
+  ASSERT_TRUE(nodes_["centre"].broker->stop(SIGTERM).ok());
+
+  std::mutex mu;
+  std::set<std::string> acked;
+  std::map<std::string, int> refusals;
+  std::atomic<int> done{0};
+  constexpr int kCount = 1500;  // 1.5 MB at once for a 1 MiB file
+  const std::string filler(1000, 'b');
+  for (int i = 0; i < kCount; ++i) {
+    const std::string payload = std::to_string(i) + ":" + filler;
+    ASSERT_TRUE(line->publish_durable("plant/line1/vibration", payload, {}, [&, payload](Result<PublishAck> r) {
+      std::lock_guard lock(mu);
+      if (r.ok()) acked.insert(payload);
+      else ++refusals[std::string(errc_name(r.error().code()))];
+      ++done;
+    }).ok());
+  }
+  ASSERT_TRUE(wait_until([&] { return done == kCount; }, 60s)) << done << " of " << kCount << " answered";
+  std::string why;
+  for (const auto& [code, n] : refusals) why += code + " " + std::to_string(n) + "; ";
+  auto status = line->mesh_status();
+  ASSERT_TRUE(status.ok()) << status.error().to_string();
+  ASSERT_EQ(status->links.size(), 1u);
+  EXPECT_GT(acked.size(), 0u);
+  EXPECT_LT(acked.size(), static_cast<size_t>(kCount)) << "1.5 MB acked by a 1 MiB outbox";
+  // The probe left before the cut: what the outbox holds is this burst, stored oldest first.
+  EXPECT_EQ(status->links[0].backlog_messages, acked.size())
+      << "every message the outbox stored is acked, and nothing else (refused: " << why << ")";
+  for (int i = 0; i < static_cast<int>(acked.size()); ++i)
+    EXPECT_TRUE(acked.count(std::to_string(i) + ":" + filler)) << "not acked, though a later one was: " << i;
+
+  ASSERT_TRUE(nodes_["centre"].broker->restart().ok()) << nodes_["centre"].broker->log_tail();
+  EXPECT_TRUE(stream_holds("centre", "LINE", acked, 60s)) << "acked durable messages missing at the centre";
 }
 
 // How often each payload arrived, and the payloads that arrived more than once.

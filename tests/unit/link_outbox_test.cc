@@ -293,11 +293,15 @@ TEST_F(LinkOutboxTest, MorePendingThanTheFileHoldsIsStoredInPartsAsAcksFreeRoom)
   auto box = open(1u << 30, true, 512 * 1024);
   constexpr int kCount = 1500;  // 1.5 MB for a 512 KiB file
   for (int i = 1; i <= kCount; ++i) ASSERT_TRUE(box->append(body(i, 1000), true).ok());
+  EXPECT_EQ(box->last_ticket(), static_cast<uint64_t>(kCount));
+  EXPECT_EQ(box->stored_through(), 0u);
   std::vector<std::string> arrived;
   for (int round = 0; round < 50 && (box->durable_pending() || box->stats().messages > 0); ++round) {
     Status s = box->commit();
     EXPECT_TRUE(s.ok() || s.error().code() == Errc::storage_full) << s.error().to_string();
     const uint64_t stored = box->stats().messages;
+    // The tickets of everything stored so far, and no more: what the broker acks.
+    EXPECT_EQ(box->stored_through(), arrived.size() + stored) << "round " << round;
     if (box->durable_pending()) {
       ASSERT_GT(stored, 0u) << "round " << round << " stored nothing";
     }

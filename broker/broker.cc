@@ -636,6 +636,15 @@ Status BrokerImpl::bind_unix(Listener& l, const std::string& endpoint) {
     fs::remove(path, ec);
     return fail("chmod " + path + ": " + why);
   }
+  if (config_.unix_socket_gid >= 0 &&
+      ::chown(path.c_str(), static_cast<uid_t>(-1), static_cast<gid_t>(config_.unix_socket_gid)) != 0) {
+    const std::string why = std::strerror(errno);
+    ::close(fd);
+    std::error_code ec;
+    fs::remove(path, ec);
+    return fail("chown " + path + " to group '" + config_.unix_socket_group + "': " + why +
+                " (the broker's user must be root or a member of that group)");
+  }
   l.stream_fd = fd;
   l.stream_path = path;
   l.endpoint = endpoint;

@@ -1,6 +1,9 @@
 #include "config.h"
 
+#include <grp.h>
+
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -99,7 +102,8 @@ class Loader {
   if (auto s = get(*t, n, k, v); !s.ok()) return s.error()
     if (auto s = check_keys(*broker, "broker",
                             {"name", "identity", "data_dir", "listen", "curve", "max_message_bytes",
-                             "store_map_bytes", "tier", "site", "region", "credential", "unix_socket_mode"});
+                             "store_map_bytes", "tier", "site", "region", "credential", "unix_socket_mode",
+                             "unix_socket_group"});
         !s.ok())
       return s.error();
     TM_GET(broker, "broker", "name", c.name);
@@ -118,6 +122,18 @@ class Loader {
         return error(broker->get("unix_socket_mode"), "broker.unix_socket_mode",
                      "'" + unix_mode + "' is not an octal mode such as \"0660\"");
       c.unix_socket_mode = static_cast<int>(mode);
+    }
+    TM_GET(broker, "broker", "unix_socket_group", c.unix_socket_group);
+    if (!c.unix_socket_group.empty()) {
+      std::vector<char> buf(16384);
+      group gr{};
+      group* found = nullptr;
+      const int rc = ::getgrnam_r(c.unix_socket_group.c_str(), &gr, buf.data(), buf.size(), &found);
+      if (rc != 0 || !found)
+        return error(broker->get("unix_socket_group"), "broker.unix_socket_group",
+                     "no group named '" + c.unix_socket_group + "' on this host" +
+                         (rc != 0 ? std::string(" (") + std::strerror(rc) + ")" : std::string()));
+      c.unix_socket_gid = found->gr_gid;
     }
     TM_GET(broker, "broker", "tier", c.tier);
     TM_GET(broker, "broker", "site", c.site);

@@ -31,6 +31,8 @@ struct BrokerConfig {
   std::string data_dir;               // resolved likewise
   std::vector<std::string> listen;    // tcp://host:port (0 = ephemeral), ipc://path, unix://path
   int unix_socket_mode = -1;          // unix:// socket files: permission bits; -1 keeps the umask's
+  std::string unix_socket_group;      // unix:// socket files: owning group; empty keeps the broker's
+  int64_t unix_socket_gid = -1;       // that group's id, resolved when the config is loaded
   bool curve = true;                  // CURVE on tcp endpoints
   uint32_t max_message_bytes = 8u << 20;
   uint64_t store_map_bytes = 64ull << 30;

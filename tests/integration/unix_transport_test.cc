@@ -2,9 +2,11 @@
 // sessions as over ZeroMQ (auth, pub/sub, request/reply, durable acks,
 // reconnects), mixed with tcp clients on one broker, and a stream that sends
 // garbage is closed and counted without harm to anyone else.
+#include <grp.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -264,6 +266,43 @@ TEST_F(UnixTransportTest, TheSocketFileGetsTheConfiguredMode) {
   ASSERT_TRUE(broker_->restart().ok()) << broker_->log_tail();
   EXPECT_EQ(fs::status(path).permissions() & fs::perms::mask, wanted);
   auto c = connect_unix("after-chmod");
+  ASSERT_TRUE(c);
+}
+
+// A group this process may give a file to, other than its own: any group for root, else one
+// of its supplementary groups. Empty when there is none.
+std::pair<std::string, gid_t> another_group() {
+  const gid_t own = ::getegid();
+  if (::geteuid() == 0) {
+    for (gid_t g : {gid_t{1}, gid_t{2}, gid_t{3}, gid_t{4}, gid_t{65534}}) {
+      const group* gr = ::getgrgid(g);
+      if (gr && g != own) return {gr->gr_name, g};
+    }
+    return {};
+  }
+  std::vector<gid_t> groups(static_cast<size_t>(std::max(::getgroups(0, nullptr), 0)));
+  groups.resize(static_cast<size_t>(std::max(::getgroups(static_cast<int>(groups.size()), groups.data()), 0)));
+  for (gid_t g : groups) {
+    const group* gr = ::getgrgid(g);
+    if (gr && g != own) return {gr->gr_name, g};
+  }
+  return {};
+}
+
+TEST_F(UnixTransportTest, TheSocketFileGetsTheConfiguredGroup) {
+  const auto [name, gid] = another_group();
+  if (name.empty()) GTEST_SKIP() << "this user belongs to no second group to give the socket to";
+  const std::string path = codec::unix_path(broker_->unix_endpoint());
+  struct stat before {};
+  ASSERT_EQ(::stat(path.c_str(), &before), 0);
+  EXPECT_NE(before.st_gid, gid);
+  broker_->respec().broker_extra = "unix_socket_group = \"" + name + "\"\nunix_socket_mode = \"0660\"";
+  ASSERT_TRUE(broker_->restart().ok()) << broker_->log_tail();
+  struct stat after {};
+  ASSERT_EQ(::stat(path.c_str(), &after), 0);
+  EXPECT_EQ(after.st_gid, gid) << "the socket file belongs to group '" << name << "'";
+  EXPECT_EQ(after.st_mode & 0777, 0660u);
+  auto c = connect_unix("after-chown");
   ASSERT_TRUE(c);
 }
 

@@ -1,4 +1,6 @@
+#include <grp.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <fstream>
 
@@ -89,6 +91,26 @@ TEST_F(ConfigTest, AdminHttpDefaultsToLoopbackAndIsChecked) {
   ASSERT_FALSE(unknown.ok());
   EXPECT_NE(unknown.error().message().find("admin.port: unknown setting"), std::string::npos)
       << unknown.error().message();
+}
+
+TEST_F(ConfigTest, UnixSocketGroupMustExistOnTheHost) {
+  const std::string base = "[broker]\nidentity = \"b\"\ndata_dir = \"d\"\nlisten = [\"unix:///tmp/b.sock\"]\n";
+  const std::string security = "[security]\noperators = [\"" + op_ + "\"]\n";
+  auto defaults = load_config(write(base + security));
+  ASSERT_TRUE(defaults.ok()) << defaults.error().to_string();
+  EXPECT_EQ(defaults->unix_socket_gid, -1) << "the broker's group unless the operator says";
+  const group* own = ::getgrgid(::getegid());
+  ASSERT_NE(own, nullptr);
+  const std::string own_name = own->gr_name;
+  auto named = load_config(write(base + "unix_socket_group = \"" + own_name + "\"\n" + security));
+  ASSERT_TRUE(named.ok()) << named.error().to_string();
+  EXPECT_EQ(named->unix_socket_gid, static_cast<int64_t>(::getegid()));
+  auto missing = load_config(write(base + "unix_socket_group = \"no-such-group-here\"\n" + security));
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.error().message().find("broker.toml:5"), std::string::npos) << missing.error().message();
+  EXPECT_NE(missing.error().message().find("broker.unix_socket_group: no group named 'no-such-group-here'"),
+            std::string::npos)
+      << missing.error().message();
 }
 
 TEST_F(ConfigTest, UnixSocketModeIsOctalAndOptional) {

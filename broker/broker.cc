@@ -1945,9 +1945,9 @@ size_t BrokerImpl::close_unauthorized_sessions() {
   }
   for (auto& [key, why] : closing) {
     Session& s = *sessions_.at(key);
+    spdlog::warn("{}", why.second);  // in the log before the client can read it
     send_control(s, codec::error_frame(why.first, why.second));
     flush_session(s);
-    spdlog::warn("{}", why.second);
     drop_session(key, nullptr);
   }
   return closing.size();

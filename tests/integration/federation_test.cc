@@ -93,6 +93,38 @@ class FederationTest : public MeshTest {
     return links_up(a, 1) && links_up(b, 1);
   }
 
+  // A centre with stream LINE, and an edge linked to it through a 1 MiB outbox file: returns a
+  // publisher at the edge once the stream's interest has reached it, the outbox is empty, and
+  // the centre is stopped. Null (and a test failure) if that cannot be set up.
+  std::unique_ptr<Client> publisher_with_the_centre_away(std::chrono::milliseconds ack_timeout) {
+    start("centre", "centre", {}, {{"LINE", {"plant/#"}}});
+    outbox_map_bytes_ = 1u << 20;
+    start("edge", "edge", {"centre"});
+    outbox_map_bytes_ = 0;
+    if (!links_up("edge", 1)) return nullptr;
+    auto o = options(*nodes_["edge"].broker, principal("line-1"));
+    o.ack_timeout = ack_timeout;
+    auto connected = Client::connect(o);
+    if (!connected.ok()) {
+      ADD_FAILURE() << connected.error().to_string();
+      return nullptr;
+    }
+    auto line = std::move(*connected);
+    // The stream's interest has reached the edge once a durable publish there is acked, and
+    // the probe has left the outbox once the centre acked it.
+    const bool ready =
+        wait_until([&] { return line->publish_durable("plant/probe", "probe").get().ok(); }, 15s) &&
+        wait_until([&] {
+          auto m = line->mesh_status();
+          return m.ok() && m->links.size() == 1 && m->links[0].backlog_messages == 0;
+        }, 15s);
+    if (!ready || !nodes_["centre"].broker->stop(SIGTERM).ok()) {
+      ADD_FAILURE() << "the centre's stream interest did not reach the edge\n" << nodes_["edge"].broker->log_tail();
+      return nullptr;
+    }
+    return line;
+  }
+
   // Whether stream `stream` at `node` comes to hold every payload in `expected`,
   // read through a fresh durable consumer.
   bool stream_holds(const std::string& node, const std::string& stream, const std::set<std::string>& expected,
@@ -735,53 +767,54 @@ TEST_F(FederationTest, KillNineOfEdgeLosesNoAckedDurableMessage) {
 // centre is away. The edge refuses durable publishes from then on (storage_full) and acks
 // none that its outbox does not hold on disk: once the centre is back, every acked one is in
 // its stream.
-TEST_F(FederationTest, DurablesAnOutboxCannotStoreAreNeverAcked) {
-  start("centre", "centre", {}, {{"LINE", {"plant/#"}}});
-  outbox_map_bytes_ = 1u << 20;
-  start("edge", "edge", {"centre"});
-  outbox_map_bytes_ = 0;
-  ASSERT_TRUE(links_up("edge", 1));
-  auto o = options(*nodes_["edge"].broker, principal("line-1"));
-  o.ack_timeout = 3s;  // acks held back by the edge time out soon
-  auto connected = Client::connect(o);
-  ASSERT_TRUE(connected.ok()) << connected.error().to_string();
-  auto line = std::move(*connected);
-  // The stream's interest has reached the edge once a durable publish there is acked.
-  ASSERT_TRUE(wait_until([&] { return line->publish_durable("plant/probe", "probe").get().ok(); }, 15s));
-  ASSERT_TRUE(nodes_["centre"].broker->stop(SIGTERM).ok());
-
+// Durable publishes and how the broker answered each.
+struct AckTally {
   std::mutex mu;
   std::set<std::string> acked;
   std::map<std::string, int> refusals;  // error code name -> count
   std::atomic<int> done{0};
-  constexpr int kCount = 3000;  // 3 MB for a 1 MiB map
-  const std::string filler(1000, 'e');
-  for (int i = 0; i < kCount; ++i) {
-    const std::string payload = std::to_string(i) + ":" + filler;
-    ASSERT_TRUE(line->publish_durable("plant/line1/vibration", payload, {}, [&, payload](Result<PublishAck> r) {
+
+  Status publish(Client& c, const std::string& topic, const std::string& payload) {
+    return c.publish_durable(topic, payload, {}, [this, payload](Result<PublishAck> r) {
       std::lock_guard lock(mu);
       if (r.ok()) acked.insert(payload);
       else ++refusals[std::string(errc_name(r.error().code()))];
       ++done;
-    }).ok());
+    });
+  }
+  std::string why() {
+    std::lock_guard lock(mu);
+    std::string out;
+    for (const auto& [code, n] : refusals) out += code + " " + std::to_string(n) + "; ";
+    return out;
+  }
+};
+
+TEST_F(FederationTest, DurablesAnOutboxCannotStoreAreNeverAcked) {
+  AckTally tally;  // outlives the client, whose callbacks write to it
+  auto line = publisher_with_the_centre_away(3s);  // acks held back by the edge time out soon
+  ASSERT_TRUE(line);
+  constexpr int kCount = 3000;  // 3 MB for a 1 MiB map
+  const std::string filler(1000, 'e');
+  for (int i = 0; i < kCount; ++i) {
+    ASSERT_TRUE(tally.publish(*line, "plant/line1/vibration", std::to_string(i) + ":" + filler).ok());
     // In waves of 100 (100 kB), answered before the next: while the centre is away nothing
     // frees room, and what a commit could not store waits unacked (the test below sends one
     // burst larger than the file).
     if (i % 100 == 99) {
-      ASSERT_TRUE(wait_until([&] { return done == i + 1; }, 20s)) << done << " answered";
+      ASSERT_TRUE(wait_until([&] { return tally.done == i + 1; }, 20s)) << tally.done << " answered";
     }
   }
-  ASSERT_TRUE(wait_until([&] { return done == kCount; }, 60s)) << done << " of " << kCount << " answered";
-  EXPECT_GT(acked.size(), 0u);
-  EXPECT_LT(acked.size(), static_cast<size_t>(kCount)) << "3 MB acked by a 1 MiB outbox";
-  std::string why;
-  for (const auto& [code, n] : refusals) why += code + " " + std::to_string(n) + "; ";
-  EXPECT_GT(refusals["storage_full"], 0) << "publishers are told why: " << why;
+  ASSERT_TRUE(wait_until([&] { return tally.done == kCount; }, 60s)) << tally.done << " of " << kCount << " answered";
+  EXPECT_GT(tally.acked.size(), 0u);
+  EXPECT_LT(tally.acked.size(), static_cast<size_t>(kCount)) << "3 MB acked by a 1 MiB outbox";
+  const std::string why = tally.why();
+  EXPECT_GT(tally.refusals["storage_full"], 0) << "publishers are told why: " << why;
   EXPECT_NE(nodes_["edge"].broker->log_tail(200).find("outbox cannot store"), std::string::npos)
       << nodes_["edge"].broker->log_tail();
 
   ASSERT_TRUE(nodes_["centre"].broker->restart().ok()) << nodes_["centre"].broker->log_tail();
-  EXPECT_TRUE(stream_holds("centre", "LINE", acked, 60s))
+  EXPECT_TRUE(stream_holds("centre", "LINE", tally.acked, 60s))
       << "acked durable messages missing at the centre (refused: " << why << ")";
   // The centre's acks free the outbox: the edge stores, and acks, durable publishes again.
   Error last;
@@ -799,55 +832,27 @@ TEST_F(FederationTest, DurablesAnOutboxCannotStoreAreNeverAcked) {
 // Every durable publish it stored is acked now, not once the rest is stored too, and each of
 // those reaches the centre when it is back.
 TEST_F(FederationTest, EveryDurableTheOutboxStoredIsAckedWhileTheRestWaits) {
-  start("centre", "centre", {}, {{"LINE", {"plant/#"}}});
-  outbox_map_bytes_ = 1u << 20;
-  start("edge", "edge", {"centre"});
-  outbox_map_bytes_ = 0;
-  ASSERT_TRUE(links_up("edge", 1));
-  auto o = options(*nodes_["edge"].broker, principal("line-1"));
-  o.ack_timeout = 5s;  // what the edge cannot store yet times out
-  auto connected = Client::connect(o);
-  ASSERT_TRUE(connected.ok()) << connected.error().to_string();
-  auto line = std::move(*connected);
-  ASSERT_TRUE(wait_until([&] { return line->publish_durable("plant/probe", "probe").get().ok(); }, 15s));
-  // The probe is acked once it is in the edge's outbox; the centre's ack takes it out.
-  ASSERT_TRUE(wait_until([&] {
-    auto m = line->mesh_status();
-    return m.ok() && m->links.size() == 1 && m->links[0].backlog_messages == 0;
-  }, 15s));
-  ASSERT_TRUE(nodes_["centre"].broker->stop(SIGTERM).ok());
-
-  std::mutex mu;
-  std::set<std::string> acked;
-  std::map<std::string, int> refusals;
-  std::atomic<int> done{0};
+  AckTally tally;  // outlives the client, whose callbacks write to it
+  auto line = publisher_with_the_centre_away(5s);  // what the edge cannot store yet times out
+  ASSERT_TRUE(line);
   constexpr int kCount = 1500;  // 1.5 MB at once for a 1 MiB file
   const std::string filler(1000, 'b');
-  for (int i = 0; i < kCount; ++i) {
-    const std::string payload = std::to_string(i) + ":" + filler;
-    ASSERT_TRUE(line->publish_durable("plant/line1/vibration", payload, {}, [&, payload](Result<PublishAck> r) {
-      std::lock_guard lock(mu);
-      if (r.ok()) acked.insert(payload);
-      else ++refusals[std::string(errc_name(r.error().code()))];
-      ++done;
-    }).ok());
-  }
-  ASSERT_TRUE(wait_until([&] { return done == kCount; }, 60s)) << done << " of " << kCount << " answered";
-  std::string why;
-  for (const auto& [code, n] : refusals) why += code + " " + std::to_string(n) + "; ";
+  for (int i = 0; i < kCount; ++i)
+    ASSERT_TRUE(tally.publish(*line, "plant/line1/vibration", std::to_string(i) + ":" + filler).ok());
+  ASSERT_TRUE(wait_until([&] { return tally.done == kCount; }, 60s)) << tally.done << " of " << kCount << " answered";
   auto status = line->mesh_status();
   ASSERT_TRUE(status.ok()) << status.error().to_string();
   ASSERT_EQ(status->links.size(), 1u);
-  EXPECT_GT(acked.size(), 0u);
-  EXPECT_LT(acked.size(), static_cast<size_t>(kCount)) << "1.5 MB acked by a 1 MiB outbox";
+  EXPECT_GT(tally.acked.size(), 0u);
+  EXPECT_LT(tally.acked.size(), static_cast<size_t>(kCount)) << "1.5 MB acked by a 1 MiB outbox";
   // What the outbox holds is this burst, stored oldest first.
-  EXPECT_EQ(status->links[0].backlog_messages, acked.size())
-      << "every message the outbox stored is acked, and nothing else (refused: " << why << ")";
-  for (int i = 0; i < static_cast<int>(acked.size()); ++i)
-    EXPECT_TRUE(acked.count(std::to_string(i) + ":" + filler)) << "not acked, though a later one was: " << i;
+  EXPECT_EQ(status->links[0].backlog_messages, tally.acked.size())
+      << "every message the outbox stored is acked, and nothing else (refused: " << tally.why() << ")";
+  for (int i = 0; i < static_cast<int>(tally.acked.size()); ++i)
+    EXPECT_TRUE(tally.acked.count(std::to_string(i) + ":" + filler)) << "not acked, though a later one was: " << i;
 
   ASSERT_TRUE(nodes_["centre"].broker->restart().ok()) << nodes_["centre"].broker->log_tail();
-  EXPECT_TRUE(stream_holds("centre", "LINE", acked, 60s)) << "acked durable messages missing at the centre";
+  EXPECT_TRUE(stream_holds("centre", "LINE", tally.acked, 60s)) << "acked durable messages missing at the centre";
 }
 
 // How often each payload arrived, and the payloads that arrived more than once.

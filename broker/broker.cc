@@ -246,6 +246,7 @@ struct Session {
   uint64_t messages_out = 0;
   uint64_t drops = 0;
   bool dirty = false;  // has output to flush
+  bool backlogged = false;  // `queued` is not empty: listed in BrokerImpl::backlogged_
   std::unique_ptr<codec::FrameStream> stream;  // a unix:// connection (no ZeroMQ socket)
   std::string peer;  // unix://: the connecting process, "pid P, uid U", for the log
 };
@@ -368,7 +369,7 @@ class BrokerImpl final : public Broker {
   void flush_sessions();
   void flush_session(Session& s);
   bool try_send(Session& s, OutFrame& f);
-  void drop_session(const std::string& key, const char* why);
+  void drop_session(const std::string& key, const char* why);  // ends it (links, subscriptions) and erases it
   void detach_subscription(Subscription* sub);
   void expire(Clock::time_point now);
   void load_revocations();
@@ -417,6 +418,18 @@ class BrokerImpl final : public Broker {
   std::map<std::pair<std::string, std::string>, std::unique_ptr<Group>> groups_;
   std::unordered_map<std::string, std::vector<Target>, StringHash, std::equal_to<>> route_cache_;
   std::vector<Session*> dirty_sessions_;
+  // The sessions the loop visits every iteration, so that it need not scan all of them: those
+  // with frames waiting in `queued`, and the unix:// ones (their sockets are polled).
+  std::vector<Session*> backlogged_;
+  std::vector<Session*> stream_sessions_;
+  // Holds a frame the session could not take now; flush_sessions() retries it.
+  void queue_frame(Session& s, OutFrame&& f) {
+    s.queued_bytes += f.bytes;
+    s.queued.push_back(std::move(f));
+    if (!std::exchange(s.backlogged, true)) backlogged_.push_back(&s);
+  }
+  // The one place a session is erased: it leaves every list above too.
+  void erase_session(decltype(sessions_)::iterator it);
 
   std::map<std::string, std::unique_ptr<StreamRt>, std::less<>> streams_;
   topic::TopicTrie<StreamRt*> stream_trie_;
@@ -675,6 +688,7 @@ void BrokerImpl::accept_streams(size_t listener) {
     if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0)
       s->peer = "pid " + std::to_string(cred.pid) + ", uid " + std::to_string(cred.uid);
     s->stream = std::make_unique<codec::FrameStream>(fd, kUnauthenticatedRecord);
+    stream_sessions_.push_back(s.get());
     sessions_.emplace(s->key, std::move(s));
   }
 }
@@ -710,8 +724,8 @@ bool BrokerImpl::on_stream_readable(const std::string& key) {
 
 void BrokerImpl::flush_streams() {
   std::vector<std::string> broken;
-  for (auto& [k, s] : sessions_)
-    if (s->stream && s->stream->queued_bytes() > 0 && !s->stream->flush()) broken.push_back(k);
+  for (Session* s : stream_sessions_)
+    if (s->stream->queued_bytes() > 0 && !s->stream->flush()) broken.push_back(s->key);
   for (const auto& k : broken) drop_session(k, "disconnected");
 }
 
@@ -803,9 +817,7 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
   Clock::time_point next_sweep = Clock::now() + std::chrono::seconds(1);
   Clock::time_point drain_deadline{};
   while (true) {
-    bool queued_output = false;
-    for (auto& [k, s] : sessions_)
-      if (!s->queued.empty()) queued_output = true;
+    bool queued_output = !backlogged_.empty();
     for (auto& l : links_)  // backlog to send while the link is up: come back soon
       if (l->up() && ((l->outbox && l->sent_seq < l->outbox->stats().last_seq) || !l->waiting.empty()))
         queued_output = true;
@@ -822,10 +834,9 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     }
     items.resize(streams_index);
     stream_keys.clear();
-    for (auto& [k, s] : sessions_) {
-      if (!s->stream) continue;
+    for (Session* s : stream_sessions_) {
       items.push_back({s->stream->fd(), s->stream->poll_events(), 0});
-      stream_keys.push_back(k);
+      stream_keys.push_back(s->key);
       ready = ready || s->stream->has_record();  // records left from the last read
     }
     const int timeout_ms = ready ? 0 : queued_output ? 1 : 50;
@@ -892,8 +903,8 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     flush_streams();
 
     if (draining_) {
-      bool idle = pending_writes_.empty();
-      for (auto& [k, s] : sessions_) idle = idle && s->queued.empty() && (!s->stream || !s->stream->queued_bytes());
+      bool idle = pending_writes_.empty() && backlogged_.empty();
+      for (Session* s : stream_sessions_) idle = idle && !s->stream->queued_bytes();
       for (auto& l : links_) idle = idle && (!l->up() || l->waiting.empty());
       if (idle || now >= drain_deadline) break;
     }
@@ -1000,7 +1011,7 @@ void BrokerImpl::on_frame(size_t listener, std::string_view rid, zmq::message_t&
       Session& ref = *it->second;
       send_control(ref, codec::error_frame(wire::ErrorCode::PROTOCOL_MISMATCH, reader.status().error().message()));
       flush_session(ref);
-      sessions_.erase(key);
+      erase_session(it);
       return;
     }
     send_control(*it->second, codec::error_frame(wire::ErrorCode::MALFORMED, reader.status().error().message()));
@@ -1025,9 +1036,9 @@ void BrokerImpl::on_frame(size_t listener, std::string_view rid, zmq::message_t&
         send_control(s, codec::error_frame(wire::ErrorCode::NO_SESSION,
                                            "no session on this broker: send hello first"));
         flush_session(s);
-        sessions_.erase(key);
+        erase_session(it);
       } else {
-        sessions_.erase(key);
+        erase_session(it);
       }
       return;
     }
@@ -1793,8 +1804,7 @@ void BrokerImpl::send_control(Session& s, zmq::message_t&& frame) {
   // Control frames go after the deliveries batched so far, to keep order.
   if (!s.out_meta.empty() || !s.acks_out.empty()) flush_session(s);
   if (s.queued.empty() && try_send(s, f)) return;
-  s.queued_bytes += f.bytes;
-  s.queued.push_back(std::move(f));
+  queue_frame(s, std::move(f));
 }
 
 bool BrokerImpl::try_send(Session& s, OutFrame& f) {
@@ -1845,10 +1855,7 @@ void BrokerImpl::flush_session(Session& s) {
     OutFrame f;
     f.header = codec::to_message(b);
     f.bytes = f.header.size();
-    if (!s.queued.empty() || !try_send(s, f)) {
-      s.queued_bytes += f.bytes;
-      s.queued.push_back(std::move(f));
-    }
+    if (!s.queued.empty() || !try_send(s, f)) queue_frame(s, std::move(f));
   }
   if (!s.out_meta.empty()) {
     // Best-effort deliveries go as runs of one subscription: the header then costs 16 bytes
@@ -1897,8 +1904,7 @@ void BrokerImpl::flush_session(Session& s) {
       drops_ += f.messages;
       return;
     }
-    s.queued_bytes += f.bytes;
-    s.queued.push_back(std::move(f));
+    queue_frame(s, std::move(f));
   }
 }
 
@@ -1908,14 +1914,31 @@ void BrokerImpl::flush_sessions() {
     flush_session(*s);
   }
   dirty_sessions_.clear();
-  for (auto& [k, s] : sessions_) {
+  for (size_t i = 0; i < backlogged_.size();) {
+    Session* s = backlogged_[i];
     while (!s->queued.empty()) {
       OutFrame& f = s->queued.front();
       if (!try_send(*s, f)) break;
       s->queued_bytes -= f.bytes;
       s->queued.pop_front();
     }
+    if (!s->queued.empty()) {
+      ++i;
+      continue;
+    }
+    s->backlogged = false;
+    backlogged_[i] = backlogged_.back();
+    backlogged_.pop_back();
   }
+}
+
+void BrokerImpl::erase_session(decltype(sessions_)::iterator it) {
+  Session* s = it->second.get();
+  auto forget = [s](std::vector<Session*>& list) { list.erase(std::remove(list.begin(), list.end(), s), list.end()); };
+  forget(dirty_sessions_);
+  if (s->backlogged) forget(backlogged_);
+  if (s->stream) forget(stream_sessions_);
+  sessions_.erase(it);
 }
 
 void BrokerImpl::drop_session(const std::string& key, const char* why) {
@@ -1925,8 +1948,7 @@ void BrokerImpl::drop_session(const std::string& key, const char* why) {
   if (why && s->authenticated) spdlog::info("client '{}' {}", s->claims.name, why);
   if (s->link && s->link->session_key == key) link_down(*s->link, why ? why : "session closed");
   for (auto& [id, sub] : s->subs) detach_subscription(sub.get());
-  dirty_sessions_.erase(std::remove(dirty_sessions_.begin(), dirty_sessions_.end(), s), dirty_sessions_.end());
-  sessions_.erase(it);
+  erase_session(it);
 }
 
 size_t BrokerImpl::close_unauthorized_sessions() {
@@ -2404,8 +2426,7 @@ bool BrokerImpl::link_send(Link& l, zmq::message_t&& header, zmq::message_t* bod
   f.bytes = f.header.size() + (f.body ? f.body->size() : 0);
   if (!s.out_meta.empty() || !s.acks_out.empty()) flush_session(s);
   if (try_send(s, f)) return true;
-  s.queued_bytes += f.bytes;
-  s.queued.push_back(std::move(f));
+  queue_frame(s, std::move(f));
   return true;
 }
 

@@ -1858,35 +1858,30 @@ void BrokerImpl::flush_session(Session& s) {
     if (!s.queued.empty() || !try_send(s, f)) queue_frame(s, std::move(f));
   }
   if (!s.out_meta.empty()) {
-    // Best-effort deliveries go as runs of one subscription: the header then costs 16 bytes
-    // per run, not 24 per message, and every header byte is encrypted under CURVE.
+    // Deliveries go as runs: one subscription and attempt, and consecutive stream sequences
+    // (best-effort: all 0). The header then costs 24 bytes per run, not 24 per message, and
+    // every header byte is encrypted under CURVE.
+    auto continues = [](const Delivery& prev, const Delivery& d) {
+      return d.subscription == prev.subscription && d.attempt == prev.attempt &&
+             (prev.stream_seq == 0 ? d.stream_seq == 0 : d.stream_seq == prev.stream_seq + 1);
+    };
     size_t runs = 0;
-    bool best_effort = true;
-    for (size_t i = 0; i < s.out_meta.size() && best_effort; ++i) {
+    for (size_t i = 0; i < s.out_meta.size(); ++i)
+      if (i == 0 || !continues(s.out_meta[i - 1], s.out_meta[i])) ++runs;
+    capnp::MallocMessageBuilder b(16 + runs * 4 + 1);
+    auto list = start_frame(b).getRoot<wire::Frame>().initDeliver().initRuns(static_cast<unsigned>(runs));
+    size_t r = 0;
+    for (size_t i = 0; i < s.out_meta.size(); ++i) {
       const Delivery& d = s.out_meta[i];
-      best_effort = d.stream_seq == 0 && d.attempt == 0;
-      if (i == 0 || d.subscription != s.out_meta[i - 1].subscription) ++runs;
-    }
-    capnp::MallocMessageBuilder b(16 + (best_effort ? runs * 2 + 1 : s.out_meta.size() * 3 + 1));
-    auto deliver = start_frame(b).getRoot<wire::Frame>().initDeliver();
-    if (best_effort) {
-      auto list = deliver.initRuns(static_cast<unsigned>(runs));
-      size_t r = 0;
-      for (size_t i = 0; i < s.out_meta.size(); ++i) {
-        if (i > 0 && s.out_meta[i].subscription == s.out_meta[i - 1].subscription) {
-          list[r - 1].setCount(list[r - 1].getCount() + 1);
-          continue;
-        }
-        list[r].setSubscription(s.out_meta[i].subscription);
-        list[r++].setCount(1);
+      if (i > 0 && continues(s.out_meta[i - 1], d)) {
+        list[r - 1].setCount(list[r - 1].getCount() + 1);
+        continue;
       }
-    } else {
-      auto list = deliver.initDeliveries(static_cast<unsigned>(s.out_meta.size()));
-      for (size_t i = 0; i < s.out_meta.size(); ++i) {
-        list[i].setSubscription(s.out_meta[i].subscription);
-        list[i].setStreamSeq(s.out_meta[i].stream_seq);
-        list[i].setAttempt(s.out_meta[i].attempt);
-      }
+      auto run = list[r++];
+      run.setSubscription(d.subscription);
+      run.setCount(1);
+      run.setAttempt(d.attempt);
+      run.setFirstStreamSeq(d.stream_seq);
     }
     OutFrame f;
     f.header = codec::to_message(b);

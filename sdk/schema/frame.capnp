@@ -127,15 +127,20 @@ struct Delivery {
 }
 
 struct DeliveryRun {
-  subscription @0 :UInt64; # client-chosen subscription id the envelopes matched
-  count @1 :UInt32;        # this many consecutive envelopes of part 2
+  subscription @0 :UInt64;    # client-chosen subscription id the envelopes matched
+  count @1 :UInt32;           # this many consecutive envelopes of part 2
+  attempt @2 :UInt32;         # durable consumers: delivery attempt of each, 1 = first; else 0
+  firstStreamSeq @3 :UInt64;  # durable consumers: stream sequence of the first, the next +1 each;
+                              # 0 = best-effort (every envelope's is 0)
 }
 
 struct Deliver {
-  # Either `deliveries` (one per envelope) or `runs` (consecutive envelopes that share a
-  # subscription, best-effort: stream sequence 0, attempt 0), never both.
-  deliveries @0 :List(Delivery);  # one per envelope in part 2, same order
-  runs @1 :List(DeliveryRun);     # best-effort deliveries, 16 bytes per run instead of 24 per message
+  # What each envelope of part 2 is delivered for, in order. Brokers send `runs`: one per
+  # stretch of envelopes with one subscription and attempt, and (durable consumers)
+  # consecutive stream sequences. `deliveries` (one per envelope) is read too; a frame
+  # holds one of the two, never both.
+  deliveries @0 :List(Delivery);
+  runs @1 :List(DeliveryRun);     # 24 bytes per run instead of 24 per message
 }
 
 struct Subscribe {

@@ -37,7 +37,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
             break;
           case wire::Frame::DELIVER:
             for (auto d : frame.getDeliver().getDeliveries()) (void)d.getSubscription();
-            for (auto r : frame.getDeliver().getRuns()) (void)r.getCount();
+            for (auto r : frame.getDeliver().getRuns()) (void)(r.getCount() + r.getFirstStreamSeq());
             break;
           default:
             break;

@@ -42,8 +42,8 @@ using codec::take_buffer;
 
 }  // namespace
 
-// Walks a deliver frame's header in envelope order, whichever of its two forms the broker
-// sent: one Delivery per envelope, or runs of best-effort envelopes of one subscription.
+// Walks a deliver frame's header in envelope order, in either of its two forms: runs (what
+// brokers send) or one Delivery per envelope.
 class DeliveryCursor {
  public:
   explicit DeliveryCursor(wire::Deliver::Reader deliver)
@@ -76,11 +76,16 @@ class DeliveryCursor {
       attempt = d.getAttempt();
       return true;
     }
-    while (left_in_run_ == 0) left_in_run_ = runs_[static_cast<unsigned>(run_++)].getCount();
+    while (left_in_run_ == 0) {
+      left_in_run_ = runs_[static_cast<unsigned>(run_++)].getCount();
+      in_run_ = 0;
+    }
     --left_in_run_;
-    subscription = runs_[static_cast<unsigned>(run_ - 1)].getSubscription();
-    stream_seq = 0;
-    attempt = 0;
+    auto run = runs_[static_cast<unsigned>(run_ - 1)];
+    subscription = run.getSubscription();
+    stream_seq = run.getFirstStreamSeq() == 0 ? 0 : run.getFirstStreamSeq() + in_run_;
+    attempt = run.getAttempt();
+    ++in_run_;
     return true;
   }
 
@@ -89,7 +94,7 @@ class DeliveryCursor {
   capnp::List<wire::DeliveryRun>::Reader runs_;
   uint64_t count_ = 0, index_ = 0;
   size_t run_ = 0;
-  uint32_t left_in_run_ = 0;
+  uint32_t left_in_run_ = 0, in_run_ = 0;
   bool valid_ = true;
 };
 

@@ -1,5 +1,7 @@
 #include "codec/envelope_codec.h"
 
+#include "codec/capnp_words.h"
+
 #include <sodium.h>
 
 #include <atomic>
@@ -63,28 +65,26 @@ void fill(wire::Envelope::Builder env, const EnvelopeFields& f) {
     trace.setReplyTo(capnp::Text::Reader(f.reply_to.data(), f.reply_to.size()));
 }
 
-// Envelope pointer slots the SDK writes (topic, producer, payload); the three after them
-// (trace, path, groups) are usually null.
-constexpr uint64_t kLeadingPointers = 3;
-
 // Appends the one-segment message `seg` (words, root first) to `out` in stream framing. An
 // envelope whose trailing pointers (trace, path, groups) are all null goes without them: a
 // struct with fewer pointers is how Cap'n Proto encodes a message from an older schema, and
 // readers see the missing fields as null. That saves 24 of the ~270 bytes a 128-byte payload
 // takes, and every byte is encrypted twice under CURVE.
-size_t append_segment(WordBuffer& out, const capnp::word* words, size_t n) {
-  const auto* seg = reinterpret_cast<const uint64_t*>(words);
+size_t append_segment(WordBuffer& out, const capnp::word* words_in, size_t n) {
+  using namespace words;
+  const auto* seg = reinterpret_cast<const uint64_t*>(words_in);
+  // Slots kept: topic, producer, payload.
+  constexpr uint64_t kept = kEnvelopeTrace;
   size_t cut = 0;
-  if (n >= 1 && (seg[0] & 3) == 0 && static_cast<uint32_t>(seg[0]) >> 2 == 0) {
-    const uint64_t data_words = (seg[0] >> 32) & 0xffff, pointers = seg[0] >> 48;
-    const size_t first = 1 + data_words;
-    if (pointers > kLeadingPointers && first + pointers <= n) {
-      bool trailing_null = true;
-      for (size_t i = kLeadingPointers; i < pointers; ++i) trailing_null = trailing_null && seg[first + i] == 0;
-      bool lists = true;  // the kept pointers are list pointers (or null), re-pointed below
-      for (size_t i = 0; i < kLeadingPointers; ++i) lists = lists && (seg[first + i] == 0 || (seg[first + i] & 3) == 1);
-      if (trailing_null && lists) cut = pointers - kLeadingPointers;
-    }
+  const uint64_t root = n >= 1 ? seg[0] : 0;
+  const size_t first = 1 + struct_data_words(root);  // the root struct's pointer section
+  if (n >= 1 && pointer_type(root) == kStructPointer && pointer_offset(root) == 0 &&
+      struct_pointers(root) > kept && first + struct_pointers(root) <= n) {
+    bool trailing_null = true;
+    for (size_t i = kept; i < struct_pointers(root); ++i) trailing_null = trailing_null && seg[first + i] == 0;
+    bool lists = true;  // the kept pointers are lists (or null), re-pointed below
+    for (size_t i = 0; i < kept; ++i) lists = lists && (seg[first + i] == 0 || pointer_type(seg[first + i]) == kListPointer);
+    if (trailing_null && lists) cut = struct_pointers(root) - kept;
   }
   uint64_t* dst = out.grow(1 + n - cut);
   const uint32_t table[2] = {0, static_cast<uint32_t>(n - cut)};
@@ -93,16 +93,13 @@ size_t append_segment(WordBuffer& out, const capnp::word* words, size_t n) {
     std::memcpy(dst + 1, seg, n * 8);
     return (1 + n) * 8;
   }
-  const uint64_t data_words = (seg[0] >> 32) & 0xffff;
-  const size_t keep = 1 + data_words + kLeadingPointers;  // root, data, kept pointers
+  const size_t keep = first + kept;  // root pointer, data section, kept pointers
   std::memcpy(dst + 1, seg, keep * 8);
   std::memcpy(dst + 1 + keep, seg + keep + cut, (n - keep - cut) * 8);
-  dst[1] = (seg[0] & 0x0000ffffffffffffULL) | (kLeadingPointers << 48);
-  for (size_t i = 0; i < kLeadingPointers; ++i) {
-    uint64_t& p = dst[1 + 1 + data_words + i];
-    if (p == 0) continue;
-    const int32_t offset = static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2;
-    p = (p & 0xffffffff00000000ULL) | static_cast<uint32_t>((offset - static_cast<int32_t>(cut)) * 4) | 1;
+  dst[1] = with_pointers(root, kept);
+  for (size_t i = 0; i < kept; ++i) {
+    uint64_t& p = dst[1 + first + i];
+    if (p != 0) p = moved_target(p, -static_cast<int64_t>(cut));
   }
   return (1 + n - cut) * 8;
 }

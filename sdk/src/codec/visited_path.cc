@@ -16,23 +16,13 @@
 #include <string>
 #include <vector>
 
+#include "codec/capnp_words.h"
 #include "codec/envelope_codec.h"
 
 namespace tracemesh::codec {
 namespace {
 
-constexpr uint64_t kStructPointer = 0;
-constexpr uint64_t kListPointer = 1;
-constexpr uint64_t kByteElements = 2;     // list element size code: 1 byte (Text, Data)
-constexpr uint64_t kPointerElements = 6;  // list element size code: one pointer
-constexpr size_t kEnvelopePath = 4;       // Envelope's pointers: topic, producer, payload, trace, path, groups
-constexpr size_t kEnvelopeGroups = 5;
-
-uint64_t pointer_type(uint64_t p) { return p & 3; }
-int64_t pointer_offset(uint64_t p) { return static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2; }
-uint64_t make_pointer(uint64_t type, int64_t offset, uint64_t upper) {
-  return static_cast<uint64_t>(static_cast<uint32_t>(static_cast<int32_t>(offset) * 4) | type) | upper << 32;
-}
+using namespace words;
 
 // Where the in-place edit writes, found in the input segment (word indexes into it).
 struct Plan {
@@ -60,7 +50,7 @@ bool plan_in_place(const uint8_t* env, size_t n, Plan& plan) {
   const uint64_t root = seg[0];
   if (root == 0 || pointer_type(root) != kStructPointer) return false;
   const int64_t env_start = 1 + pointer_offset(root);
-  const uint64_t data_words = (root >> 32) & 0xffff, pointers = root >> 48;
+  const uint64_t data_words = struct_data_words(root), pointers = struct_pointers(root);
   if (!in_bounds(env_start, data_words + pointers, plan.seg_words)) return false;
   if (pointers <= kEnvelopePath) {
     // No path or groups slot (the encoder left out trailing null pointers): widen the struct
@@ -73,7 +63,7 @@ bool plan_in_place(const uint8_t* env, size_t n, Plan& plan) {
       const uint64_t p = seg[plan.kept_from + i];
       if (p != 0 && pointer_type(p) != kListPointer && pointer_type(p) != kStructPointer) return false;
     }
-    plan.widen = kEnvelopeGroups + 1 - pointers;
+    plan.widen = kEnvelopePointers - pointers;
     plan.widen_at = plan.kept_from + pointers;
     plan.path_slot = plan.kept_from + kEnvelopePath;
     return true;
@@ -150,10 +140,10 @@ Result<size_t> append_visited(WordBuffer& out, const uint8_t* env, size_t n, std
     std::memcpy(seg, in, plan.widen_at * 8);
     std::memset(seg + plan.widen_at, 0, plan.widen * 8);
     std::memcpy(seg + plan.widen_at + plan.widen, in + plan.widen_at, (plan.seg_words - plan.widen_at) * 8);
-    seg[0] = (seg[0] & 0x0000ffffffffffffULL) | (uint64_t{kEnvelopeGroups + 1} << 48);
+    seg[0] = with_pointers(seg[0], kEnvelopePointers);
     for (size_t i = 0; i < plan.kept; ++i) {
       uint64_t& p = seg[plan.kept_from + i];
-      if (p != 0) p = make_pointer(pointer_type(p), pointer_offset(p) + static_cast<int64_t>(plan.widen), p >> 32);
+      if (p != 0) p = moved_target(p, static_cast<int64_t>(plan.widen));
     }
   }
   const uint32_t table[2] = {0, static_cast<uint32_t>(seg_words)};

@@ -64,6 +64,16 @@ class DeliveryCursor {
   }
   bool valid() const { return valid_; }
   uint32_t count() const { return valid_ ? static_cast<uint32_t>(count_) : 0; }
+  // Calls fn(subscription) once per run (or per delivery): which subscriptions the frame is for.
+  template <class Fn>
+  void each_subscription(Fn&& fn) const {
+    if (!valid_) return;
+    if (runs_.size() == 0) {
+      for (auto d : deliveries_) fn(d.getSubscription());
+    } else {
+      for (auto r : runs_) fn(r.getSubscription());
+    }
+  }
 
   // The next envelope's delivery; false past the end.
   bool next(uint64_t& subscription, uint64_t& stream_seq, uint32_t& attempt) {
@@ -838,12 +848,10 @@ void ClientImpl::on_frame(zmq::message_t& header, std::shared_ptr<zmq::message_t
       }
       bool inbox = false, other = false;
       DeliveryCursor cursor(frame.getDeliver());
-      uint64_t sub = 0, seq = 0;
-      uint32_t attempt = 0;
-      while (cursor.next(sub, seq, attempt)) {
+      cursor.each_subscription([&](uint64_t sub) {
         if (sub == kInboxSubscription) inbox = true;
         else other = true;
-      }
+      });
       if (!cursor.valid() && opts_.on_error)
         opts_.on_error(Error(Errc::protocol, "deliver frame with a malformed header"));
       if (inbox) {

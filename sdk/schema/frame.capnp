@@ -135,11 +135,9 @@ struct DeliveryRun {
 }
 
 struct Deliver {
-  # What each envelope of part 2 is delivered for, in order. Brokers send `runs`: one per
-  # stretch of envelopes with one subscription and attempt, and (durable consumers)
-  # consecutive stream sequences. `deliveries` (one per envelope) is read too; a frame
-  # holds one of the two, never both.
-  deliveries @0 :List(Delivery);
+  # What each envelope of part 2 is delivered for, in order: one run per stretch of envelopes
+  # with one subscription and attempt and (durable consumers) consecutive stream sequences.
+  deliveries @0 :List(Delivery);  # protocol 1 (one per envelope); always empty in protocol 2
   runs @1 :List(DeliveryRun);     # 24 bytes per run instead of 24 per message
 }
 

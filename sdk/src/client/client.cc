@@ -42,20 +42,12 @@ using codec::take_buffer;
 
 }  // namespace
 
-// Walks a deliver frame's header in envelope order, in either of its two forms: runs (what
-// brokers send) or one Delivery per envelope.
+// Walks a deliver frame's runs in envelope order: which subscription, stream sequence and
+// attempt each envelope is delivered for.
 class DeliveryCursor {
  public:
-  explicit DeliveryCursor(wire::Deliver::Reader deliver)
-      : deliveries_(deliver.getDeliveries()), runs_(deliver.getRuns()) {
-    if (runs_.size() == 0) {
-      count_ = deliveries_.size();
-      return;
-    }
-    if (deliveries_.size() != 0) {
-      valid_ = false;  // both forms at once: not a frame any broker sends
-      return;
-    }
+  explicit DeliveryCursor(wire::Deliver::Reader deliver) : runs_(deliver.getRuns()) {
+    valid_ = deliver.getDeliveries().size() == 0;  // the per-message list of protocol 1
     for (auto r : runs_) {
       if (r.getCount() == 0) valid_ = false;
       count_ += r.getCount();
@@ -64,28 +56,17 @@ class DeliveryCursor {
   }
   bool valid() const { return valid_; }
   uint32_t count() const { return valid_ ? static_cast<uint32_t>(count_) : 0; }
-  // Calls fn(subscription) once per run (or per delivery): which subscriptions the frame is for.
+  // Calls fn(subscription) once per run: which subscriptions the frame is for.
   template <class Fn>
   void each_subscription(Fn&& fn) const {
     if (!valid_) return;
-    if (runs_.size() == 0) {
-      for (auto d : deliveries_) fn(d.getSubscription());
-    } else {
-      for (auto r : runs_) fn(r.getSubscription());
-    }
+    for (auto r : runs_) fn(r.getSubscription());
   }
 
   // The next envelope's delivery; false past the end.
   bool next(uint64_t& subscription, uint64_t& stream_seq, uint32_t& attempt) {
     if (!valid_ || index_ >= count_) return false;
     ++index_;
-    if (runs_.size() == 0) {
-      auto d = deliveries_[static_cast<unsigned>(index_ - 1)];
-      subscription = d.getSubscription();
-      stream_seq = d.getStreamSeq();
-      attempt = d.getAttempt();
-      return true;
-    }
     while (left_in_run_ == 0) {
       left_in_run_ = runs_[static_cast<unsigned>(run_++)].getCount();
       in_run_ = 0;
@@ -100,7 +81,6 @@ class DeliveryCursor {
   }
 
  private:
-  capnp::List<wire::Delivery>::Reader deliveries_;
   capnp::List<wire::DeliveryRun>::Reader runs_;
   uint64_t count_ = 0, index_ = 0;
   size_t run_ = 0;

@@ -30,6 +30,7 @@
 #include "federation/id_window.h"
 #include "federation/link_interest.h"
 #include "federation/link_outbox.h"
+#include "federation/mesh_window.h"
 #include "store/store.h"
 #include "topic/topic_trie.h"
 
@@ -446,7 +447,7 @@ class BrokerImpl final : public Broker {
   std::map<std::string, Link*> accepted_links_;          // by peer broker name
   std::unique_ptr<Credential> credential_;                // presented on dialed links
   std::map<std::string, std::map<uint32_t, int>> interest_;  // key -> origin (0 = local) -> count
-  IdWindow seen_{config_.mesh_dedup_max_ids};               // mesh dedup window (only with links)
+  MeshWindow seen_{config_.mesh_dedup_max_ids};             // mesh dedup window (only with links)
   // Forwarded durable messages routed on but not stored in our stream: their
   // resend is stored, not routed again (by id; when the write failed).
   std::unordered_map<MessageId, Clock::time_point> capture_retry_;
@@ -2844,6 +2845,9 @@ std::string BrokerImpl::render_metrics() const {
        "Ids pushed out of the stream dedup window by newer ones before limits.dedup_window_ms had passed.",
        double(dedup_.overflowed())},
       {"tracemesh_mesh_dedup_window_ids", "gauge", "Message ids in the mesh dedup window.", double(seen_.size())},
+      {"tracemesh_mesh_dedup_window_blocks", "gauge",
+       "Blocks of the mesh dedup window in use (limits.mesh_dedup_max_ids at most; up to 64 consecutive ids each).",
+       double(seen_.blocks())},
       {"tracemesh_mesh_dedup_window_overflowed_total", "counter",
        "Ids pushed out of the mesh dedup window by newer ones before limits.dedup_window_ms had passed.",
        double(seen_.overflowed())},

@@ -754,6 +754,7 @@ std::vector<Result<PeerResult>> run_peers(const BenchFlags& f) {
     single.workload = "fanin";
     out.push_back(run_fanin(single));  // the same run's single-broker figure: the 0.8x target's base
     out.push_back(bench::run_nats_fanin(f.size, f.count, limits));
+    out.push_back(bench::run_nats_chain(f.size, f.count, 4, limits));
     // The ZeroMQ floor: what four forwarders in series keep of one, on the same machine.
     out.push_back(bench::run_zmq_proxy(f.size, f.count, f.curve == "on", 1, limits));
     out.push_back(bench::run_zmq_proxy(f.size, f.count, f.curve == "on", 4, limits));
@@ -909,9 +910,15 @@ int run_bench(const BenchFlags& f) {
       const Row* one = found("tracemesh");
       const Row* zmq1 = found("zmq proxy" + curve);
       const Row* zmq4 = found("zmq proxy chain-4" + curve);
-      if (one && zmq1 && zmq4 && one->rate.median > 0 && zmq1->rate.median > 0)
-        std::printf("4 hops over 1 hop: zmq proxy %.2fx, tracemesh %.2fx\n", zmq4->rate.median / zmq1->rate.median,
+      const Row* nats1 = found("nats-server");
+      const Row* nats4 = found("nats-server chain-4");
+      if (one && zmq1 && zmq4 && one->rate.median > 0 && zmq1->rate.median > 0) {
+        std::printf("4 hops over 1 hop: zmq proxy %.2fx, tracemesh %.2fx", zmq4->rate.median / zmq1->rate.median,
                     base->rate.median / one->rate.median);
+        if (nats1 && nats4 && nats1->rate.median > 0)
+          std::printf(", nats-server leaf nodes %.2fx", nats4->rate.median / nats1->rate.median);
+        std::printf("\n");
+      }
     }
   }
   for (const auto& [name, r] : rows)

@@ -514,6 +514,92 @@ Result<PeerResult> run_nats_fanout(size_t size, uint64_t count, int subscribers,
   return r;
 }
 
+// `hops` nats-servers in a chain of leaf nodes: each dials the one above it as a leaf node
+// (nats-leaf://), the top one only accepts. 1 publisher connection on the bottom server -> the
+// chain -> 1 subscriber connection on the top one, as tracemesh's chain workload.
+Result<PeerResult> run_nats_chain(size_t size, uint64_t count, int hops, const RunLimits& limits) {
+  if (Status valid = validate(size, count); !valid) return valid.error();
+  if (hops < 1) return Error(Errc::invalid_argument, "hops must be at least 1");
+  const Clock::time_point started = Clock::now();
+  const Clock::time_point deadline = started + limits.deadline;
+  std::vector<std::unique_ptr<PeerServer>> servers;  // top first
+  uint16_t upper_leaf_port = 0;
+  for (int i = 0; i < hops; ++i) {
+    uint16_t leaf_port = 0;
+    auto server = start_peer(
+        "nats-server", "nats-server",
+        [&](uint16_t port, const fs::path& dir) -> Result<std::vector<std::string>> {
+          auto picked = pick_free_port();
+          if (!picked) return picked.error();
+          leaf_port = *picked;
+          std::string conf = "listen: 127.0.0.1:" + std::to_string(port) + "\n";
+          conf += "server_name: hop" + std::to_string(i) + "\n";
+          conf += "leafnodes {\n  listen: 127.0.0.1:" + std::to_string(leaf_port) + "\n";
+          if (upper_leaf_port)
+            conf += "  remotes: [ { url: \"nats-leaf://127.0.0.1:" + std::to_string(upper_leaf_port) + "\" } ]\n";
+          conf += "}\n";
+          const fs::path file = dir / "leaf.conf";
+          std::ofstream(file) << conf;
+          return std::vector<std::string>{"nats-server", "-c", file.string()};
+        },
+        deadline);
+    if (!server) return server.error();
+    upper_leaf_port = leaf_port;
+    servers.push_back(std::move(*server));
+  }
+  auto sub_conn = nats_connect(servers.front()->port(), false);
+  if (!sub_conn) return sub_conn.error();
+  auto sub = nats_subscribe_sync(sub_conn->get(), "bench.chain");
+  if (!sub) return sub.error();
+  auto pub_conn = nats_connect(servers.back()->port(), false);
+  if (!pub_conn) return pub_conn.error();
+  // Probes until one arrives: the subscription's interest has come down the chain.
+  bool routed = false;
+  while (!routed && Clock::now() < deadline) {
+    natsConnection_Publish(pub_conn->get(), "bench.chain", "probe", 5);
+    natsConnection_FlushTimeout(pub_conn->get(), 2000);
+    natsMsg* msg = nullptr;
+    if (natsSubscription_NextMsg(&msg, sub->get(), 100) == NATS_OK) {
+      natsMsg_Destroy(msg);
+      routed = true;
+    }
+  }
+  if (!routed) return Error(Errc::timeout, "nats leaf-node chain: the subscription's interest did not reach the bottom server");
+  for (natsMsg* msg = nullptr; natsSubscription_NextMsg(&msg, sub->get(), 300) == NATS_OK; msg = nullptr)
+    natsMsg_Destroy(msg);  // the other probes
+
+  ArrivalCounter counter(count);
+  std::atomic<bool> stop{false};
+  ScopedThread receiver(
+      [&] {
+        while (!counter.done() && !stop.load() && Clock::now() < deadline) {
+          natsMsg* msg = nullptr;
+          natsStatus st = natsSubscription_NextMsg(&msg, sub->get(), kPollMs);
+          if (st == NATS_OK) {
+            counter.record();
+            natsMsg_Destroy(msg);
+          } else if (st != NATS_TIMEOUT && st != NATS_SLOW_CONSUMER) {
+            break;  // connection closed
+          }
+        }
+      },
+      [&] { stop = true; });
+  uint64_t sent = 0;
+  bool hit_deadline = false;
+  if (Status st = nats_publish_all(pub_conn->get(), [](uint64_t) { return "bench.chain"; }, size, count, deadline,
+                                   sent, hit_deadline);
+      !st.ok())
+    return st.error();
+  if (!counter.wait_until(deadline)) hit_deadline = true;
+  receiver.join();
+  PeerResult result;
+  result.system = "nats-server chain-" + std::to_string(hops);
+  result.workload = "chain-" + std::to_string(hops);
+  result.note = std::to_string(hops) + " nats-servers, each a leaf node of the next; core pub/sub";
+  finish_fanin(result, counter, sent, hit_deadline, started);
+  return result;
+}
+
 Result<PeerResult> run_nats_many_topics(size_t size, uint64_t count, int lines, int sensors,
                                         const RunLimits& limits) {
   if (Status valid = validate(size, count); !valid) return valid.error();

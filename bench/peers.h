@@ -49,6 +49,9 @@ Result<PeerResult> run_nats_fanin(size_t size, uint64_t count, const RunLimits& 
 // each getting every message (fanout-1x8 with 8). msgs_per_sec counts deliveries, all subscribers
 // together, from the first arrival anywhere to the last.
 Result<PeerResult> run_nats_fanout(size_t size, uint64_t count, int subscribers, const RunLimits& limits = {});
+// `hops` nats-servers, each a leaf node of the one above it: 1 publisher connection on the
+// bottom server -> the chain -> 1 subscriber connection on the top one.
+Result<PeerResult> run_nats_chain(size_t size, uint64_t count, int hops, const RunLimits& limits = {});
 // nats-server core: 1 publisher cycling through `lines` x `sensors` subjects plant.lineL.sensorS ->
 // 1 subscriber connection with `lines` wildcard subscriptions plant.lineL.* (each message matches
 // one), delivered by one shared thread. The many-topics workload.

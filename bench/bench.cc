@@ -507,7 +507,9 @@ struct MeshRig {
         l.endpoint = brokers[chain[i - 1]]->tcp_endpoint();
         l.broker_key = keys[chain[i - 1]];
         l.outbox_bytes = 1ull << 30;
-        l.memory_queue_bytes = f.link_memory_queue;
+        // As much memory for a busy link as every broker here has for a slow subscriber
+        // (subscriber_queue_bytes above), so that the chain and the single broker buffer alike.
+        l.memory_queue_bytes = f.link_memory_queue.value_or(256ull << 20);
         l.curve = spec.curve;
         spec.links.push_back(l);
       }
@@ -958,8 +960,9 @@ void add_bench_command(CLI::App& app, Context& ctx) {
       ->check(CLI::Range(1, 3600));
   cmd->add_flag("--show-broker-log", f->show_log, "print the end of the broker's log after each run");
   cmd->add_option("--link-memory-queue", f->link_memory_queue,
-                  "chain: each link's memory_queue_bytes (default: the broker's, 64 MiB); a small one shows the "
-                  "cost of swapping batches out while a peer is busy");
+                  "chain: each link's memory_queue_bytes (default 256 MiB, the subscriber_queue_bytes the bench "
+                  "gives every broker; a broker's own default is 64 MiB); a small one shows the cost of swapping "
+                  "batches out while a peer is busy");
   cmd->add_option("--tracemeshd", f->tracemeshd, "tracemeshd binary (default: beside this binary, or $TRACEMESHD, or PATH)");
   cmd->callback([f, &ctx] {
     if (f->crash && f->workload != "durable") {

@@ -25,6 +25,7 @@
 
 #include "admin_http.h"
 #include "codec/envelope_codec.h"
+#include "codec/envelope_view.h"
 #include "codec/frame_stream.h"
 #include "iso_time.h"
 #include "federation/id_window.h"
@@ -48,12 +49,16 @@ struct StringHash {
   size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
 };
 
-// Whether `name` is in a list of an envelope: a broker on its visited path, a group it delegates.
-bool on_path(capnp::List<capnp::Text>::Reader list, std::string_view name) {
-  for (auto item : list)
-    if (std::string_view(item.cStr(), item.size()) == name) return true;
+// Whether a topic holds a wildcard character (a message's topic may not). A loop: two memchr
+// calls over a short topic cost more than the routing around them.
+bool has_wildcard(std::string_view topic) {
+  for (char c : topic)
+    if (c == '+' || c == '#') return true;
   return false;
 }
+
+// Whether `name` is in a list of an envelope: a broker on its visited path, a group it delegates.
+bool on_path(const codec::TextList& list, std::string_view name) { return list.contains(name); }
 
 std::string hex(const uint8_t* p, size_t n) {
   static const char* digits = "0123456789abcdef";
@@ -314,8 +319,7 @@ class BrokerImpl final : public Broker {
   // number of targets; *to_link says whether a link took it.
   size_t route(const uint8_t* data, size_t size, std::string_view topic, Link* source, bool durable,
                bool* to_link = nullptr, bool* link_refused = nullptr,
-               capnp::List<capnp::Text>::Reader visited = {},
-               capnp::List<capnp::Text>::Reader delegated = {});
+               const codec::TextList& visited = {}, const codec::TextList& delegated = {});
   // Federation
   Status init_links();
   Link& accepted_link(const std::string& peer);
@@ -418,6 +422,20 @@ class BrokerImpl final : public Broker {
   topic::TopicTrie<Target> trie_;
   std::map<std::pair<std::string, std::string>, std::unique_ptr<Group>> groups_;
   std::unordered_map<std::string, std::vector<Target>, StringHash, std::equal_to<>> route_cache_;
+  // The last topic targets_for() answered, and its entry in route_cache_: a run of messages on
+  // one topic costs a compare, not a hash. Reset with the cache (forget_routes()).
+  std::string last_topic_;
+  const std::vector<Target>* last_targets_ = nullptr;
+  void forget_routes() {
+    route_cache_.clear();
+    last_targets_ = nullptr;
+  }
+  // An envelope EnvelopeView could not read, rewritten as one segment (see read_envelope).
+  codec::WordBuffer canonical_;
+  // Reads envelope (p, n) into `view`; one in another layout than the encoders here write is
+  // rewritten into canonical_ first, and (p, n) then point there.
+  // Throws kj::Exception, as a Cap'n Proto reader does, when it is malformed.
+  void read_envelope(const uint8_t*& p, size_t& n, codec::EnvelopeView& view);
   std::vector<Session*> dirty_sessions_;
   // The sessions the loop visits every iteration, so that it need not scan all of them: those
   // with frames waiting in `queued`, and the unix:// ones (their sockets are polled).
@@ -1179,11 +1197,14 @@ void BrokerImpl::on_hello(Session& s, zmq::message_t& header, wire::Hello::Reade
 }
 
 const std::vector<Target>& BrokerImpl::targets_for(std::string_view topic) {
-  if (auto it = route_cache_.find(topic); it != route_cache_.end()) return it->second;
-  if (route_cache_.size() > 100000) route_cache_.clear();
+  if (last_targets_ && topic == last_topic_) return *last_targets_;
+  last_topic_.assign(topic);
+  if (auto it = route_cache_.find(topic); it != route_cache_.end()) return *(last_targets_ = &it->second);
+  if (route_cache_.size() > 100000) forget_routes();
   std::vector<Target> targets;
   trie_.match(topic, [&](const Target& t) { targets.push_back(t); });
-  return route_cache_.emplace(std::string(topic), std::move(targets)).first->second;
+  last_targets_ = &route_cache_.emplace(std::string(topic), std::move(targets)).first->second;
+  return *last_targets_;
 }
 
 void BrokerImpl::deliver(Session& s, const uint8_t* data, size_t size, const Delivery& d, bool droppable) {
@@ -1200,8 +1221,8 @@ void BrokerImpl::deliver(Session& s, const uint8_t* data, size_t size, const Del
 }
 
 size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topic, Link* source,
-                         bool durable, bool* to_link, bool* link_refused,
-                         capnp::List<capnp::Text>::Reader visited, capnp::List<capnp::Text>::Reader delegated) {
+                         bool durable, bool* to_link, bool* link_refused, const codec::TextList& visited,
+                         const codec::TextList& delegated) {
   size_t targets = 0;
   link_tickets_.clear();
   // One copy per link, however many of the peer's filters match (the peer routes it on),
@@ -1266,6 +1287,17 @@ size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topi
   return targets;
 }
 
+void BrokerImpl::read_envelope(const uint8_t*& p, size_t& n, codec::EnvelopeView& view) {
+  if (view.parse(p, n)) return;
+  if (auto st = codec::canonical_envelope(p, n, canonical_); !st.ok())
+    throw kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::heapString(st.error().message().c_str()));
+  p = canonical_.data();
+  n = canonical_.size();
+  if (!view.parse(p, n))
+    throw kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                        kj::str("malformed envelope: a layout the broker does not read (lists of structs for texts?)"));
+}
+
 StreamRt* BrokerImpl::stream_for(std::string_view topic) {
   StreamRt* found = nullptr;
   stream_trie_.match(topic, [&](StreamRt* rt) {
@@ -1286,13 +1318,13 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
   const size_t size = body->size() & ~size_t{7};
   const int64_t now_ns = codec::now_ns();  // the batch's time in the dedup windows
   auto status = codec::for_each_envelope(base, size, publish.getCount(), [&](const uint8_t* p, size_t n) {
-    codec::EnvelopeReader reader(p, n);
-    auto env = reader.root();
-    const std::string_view topic = view(env.getTopic());
-    const uint32_t flags = env.getFlags();
+    codec::EnvelopeView env;
+    read_envelope(p, n, env);
+    const std::string_view topic = env.topic();
+    const uint32_t flags = env.flags();
     ++messages_in_;
     bytes_in_ += n;
-    MessageId id{env.getIdHi(), env.getIdLo()};
+    const MessageId id = env.id();
     if (n > config_.max_message_bytes) {
       if (flags & wire::FLAG_DURABLE) {
         s.acks_out.push_back({id, {0, wire::ErrorCode::TOO_LARGE}});
@@ -1305,7 +1337,7 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
       }
       return true;
     }
-    if (topic.empty() || topic.find_first_of("+#") != std::string_view::npos) {
+    if (topic.empty() || has_wildcard(topic)) {
       ++malformed_;
       send_control(s, codec::error_frame(wire::ErrorCode::INVALID_ARGUMENT,
                                          "cannot publish to '" + std::string(topic) + "': empty or wildcard topic", 0, &id));
@@ -1364,7 +1396,7 @@ void BrokerImpl::on_publish(Session& s, wire::Publish::Reader publish, zmq::mess
       }
       store_append(*rt, p, n, id, PendingWrite{PendingWrite::Kind::append, s.key, id, rt->state.config.name, 0});
     }
-    if (flags & wire::FLAG_RETAIN) retain(topic, p, n, env.getPayload().size() == 0);
+    if (flags & wire::FLAG_RETAIN) retain(topic, p, n, env.payload_size() == 0);
     const size_t targets = route(p, n, topic, nullptr, durable);
     if ((flags & wire::FLAG_REQUEST) && targets == 0)
       send_control(s, codec::error_frame(wire::ErrorCode::NO_RESPONDERS,
@@ -1444,7 +1476,7 @@ void BrokerImpl::on_subscribe(Session& s, wire::Subscribe::Reader req) {
     }
     g->members.push_back(raw);
   }
-  route_cache_.clear();
+  forget_routes();
   add_interest(interest_key(raw->pattern, raw->group), 0, +1);
   s.subs[id] = std::move(sub);
   capnp::MallocMessageBuilder b(16);
@@ -1480,7 +1512,7 @@ void BrokerImpl::detach_subscription(Subscription* sub) {
       }
     }
   }
-  route_cache_.clear();
+  forget_routes();
 }
 
 void BrokerImpl::on_unsubscribe(Session& s, uint64_t id) {
@@ -2250,15 +2282,15 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
                                          [&](const uint8_t* p, size_t n) {
     const uint64_t this_seq = first ? seq++ : 0;  // 0: unsequenced best-effort
     if (this_seq && this_seq <= l.recv_seq) return true;  // a resend of what we already took
-    codec::EnvelopeReader reader(p, n);
-    auto env = reader.root();
-    const std::string_view topic = view(env.getTopic());
-    const MessageId id{env.getIdHi(), env.getIdLo()};
-    const uint32_t flags = env.getFlags();
+    codec::EnvelopeView env;
+    read_envelope(p, n, env);
+    const std::string_view topic = env.topic();
+    const MessageId id = env.id();
+    const uint32_t flags = env.flags();
     ++messages_in_;
     bytes_in_ += n;
     ++l.received;
-    if (topic.empty() || topic.find_first_of("+#") != std::string_view::npos) {
+    if (topic.empty() || has_wildcard(topic)) {
       ++malformed_;
       return true;
     }
@@ -2276,9 +2308,9 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
       return true;
     }
     if (durable) capture_forwarded(l, p, n, id, topic, this_seq, now_ns);
-    if (flags & wire::FLAG_RETAIN) retain(topic, p, n, env.getPayload().size() == 0);
+    if (flags & wire::FLAG_RETAIN) retain(topic, p, n, env.payload_size() == 0);
     bool refused = false;
-    route(p, n, topic, &l, durable, nullptr, &refused, env.getPath(), env.getGroups());
+    route(p, n, topic, &l, durable, nullptr, &refused, env.path(), env.groups());
     if (refused && durable && this_seq) {
       // Our next hop's outbox is full: do not take responsibility for this one.
       // The sender keeps it and resends from here.
@@ -2346,7 +2378,7 @@ void BrokerImpl::on_interest(Link& l, wire::Interest::Reader interest) {
       }
       g->members.push_back(raw);
     }
-    route_cache_.clear();
+    forget_routes();
     l.remote[key] = std::move(sub);
     spdlog::debug("link '{}': peer is interested in '{}'{}", l.name, filter, group.empty() ? "" : " (group " + group + ")");
     add_interest(key, l.id, +1);

@@ -1,6 +1,7 @@
 // libFuzzer target for everything a broker decodes from the network: control
-// frames, batch bodies of envelopes (and the visited-path stamp it writes into
-// them), credentials inside Hello, and the records of a unix:// stream.
+// frames, batch bodies of envelopes (read by the broker's EnvelopeView, checked
+// against Cap'n Proto's reader, and the visited-path stamp it writes into them),
+// credentials inside Hello, and the records of a unix:// stream.
 //
 // Input layout: byte 0 selects what the rest is fed to.
 #include <sys/socket.h>
@@ -10,6 +11,7 @@
 #include <cstring>
 
 #include "codec/envelope_codec.h"
+#include "codec/envelope_view.h"
 #include "codec/frame_stream.h"
 #include "tracemesh/identity.h"
 
@@ -59,6 +61,23 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           for (auto parent : env.getTrace().getParents()) (void)parent.getHi();
         }
       } catch (const kj::Exception&) {
+      }
+      // The broker's own reader must accept only what Cap'n Proto reads, and read the same.
+      codec::EnvelopeView view;
+      if (view.parse(p, n)) {
+        try {
+          codec::EnvelopeReader reader(p, n);
+          auto env = reader.root();
+          if (view.topic() != std::string_view(env.getTopic().cStr(), env.getTopic().size()) ||
+              view.id().lo != env.getIdLo() || view.flags() != env.getFlags() ||
+              view.payload_size() != env.getPayload().size() || view.path().size() != env.getPath().size() ||
+              view.groups().size() != env.getGroups().size())
+            __builtin_trap();
+          for (unsigned i = 0; i < env.getPath().size(); ++i)
+            if (view.path()[i] != std::string_view(env.getPath()[i].cStr(), env.getPath()[i].size())) __builtin_trap();
+        } catch (const kj::Exception&) {
+          __builtin_trap();  // the view read what Cap'n Proto refuses
+        }
       }
       // What a broker does to every envelope it forwards over a link: stamp the visited path,
       // then read the result back as the next broker would.

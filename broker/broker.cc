@@ -2276,6 +2276,7 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
     return;
   }
   ++l.received_batches;
+  ++frames_in_;
   uint64_t seq = first;
   const int64_t now_ns = codec::now_ns();  // the batch's time in the mesh window
   auto status = codec::for_each_envelope(base, body->size() & ~size_t{7}, fwd.getCount(),

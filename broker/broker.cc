@@ -127,6 +127,14 @@ struct Link {
   uint64_t sent_seq = 0;                    // highest outbox seq handed to the wire
   uint64_t recv_seq = 0;                    // highest forward seq received from the peer
   std::multiset<uint64_t> held;             // received seqs whose stream write is pending
+  // Received durable messages that went on into outboxes, in seq order, one entry per copy:
+  // acked to the peer once that outbox has it on disk (its synced_through reached the ticket).
+  struct OutboxedCopy {
+    uint64_t seq;
+    Link* to;
+    uint64_t ticket;
+  };
+  std::deque<OutboxedCopy> outboxed;
   uint64_t acked_to_peer = 0;
   uint64_t resend_from = 0;                 // to ask the peer for: it could not be taken
   bool recv_synced = false;                 // recv_seq follows the peer's numbering (this connection)
@@ -2312,6 +2320,8 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
     if (flags & wire::FLAG_RETAIN) retain(topic, p, n, env.payload_size() == 0);
     bool refused = false;
     route(p, n, topic, &l, durable, nullptr, &refused, env.path(), env.groups());
+    if (this_seq)
+      for (const auto& [to, ticket] : link_tickets_) l.outboxed.push_back({this_seq, to, ticket});
     if (refused && durable && this_seq) {
       // Our next hop's outbox is full: do not take responsibility for this one.
       // The sender keeps it and resends from here.
@@ -2625,18 +2635,14 @@ void BrokerImpl::spill_waiting(Link& l) {
 void BrokerImpl::service_links() {
   if (links_.empty()) return;
   const auto now = Clock::now();
-  // Whether every outbox holds on disk what was appended to it: only then are the
-  // durable publishes and forwarded batches that went there acked.
-  bool stored = true;
+  // Commit and sync each outbox: a durable publish or forwarded batch that went there is acked
+  // once the outbox has it on disk (synced_through reached its ticket).
   bool advanced = false;  // some outbox has more on disk than before
   for (auto& lp : links_) {
     Link& l = *lp;
     if (!l.outbox) continue;
     const uint64_t synced_before = l.synced_through;
-    if (l.outbox_failing && now < l.outbox_retry_at) {  // a full disk: try again shortly
-      stored = stored && !l.outbox->durable_pending() && !l.durable_pending;
-      continue;
-    }
+    if (l.outbox_failing && now < l.outbox_retry_at) continue;  // a full disk: try again shortly
     Status st = l.outbox->commit();
     // What the commit stored goes to disk now, also when the file had room for only a part
     // of it: the durable publishes in that part are acked without waiting for the rest.
@@ -2654,7 +2660,6 @@ void BrokerImpl::service_links() {
     }
     if (l.synced_through != synced_before) advanced = true;
     if (!st.ok()) {
-      stored = false;
       l.outbox_retry_at = now + std::chrono::milliseconds(100);
       spdlog::debug("link '{}': outbox still cannot store: {}", l.name, st.error().message());
       if (!std::exchange(l.outbox_failing, true))
@@ -2713,9 +2718,13 @@ void BrokerImpl::service_links() {
       fill(in.initRemove(u.remove.size()), u.remove);
       if (link_send(l, codec::to_message(b))) l.interest.sent();
     }
-    // Acks for what the peer forwarded to us (held back while our own stream write is pending).
-    const uint64_t ackable = l.held.empty() ? l.recv_seq : std::min(l.recv_seq, *l.held.begin() - 1);
-    if (stored && ackable > l.acked_to_peer) {
+    // Acks for what the peer forwarded to us: held back while our own stream write is pending,
+    // and from the first durable message an outbox it went on to does not hold on disk yet.
+    uint64_t ackable = l.held.empty() ? l.recv_seq : std::min(l.recv_seq, *l.held.begin() - 1);
+    while (!l.outboxed.empty() && l.outboxed.front().ticket <= l.outboxed.front().to->synced_through)
+      l.outboxed.pop_front();
+    if (!l.outboxed.empty()) ackable = std::min(ackable, l.outboxed.front().seq - 1);
+    if (ackable > l.acked_to_peer) {
       capnp::MallocMessageBuilder b(16);
       start_frame(b).getRoot<wire::Frame>().setForwardAck(ackable);
       if (link_send(l, codec::to_message(b))) l.acked_to_peer = ackable;

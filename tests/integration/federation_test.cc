@@ -855,6 +855,55 @@ TEST_F(FederationTest, EveryDurableTheOutboxStoredIsAckedWhileTheRestWaits) {
   EXPECT_TRUE(stream_holds("centre", "LINE", tally.acked, 60s)) << "acked durable messages missing at the centre";
 }
 
+// The same for a peer's forwards: a device forwards a burst larger than the edge's outbox file
+// while the centre is away. The edge acks to the device every forwarded durable message its
+// outbox stored, not only once all of them are stored; the device keeps the rest in its own
+// outbox. Everything reaches the centre when it is back.
+TEST_F(FederationTest, ForwardedDurablesAreAckedToThePeerAsTheNextOutboxStoresThem) {
+  AckTally tally;  // outlives the client, whose callbacks write to it
+  start("centre", "centre", {}, {{"LINE", {"plant/#"}}});
+  outbox_map_bytes_ = 1u << 20;
+  start("edge", "edge", {"centre"});
+  outbox_map_bytes_ = 0;
+  start("device", "device", {"edge"});
+  ASSERT_TRUE(links_up("edge", 2) && links_up("device", 1));
+  auto line = client("device", "line-1");
+  auto edge_view = client("edge", "auditor");
+  ASSERT_TRUE(line && edge_view);
+  auto backlog = [](Client& c, const std::string& link) -> int64_t {
+    auto m = c.mesh_status();
+    if (!m.ok()) return -1;
+    for (const auto& l : m->links)
+      if (l.name == link) return static_cast<int64_t>(l.backlog_messages);
+    return -1;
+  };
+  ASSERT_TRUE(wait_until([&] { return line->publish_durable("plant/probe", "probe").get().ok(); }, 15s));
+  ASSERT_TRUE(wait_until([&] { return backlog(*line, "edge") == 0 && backlog(*edge_view, "centre") == 0; }, 15s))
+      << "the probe did not reach the centre";
+  ASSERT_TRUE(nodes_["centre"].broker->stop(SIGTERM).ok());
+
+  constexpr int kCount = 1500;  // 1.5 MB at once for the edge's 1 MiB file
+  const std::string filler(1000, 'f');
+  for (int i = 0; i < kCount; ++i)
+    ASSERT_TRUE(tally.publish(*line, "plant/line1/vibration", std::to_string(i) + ":" + filler).ok());
+  ASSERT_TRUE(wait_until([&] { return tally.done == kCount; }, 60s)) << tally.done << " of " << kCount << " answered";
+  EXPECT_EQ(tally.acked.size(), static_cast<size_t>(kCount)) << "the device's own outbox has room: " << tally.why();
+
+  // The edge stores what its file holds and acks exactly that; the device keeps the rest.
+  int64_t at_edge = -1, at_device = -1;
+  const bool settled = wait_until([&] {
+    at_edge = backlog(*edge_view, "centre");
+    at_device = backlog(*line, "edge");
+    return at_edge > 0 && at_edge < kCount && at_device == kCount - at_edge;
+  }, 30s);
+  EXPECT_TRUE(settled) << "the edge's outbox holds " << at_edge << " of " << kCount << ", the device still holds "
+                       << at_device << ": the edge acked " << (kCount - at_device) << " of them";
+  ASSERT_TRUE(nodes_["centre"].broker->restart().ok()) << nodes_["centre"].broker->log_tail();
+  std::set<std::string> all;
+  for (int i = 0; i < kCount; ++i) all.insert(std::to_string(i) + ":" + filler);
+  EXPECT_TRUE(stream_holds("centre", "LINE", all, 60s)) << "durable messages missing at the centre";
+}
+
 // How often each payload arrived, and the payloads that arrived more than once.
 std::map<std::string, int> payload_counts(Inbox& inbox) {
   std::lock_guard lock(inbox.mu);

@@ -2314,6 +2314,13 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
         }
       }
       ++mesh_duplicates_;
+      if (durable && this_seq) {
+        // Its first copy (over another path, or before a reconnect) may still wait in an
+        // outbox: acked once everything appended so far is on disk, as a publisher's resend is.
+        for (auto& to : links_)
+          if (to->outbox && to->outbox->last_ticket() > to->synced_through)
+            l.outboxed.push_back({this_seq, to.get(), to->outbox->last_ticket()});
+      }
       return true;
     }
     if (durable) capture_forwarded(l, p, n, id, topic, this_seq, now_ns);

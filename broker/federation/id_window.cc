@@ -1,10 +1,7 @@
 #include "federation/id_window.h"
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <bit>
-#include <new>
 
 namespace tracemesh::broker {
 
@@ -13,21 +10,14 @@ namespace {
 constexpr size_t kMinIds = 1024;
 constexpr size_t kMaxIds = size_t{1} << 30;  // ring positions fit the 32-bit index
 
-// Zero-filled pages, backed as they are touched (a zero Entry is empty).
-void* map_zeroed(size_t bytes) {
-  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_POPULATE, -1, 0);
-  if (p == MAP_FAILED) throw std::bad_alloc();
-  return p;
-}
-
 }  // namespace
 
 IdWindow::IdWindow(size_t max_ids) : max_(std::bit_ceil(std::clamp(max_ids, kMinIds, kMaxIds))) {}
 
 IdWindow::~IdWindow() {
   if (!mapped()) return;
-  munmap(ring_, max_ * sizeof(Slot));
-  munmap(index_, (index_mask_ + 1) * sizeof(Entry));
+  ring_index::unmap(ring_, max_ * sizeof(Slot));
+  ring_index::unmap(index_, (index_mask_ + 1) * sizeof(Entry));
 }
 
 size_t IdWindow::find(const MessageId& id, uint32_t h) const {
@@ -49,9 +39,9 @@ uint64_t* IdWindow::value(const MessageId& id) {
 
 bool IdWindow::insert(const MessageId& id, int64_t now_ns, uint64_t value) {
   if (!mapped()) {  // first use: a broker without links never pays for the window
-    ring_ = static_cast<Slot*>(map_zeroed(max_ * sizeof(Slot)));
+    ring_ = static_cast<Slot*>(ring_index::map_zeroed(max_ * sizeof(Slot)));
     index_mask_ = max_ * 4 - 1;  // at most a quarter full: probes stay short
-    index_ = static_cast<Entry*>(map_zeroed((index_mask_ + 1) * sizeof(Entry)));
+    index_ = static_cast<Entry*>(ring_index::map_zeroed((index_mask_ + 1) * sizeof(Entry)));
   }
   const uint32_t h = hash(id);
   size_t pos = find(id, h);
@@ -74,7 +64,7 @@ void IdWindow::erase(const MessageId& id) {
   const size_t pos = find(id, hash(id));
   if (index_[pos].pos == 0) return;
   ring_[index_[pos].pos - 1].at_ns = kErased;
-  unindex(pos);
+  ring_index::unindex(index_, index_mask_, pos);
   --live_;
 }
 
@@ -85,27 +75,12 @@ void IdWindow::expire(int64_t horizon_ns) {
 void IdWindow::drop_oldest() {
   Slot& s = ring_[head_];
   if (s.at_ns != kErased) {
-    unindex(find(s.id, hash(s.id)));
+    ring_index::unindex(index_, index_mask_, find(s.id, hash(s.id)));
     s.at_ns = kErased;
     --live_;
   }
   head_ = (head_ + 1) & (max_ - 1);
   --count_;
-}
-
-void IdWindow::unindex(size_t pos) {
-  // Linear probing without tombstones: pull later entries of the same probe
-  // run back over the hole, unless that would move one before its home slot.
-  size_t hole = pos;
-  index_[hole] = Entry{0, 0};
-  for (size_t j = (hole + 1) & index_mask_; index_[j].pos != 0; j = (j + 1) & index_mask_) {
-    const size_t home = index_[j].hash & index_mask_;
-    const bool stays = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
-    if (stays) continue;
-    index_[hole] = index_[j];
-    index_[j] = Entry{0, 0};
-    hole = j;
-  }
 }
 
 }  // namespace tracemesh::broker

@@ -24,6 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "federation/ring_index.h"
 #include "tracemesh/client.h"
 
 namespace tracemesh::broker {
@@ -60,10 +61,7 @@ class IdWindow {
     int64_t at_ns;  // kErased once erased: its place is reclaimed in arrival order
     uint64_t value;
   };
-  struct Entry {
-    uint32_t pos;   // ring position + 1; 0 = empty
-    uint32_t hash;  // low bits of the id's hash: home slot and a filter before the ring is read
-  };
+  using Entry = ring_index::Entry;
   static constexpr int64_t kErased = INT64_MIN;
   // Ids a client makes are its process's random high word and a counter: ids
   // made one after another land in neighbouring slots of a 16-slot block,
@@ -78,7 +76,6 @@ class IdWindow {
   }
   // Index position holding `id` (hash `h`), or the empty position where it would go.
   size_t find(const MessageId& id, uint32_t h) const;
-  void unindex(size_t pos);        // backward-shift deletion
   void drop_oldest();
   bool mapped() const { return ring_ != nullptr; }
 

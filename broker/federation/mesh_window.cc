@@ -1,10 +1,7 @@
 #include "federation/mesh_window.h"
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <bit>
-#include <new>
 
 namespace tracemesh::broker {
 
@@ -13,21 +10,14 @@ namespace {
 constexpr size_t kMinBlocks = 1024;
 constexpr size_t kMaxBlocks = size_t{1} << 30;  // ring positions fit the 32-bit index
 
-// Zero-filled pages, populated now (a page fault costs microseconds on a VM).
-void* map_zeroed(size_t bytes) {
-  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_POPULATE, -1, 0);
-  if (p == MAP_FAILED) throw std::bad_alloc();
-  return p;
-}
-
 }  // namespace
 
 MeshWindow::MeshWindow(size_t max_blocks) : max_(std::bit_ceil(std::clamp(max_blocks, kMinBlocks, kMaxBlocks))) {}
 
 MeshWindow::~MeshWindow() {
   if (!mapped()) return;
-  munmap(ring_, max_ * sizeof(Block));
-  munmap(index_, (index_mask_ + 1) * sizeof(Entry));
+  ring_index::unmap(ring_, max_ * sizeof(Block));
+  ring_index::unmap(index_, (index_mask_ + 1) * sizeof(Entry));
 }
 
 size_t MeshWindow::find(uint64_t hi, uint64_t base, uint32_t h) const {
@@ -64,9 +54,9 @@ bool MeshWindow::insert(const MessageId& id, int64_t now_ns) {
     }
   }
   if (!mapped()) {  // first use: a broker without links never pays for the window
-    ring_ = static_cast<Block*>(map_zeroed(max_ * sizeof(Block)));
+    ring_ = static_cast<Block*>(ring_index::map_zeroed(max_ * sizeof(Block)));
     index_mask_ = max_ * 4 - 1;  // at most a quarter full: probes stay short
-    index_ = static_cast<Entry*>(map_zeroed((index_mask_ + 1) * sizeof(Entry)));
+    index_ = static_cast<Entry*>(ring_index::map_zeroed((index_mask_ + 1) * sizeof(Entry)));
   }
   const uint32_t h = hash(id.hi, base);
   size_t pos = find(id.hi, base, h);
@@ -129,28 +119,13 @@ void MeshWindow::drop_oldest(bool overflow) {
     const size_t ids = static_cast<size_t>(std::popcount(b.bits));
     if (overflow) overflowed_ += ids;
     live_ -= ids;
-    unindex(find(b.hi, b.base, hash(b.hi, b.base)));
+    ring_index::unindex(index_, index_mask_, find(b.hi, b.base, hash(b.hi, b.base)));
     b.at_ns = kErased;
     b.bits = 0;
   }
   if (last_ == head_) last_ = SIZE_MAX;
   head_ = (head_ + 1) & (max_ - 1);
   --count_;
-}
-
-void MeshWindow::unindex(size_t pos) {
-  // Linear probing without tombstones: pull later entries of the same probe
-  // run back over the hole, unless that would move one before its home slot.
-  size_t hole = pos;
-  index_[hole] = Entry{0, 0};
-  for (size_t j = (hole + 1) & index_mask_; index_[j].pos != 0; j = (j + 1) & index_mask_) {
-    const size_t home = index_[j].hash & index_mask_;
-    const bool stays = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
-    if (stays) continue;
-    index_[hole] = index_[j];
-    index_[j] = Entry{0, 0};
-    hole = j;
-  }
 }
 
 }  // namespace tracemesh::broker

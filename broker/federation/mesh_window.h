@@ -28,6 +28,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "federation/ring_index.h"
 #include "tracemesh/client.h"
 
 namespace tracemesh::broker {
@@ -67,10 +68,7 @@ class MeshWindow {
     uint64_t bits;   // bit i: counter base * 64 + i was seen
     int64_t at_ns;   // when its newest id was inserted
   };
-  struct Entry {
-    uint32_t pos;   // ring position + 1; 0 = empty
-    uint32_t hash;  // low bits of the key's hash: home slot and a filter before the ring is read
-  };
+  using Entry = ring_index::Entry;
   static uint32_t hash(uint64_t hi, uint64_t base) {
     uint64_t h = hi ^ (base * 0x9e3779b97f4a7c15ull);
     h ^= h >> 33;
@@ -81,7 +79,6 @@ class MeshWindow {
   static constexpr int64_t kErased = INT64_MIN;  // a block's at_ns once it moved on: its place is reclaimed in order
   // Index position holding the key (hash `h`), or the empty position where it would go.
   size_t find(uint64_t hi, uint64_t base, uint32_t h) const;
-  void unindex(size_t pos);  // backward-shift deletion
   void drop_oldest(bool overflow);
   // Ring position of a new block (the oldest is dropped when the ring is full).
   size_t push(const Block& b);

@@ -1,0 +1,28 @@
+// What the broker's dedup windows (IdWindow, MeshWindow) share: a ring of slots in arrival
+// order indexed by an open-addressing table of ring positions, both mapped once at their bound.
+//
+// Threading: none of its own; each window is used by one thread.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace tracemesh::broker::ring_index {
+
+// An index entry: a ring position and hash bits of the key it holds.
+struct Entry {
+  uint32_t pos;   // ring position + 1; 0 = empty
+  uint32_t hash;  // low bits of the key's hash: home slot and a filter before the ring is read
+};
+
+// Zero-filled pages, populated now (a page fault costs microseconds on a VM). Throws
+// std::bad_alloc when they cannot be mapped.
+void* map_zeroed(size_t bytes);
+void unmap(void* p, size_t bytes);
+
+// Empties `index[pos]` (table of mask + 1 entries) by backward-shift deletion: linear probing
+// without tombstones, later entries of the same probe run pulled back over the hole unless that
+// would move one before its home slot.
+void unindex(Entry* index, size_t mask, size_t pos);
+
+}  // namespace tracemesh::broker::ring_index

@@ -2314,9 +2314,10 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
         }
       }
       ++mesh_duplicates_;
-      if (durable && this_seq) {
-        // Its first copy (over another path, or before a reconnect) may still wait in an
-        // outbox: acked once everything appended so far is on disk, as a publisher's resend is.
+      if (durable && this_seq && (l.outboxed.empty() || l.outboxed.back().seq <= this_seq)) {
+        // Its first copy (over another path) may still wait in an outbox: acked once everything
+        // appended so far is on disk, as a publisher's resend is. (A resend after a reconnect
+        // comes behind later seqs: its first copy's own entry, if any, is still ahead of them.)
         for (auto& to : links_)
           if (to->outbox && to->outbox->last_ticket() > to->synced_through)
             l.outboxed.push_back({this_seq, to.get(), to->outbox->last_ticket()});

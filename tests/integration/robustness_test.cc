@@ -2,6 +2,7 @@
 // ZeroMQ sockets, a protocol version it does not speak, and a subscriber that
 // stops reading while others must keep being served.
 #include <array>
+#include <cstring>
 #include <future>
 #include <optional>
 #include <random>
@@ -205,6 +206,66 @@ TEST_F(RobustnessTest, UnauthenticatedValidFrameIsToldToSayHello) {
   ASSERT_TRUE(error.has_value());
   EXPECT_EQ(error->code, wire::ErrorCode::NO_SESSION);
   EXPECT_NE(error->message.find("hello"), std::string::npos) << error->message;
+}
+
+// Envelopes another Cap'n Proto encoder may write: one spread over several segments (far
+// pointers) is routed like any other; one whose topic lacks its terminator is refused as
+// malformed, and the session goes on.
+TEST_F(RobustnessTest, EnvelopesInOtherLayoutsAreRoutedAndBrokenOnesRefused) {
+  auto sub = connect(*broker_, "layout-sub");
+  ASSERT_NE(sub, nullptr);
+  Inbox inbox;
+  ASSERT_TRUE(sub->subscribe("plant/raw/#", inbox.handler()).ok());
+  RawPeer peer(broker_->ipc_endpoint());
+  peer.send(hello(principal("raw-client")));
+  auto ok = peer.receive();
+  ASSERT_TRUE(ok.has_value());
+  auto publish = [&](const std::string& body) {
+    capnp::MallocMessageBuilder b;
+    auto f = b.initRoot<wire::Frame>();
+    f.setVersion(wire::PROTOCOL_VERSION);
+    f.initPublish().setCount(1);
+    peer.send(codec::to_message(b), body);
+  };
+  auto envelope = [](const char* topic, const char* payload, unsigned first_segment_words) {
+    capnp::MallocMessageBuilder b(first_segment_words, capnp::AllocationStrategy::FIXED_SIZE);
+    auto env = b.initRoot<wire::Envelope>();
+    env.setIdHi(0x5eed);
+    env.setIdLo(reinterpret_cast<uintptr_t>(payload));
+    env.setTopic(topic);
+    env.setProducer("raw-client");
+    env.setPayload(capnp::Data::Reader(reinterpret_cast<const capnp::byte*>(payload), std::strlen(payload)));
+    EXPECT_GT(b.getSegmentsForOutput().size(), first_segment_words < 16 ? 1u : 0u);
+    auto flat = capnp::messageToFlatArray(b);
+    return std::string(reinterpret_cast<const char*>(flat.begin()), flat.size() * 8);
+  };
+  publish(envelope("plant/raw/multi", "spread over segments", 4));
+  ASSERT_TRUE(inbox.wait_for(1)) << broker_->log_tail();
+  {
+    std::lock_guard lock(inbox.mu);
+    EXPECT_EQ(inbox.topics[0], "plant/raw/multi");
+    EXPECT_EQ(inbox.payloads[0], "spread over segments");
+  }
+
+  std::string broken = envelope("plant/raw/broken", "no terminator", 1024);
+  const size_t at = broken.find("plant/raw/broken");
+  ASSERT_NE(at, std::string::npos);
+  broken[at + std::strlen("plant/raw/broken")] = 'x';  // the topic's NUL
+  const uint64_t before = stats().malformed_frames;
+  publish(broken);
+  auto reply = peer.receive();
+  ASSERT_TRUE(reply.has_value()) << "no answer to a broken envelope";
+  auto error = as_error(*reply);
+  ASSERT_TRUE(error.has_value());
+  EXPECT_EQ(error->code, wire::ErrorCode::MALFORMED);
+  EXPECT_NE(error->message.find("malformed"), std::string::npos) << error->message;
+  EXPECT_GE(stats().malformed_frames, before + 1);
+
+  publish(envelope("plant/raw/after", "still served", 1024));
+  ASSERT_TRUE(inbox.wait_for(2)) << broker_->log_tail();
+  std::lock_guard lock(inbox.mu);
+  EXPECT_EQ(inbox.topics.size(), 2u) << "the broken envelope was delivered";
+  EXPECT_EQ(inbox.payloads.back(), "still served");
 }
 
 TEST_F(RobustnessTest, GarbageFromAnAuthenticatedSessionIsRejectedAndSessionSurvives) {

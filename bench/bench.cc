@@ -909,7 +909,7 @@ int run_bench(const BenchFlags& f) {
         std::printf("p50 over the direct zmq echo on ipc: tracemesh %.2fx\n", base->p50.median / ipc->p50.median);
     }
     if (f.workload == "chain" && base) {
-      const Row* one = found("tracemesh");
+      const Row* one = found(f.curve == "on" ? "tracemesh (CURVE)" : "tracemesh");
       const Row* zmq1 = found("zmq proxy" + curve);
       const Row* zmq4 = found("zmq proxy chain-4" + curve);
       const Row* nats1 = found("nats-server");

@@ -57,9 +57,6 @@ bool has_wildcard(std::string_view topic) {
   return false;
 }
 
-// Whether `name` is in a list of an envelope: a broker on its visited path, a group it delegates.
-bool on_path(const codec::TextList& list, std::string_view name) { return list.contains(name); }
-
 std::string hex(const uint8_t* p, size_t n) {
   static const char* digits = "0123456789abcdef";
   std::string out(n * 2, '0');
@@ -1243,7 +1240,7 @@ size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topi
     if (n_copies == copies_.size()) copies_.emplace_back();
     LinkCopy& c = copies_[n_copies++];
     c.link = l;
-    c.cut = on_path(visited, l->peer);
+    c.cut = visited.contains(l->peer);  // that broker is on its visited path
     c.groups.clear();
     return &c;
   };
@@ -1253,7 +1250,7 @@ size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topi
       Group& g = *t.group;
       // A message from a link serves only the groups the sender chose this broker for; the
       // others were served where it came from.
-      if (source && !on_path(delegated, g.name)) continue;
+      if (source && !delegated.contains(g.name)) continue;
       // A queue group prefers its local members; linked brokers get a message
       // only when no local member exists.
       sub = nullptr;
@@ -1263,7 +1260,7 @@ size_t BrokerImpl::route(const uint8_t* data, size_t size, std::string_view topi
       }
       for (size_t i = 0; i < g.members.size() && !sub; ++i) {
         Subscription* m = g.members[g.next++ % g.members.size()];
-        if (m->link != source && !on_path(visited, m->link->peer)) sub = m;
+        if (m->link != source && !visited.contains(m->link->peer)) sub = m;
       }
       if (!sub) continue;
       if (sub->link) {

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace tracemesh::codec::words {
 
@@ -34,5 +35,21 @@ inline uint64_t moved_target(uint64_t p, int64_t delta) {
 inline uint64_t struct_data_words(uint64_t p) { return (p >> 32) & 0xffff; }
 inline uint64_t struct_pointers(uint64_t p) { return p >> 48; }
 inline uint64_t with_pointers(uint64_t p, uint64_t pointers) { return (p & 0x0000ffffffffffffULL) | pointers << 48; }
+
+// Whether `words` words from word `start` lie within a segment of `seg_words` words.
+inline bool in_bounds(int64_t start, uint64_t words, size_t seg_words) {
+  return start >= 0 && static_cast<uint64_t>(start) <= seg_words && words <= seg_words - start;
+}
+
+// The words of message `msg` (`n` bytes) when it is one segment exactly, as every encoder here
+// writes it (segment table, then the segment); null otherwise. Sets `seg_words`.
+inline const uint64_t* single_segment(const uint8_t* msg, size_t n, size_t& seg_words) {
+  if (n < 16 || n % 8) return nullptr;
+  uint32_t table[2];
+  std::memcpy(table, msg, 8);
+  if (table[0] != 0 || (uint64_t{table[1]} + 1) * 8 != n) return nullptr;
+  seg_words = table[1];
+  return reinterpret_cast<const uint64_t*>(msg + 8);
+}
 
 }  // namespace tracemesh::codec::words

@@ -1,6 +1,5 @@
 #include "codec/envelope_view.h"
 
-#include <cstring>
 
 #include "codec/capnp_words.h"
 #include "codec/envelope_codec.h"
@@ -17,9 +16,7 @@ constexpr size_t kTopicSlot = 0, kPayloadSlot = 2;
 struct Segment {
   const uint64_t* words;
   size_t size;  // in words
-  bool holds(int64_t start, uint64_t count) const {
-    return start >= 0 && static_cast<uint64_t>(start) <= size && count <= size - start;
-  }
+  bool holds(int64_t start, uint64_t count) const { return in_bounds(start, count, size); }
 };
 
 // The byte list (Text or Data) pointer at word `slot`: its bytes, or false when it is not a
@@ -89,11 +86,9 @@ bool TextList::contains(std::string_view name) const {
 }
 
 bool EnvelopeView::parse(const uint8_t* env, size_t n) {
-  if (n < 16 || n % 8) return false;
-  uint32_t table[2];
-  std::memcpy(table, env, 8);
-  if (table[0] != 0 || (uint64_t{table[1]} + 1) * 8 != n) return false;  // one segment, exactly
-  const Segment seg{reinterpret_cast<const uint64_t*>(env + 8), table[1]};
+  Segment seg{nullptr, 0};
+  seg.words = single_segment(env, n, seg.size);
+  if (!seg.words) return false;
   const uint64_t root = seg.words[0];
   if (root == 0 || pointer_type(root) != kStructPointer) return false;
   const int64_t start = 1 + pointer_offset(root);

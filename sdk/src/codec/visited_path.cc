@@ -35,18 +35,10 @@ struct Plan {
   size_t widen = 0, widen_at = 0, kept_from = 0, kept = 0;
 };
 
-bool in_bounds(int64_t start, uint64_t words, size_t seg_words) {
-  return start >= 0 && static_cast<uint64_t>(start) <= seg_words && words <= seg_words - start;
-}
-
 // False when the envelope is not one this edit handles; the caller re-encodes it instead.
 bool plan_in_place(const uint8_t* env, size_t n, Plan& plan) {
-  if (n < 16 || n % 8) return false;
-  uint32_t table[2];
-  std::memcpy(table, env, 8);
-  if (table[0] != 0 || (uint64_t{table[1]} + 1) * 8 != n) return false;  // one segment, exactly
-  const auto* seg = reinterpret_cast<const uint64_t*>(env + 8);
-  plan.seg_words = table[1];
+  const uint64_t* seg = single_segment(env, n, plan.seg_words);
+  if (!seg) return false;
   const uint64_t root = seg[0];
   if (root == 0 || pointer_type(root) != kStructPointer) return false;
   const int64_t env_start = 1 + pointer_offset(root);

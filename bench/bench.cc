@@ -47,6 +47,7 @@ struct BenchFlags {
   double rate = 2000;      // outage: steady publish rate
   int outage_s = 60;       // outage: how long the regional broker is away
   std::optional<uint64_t> link_memory_queue;  // chain: [[link]] memory_queue_bytes
+  std::string links = "zmq";  // chain and outage: how brokers link: zmq (tcp://) | native (native://)
 };
 
 std::string self_dir() {
@@ -500,11 +501,13 @@ struct MeshRig {
       spec.tier = claims.tier;
       spec.credential_path = cred_path;
       if (i == 0) spec.streams = top_streams;
+      spec.listen_native = f.links == "native";
       spec.extra_toml = "[limits]\nsubscriber_queue_bytes = 268435456\nmax_in_flight = 100000\n";
       if (i > 0) {
         process::LinkSpec l;
         l.name = chain[i - 1];
-        l.endpoint = brokers[chain[i - 1]]->tcp_endpoint();
+        l.endpoint = f.links == "native" ? brokers[chain[i - 1]]->native_endpoint()
+                                         : brokers[chain[i - 1]]->tcp_endpoint();
         l.broker_key = keys[chain[i - 1]];
         l.outbox_bytes = 1ull << 30;
         // As much memory for a busy link as every broker here has for a slow subscriber
@@ -615,7 +618,8 @@ Result<PeerResult> run_chain(const BenchFlags& f) {
   meter.wait(f.count, 3s);
   const std::string cpu_report = cpu.report(meter.received);
   PeerResult r;
-  r.system = std::string("tracemesh chain-4") + (f.curve == "on" ? " (CURVE)" : "");
+  r.system = std::string("tracemesh chain-4") + (f.curve == "on" ? " (CURVE)" : "") +
+             (f.links == "native" ? " (native links)" : "");
   r.workload = "chain-4";
   r.sent = f.count;
   r.received = meter.received;
@@ -963,10 +967,20 @@ void add_bench_command(CLI::App& app, Context& ctx) {
                   "chain: each link's memory_queue_bytes (default 256 MiB, the subscriber_queue_bytes the bench "
                   "gives every broker; a broker's own default is 64 MiB); a small one shows the cost of swapping "
                   "batches out while a peer is busy");
+  cmd->add_option("--links", f->links,
+                  "chain and outage: how the brokers link: zmq (ZeroMQ over tcp://, CURVE with --curve on) or "
+                  "native (the broker's own framing over TCP, native://; no encryption)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"zmq", "native"}));
   cmd->add_option("--tracemeshd", f->tracemeshd, "tracemeshd binary (default: beside this binary, or $TRACEMESHD, or PATH)");
   cmd->callback([f, &ctx] {
     if (f->crash && f->workload != "durable") {
       std::fprintf(stderr, "tracemesh: bench: --crash applies to the durable workload\n");
+      ctx.exit_code = 2;
+      return;
+    }
+    if (f->links == "native" && f->curve == "on") {
+      std::fprintf(stderr, "tracemesh: bench: --links native carries no CURVE; use --curve off\n");
       ctx.exit_code = 2;
       return;
     }

@@ -114,8 +114,15 @@ struct Link {
   std::string name;
   bool dialed = false;
   LinkConfig config;                        // dialed links; defaults for accepted ones
-  std::unique_ptr<zmq::socket_t> dealer;    // dialed links
-  std::unique_ptr<zmq::socket_t> monitor;   // dialed links
+  std::unique_ptr<zmq::socket_t> dealer;    // dialed links over tcp:// or ipc://
+  std::unique_ptr<zmq::socket_t> monitor;   // dialed links over tcp:// or ipc://
+  // Dialed links over unix:// or native:// (the broker's own transport): the
+  // connection while there is one, else when to dial again.
+  std::unique_ptr<codec::FrameStream> stream;
+  bool stream_connecting = false;           // a native:// connect is under way
+  Clock::time_point redial_at{};
+  std::chrono::milliseconds redial_backoff{100};
+  Clock::time_point heard_at{};             // the peer's last record (it pings every second)
   bool recheck = false;                     // dealer sent on or left unread (see BrokerImpl::run)
   std::string session_key;                  // accepted links, while up
   State state = State::connecting;
@@ -182,6 +189,7 @@ struct Link {
   Clock::time_point window_start = Clock::now();
 
   bool up() const { return state == State::up; }
+  bool over_stream() const { return dialed && !dealer; }
   static const char* state_name(State s) {
     switch (s) {
       case State::connecting: return "connecting";
@@ -331,6 +339,11 @@ class BrokerImpl final : public Broker {
   void send_link_hello(Link& l);
   void on_link_socket(Link& l);
   void on_link_monitor(Link& l);
+  void on_link_record(Link& l, zmq::message_t& header, zmq::message_t* body);
+  // Dialed links over unix:// or native://: dialing, reading, and losing the connection.
+  void dial_stream(Link& l, Clock::time_point now);
+  void on_link_stream(Link& l, short revents, Clock::time_point now);
+  void link_stream_lost(Link& l, const std::string& why, Clock::time_point now);
   bool on_link_frame(Link& l, wire::Frame::Reader frame, zmq::message_t* body);
   void on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* body);
   void on_interest(Link& l, wire::Interest::Reader interest);
@@ -397,8 +410,8 @@ class BrokerImpl final : public Broker {
   Clock::time_point next_metrics_{};
   struct Listener {
     std::unique_ptr<zmq::socket_t> socket;  // tcp:// and ipc://
-    int stream_fd = -1;                     // unix://: a listening stream socket
-    std::string stream_path;
+    int stream_fd = -1;                     // unix:// and native://: a listening stream socket
+    std::string stream_path;                // unix://: the socket file
     std::string endpoint;  // as bound (resolved port)
     bool curve = false;
     bool recheck = false;  // sent on, or left unread: ask ZMQ_EVENTS before sleeping (see run)
@@ -410,6 +423,7 @@ class BrokerImpl final : public Broker {
     ~Listener() {
       if (stream_fd < 0) return;
       ::close(stream_fd);
+      if (stream_path.empty()) return;
       std::error_code ec;
       fs::remove(stream_path, ec);
     }
@@ -605,6 +619,14 @@ Status BrokerImpl::init() {
       listeners_.push_back(std::move(l));
       continue;
     }
+    if (endpoint.rfind(codec::kNativeScheme, 0) == 0) {
+      std::string why;
+      l.stream_fd = codec::listen_native(endpoint, l.endpoint, why);
+      if (l.stream_fd < 0)
+        return Error(Errc::io, config_.path + ": broker.listen: cannot bind '" + endpoint + "': " + why);
+      listeners_.push_back(std::move(l));
+      continue;
+    }
     l.curve = config_.curve && endpoint.rfind("tcp://", 0) == 0;
     try {
       l.socket = std::make_unique<zmq::socket_t>(ctx_, zmq::socket_type::router);
@@ -709,7 +731,9 @@ void BrokerImpl::accept_streams(size_t listener) {
     s->last_seen = Clock::now();
     ucred cred{};
     socklen_t len = sizeof cred;
-    if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0)
+    if (listeners_[listener].stream_path.empty())  // native://
+      s->peer = codec::tcp_peer(fd);
+    else if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0)
       s->peer = "pid " + std::to_string(cred.pid) + ", uid " + std::to_string(cred.uid);
     s->stream = std::make_unique<codec::FrameStream>(fd, kUnauthenticatedRecord);
     stream_sessions_.push_back(s.get());
@@ -738,7 +762,7 @@ bool BrokerImpl::on_stream_readable(const std::string& key) {
   }
   if (s->stream->broken()) {
     ++malformed_;
-    spdlog::warn("unix session of {}: {}; closing it", s->authenticated ? s->claims.name : "an unauthenticated peer",
+    spdlog::warn("{} session of {}: {}; closing it", listeners_[s->listener].endpoint, s->authenticated ? s->claims.name : "an unauthenticated peer",
                  s->stream->error());
     drop_session(key, "disconnected");
     return false;
@@ -751,6 +775,9 @@ void BrokerImpl::flush_streams() {
   for (Session* s : stream_sessions_)
     if (s->stream->queued_bytes() > 0 && !s->stream->flush()) broken.push_back(s->key);
   for (const auto& k : broken) drop_session(k, "disconnected");
+  for (auto& l : links_)
+    if (l->stream && !l->stream_connecting && l->stream->queued_bytes() > 0 && !l->stream->flush())
+      link_stream_lost(*l, "connection lost (" + l->stream->error() + ")", Clock::now());
 }
 
 void BrokerImpl::load_revocations() {
@@ -817,9 +844,13 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
   const size_t writer_index = add(writer_->notify_fd());
   const size_t signal_index = add(signal_fd);  // poll(2) skips a negative fd
   const size_t links_index = items.size();
-  std::vector<Link*> dialed;
+  std::vector<Link*> dialed, stream_links;
   for (auto& l : links_) {
     if (!l->dialed) continue;
+    if (l->over_stream()) {
+      stream_links.push_back(l.get());
+      continue;
+    }
     dialed.push_back(l.get());
     add(l->dealer->get(zmq::sockopt::fd));
     add(l->monitor->get(zmq::sockopt::fd));
@@ -862,6 +893,15 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
       items.push_back({s->stream->fd(), s->stream->poll_events(), 0});
       stream_keys.push_back(s->key);
       ready = ready || s->stream->has_record();  // records left from the last read
+    }
+    const size_t stream_links_index = items.size();
+    for (Link* l : stream_links) {
+      if (!l->stream) {
+        items.push_back({-1, 0, 0});  // poll(2) skips it; dialed again at redial_at
+        continue;
+      }
+      items.push_back({l->stream->fd(), l->stream_connecting ? short{POLLOUT} : l->stream->poll_events(), 0});
+      ready = ready || (!l->stream_connecting && l->stream->has_record());
     }
     const int timeout_ms = ready ? 0 : queued_output ? 1 : 50;
     if (::poll(items.data(), items.size(), timeout_ms) < 0) {
@@ -907,6 +947,8 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     }
 
     const auto now = Clock::now();
+    for (size_t i = 0; i < stream_links.size(); ++i)
+      on_link_stream(*stream_links[i], items[stream_links_index + i].revents, now);
     if (admin_http_ && now >= next_metrics_) {  // also the loop's heartbeat for /healthz
       next_metrics_ = now + std::chrono::seconds(1);
       admin_http_->publish(render_metrics());
@@ -2097,6 +2139,13 @@ Status BrokerImpl::init_links() {
     l->outbox = std::move(*box);
     clear_swapped(*l);
     l->sent_seq = l->outbox->stats().acked_seq;
+    if (!codec::unix_path(lc.endpoint).empty() || lc.endpoint.rfind(codec::kNativeScheme, 0) == 0) {
+      // The broker's own transport: dialed from the loop (dial_stream).
+      spdlog::info("link '{}' dialing {} ({}{})", lc.name, lc.endpoint, lc.kind,
+                   lc.endpoint.rfind(codec::kNativeScheme, 0) == 0 ? "; native: no encryption" : "");
+      links_.push_back(std::move(l));
+      continue;
+    }
     try {
       std::optional<PublicKey> remote;  // config checked the key: it decodes
       if (lc.curve && lc.endpoint.rfind("tcp://", 0) == 0) remote = *decode_key(lc.broker_key);
@@ -2151,12 +2200,85 @@ void BrokerImpl::send_link_hello(Link& l) {
   hello.setTier(config_.tier);
   hello.setSite(config_.site);
   hello.setRegion(config_.region);
-  l.state = Link::State::handshaking;
-  try {
-    l.recheck = true;
-    l.dealer->send(codec::to_message(b), zmq::send_flags::dontwait);
-  } catch (const zmq::error_t&) {
+  // A refused link stays so until the peer takes a hello (a new connection may bring one).
+  if (l.state != Link::State::refused) l.state = Link::State::handshaking;
+  (void)link_send(l, codec::to_message(b));
+}
+
+void BrokerImpl::dial_stream(Link& l, Clock::time_point now) {
+  const std::string path = codec::unix_path(l.config.endpoint);
+  std::string why;
+  int fd;
+  if (!path.empty()) {
+    fd = codec::connect_unix(path);
+    if (fd < 0) why = std::strerror(errno);
+  } else {
+    fd = codec::connect_native(l.config.endpoint, why);
   }
+  if (fd < 0) {
+    l.stream_connecting = false;
+    link_stream_lost(l, "cannot connect to " + l.config.endpoint + ": " + why, now);
+    return;
+  }
+  l.stream = std::make_unique<codec::FrameStream>(fd, static_cast<size_t>(config_.max_message_bytes) * 64 + (1 << 20));
+  l.heard_at = now;
+  l.stream_connecting = path.empty();  // a local connect is done at once
+  if (!l.stream_connecting) send_link_hello(l);
+}
+
+void BrokerImpl::on_link_stream(Link& l, short revents, Clock::time_point now) {
+  if (!l.stream) {
+    if (now >= l.redial_at) dial_stream(l, now);
+    return;
+  }
+  // A peer that answers nothing for this long is gone: it pings every second
+  // and answers a hello at once (ZeroMQ links use its heartbeats, as long).
+  constexpr auto kSilence = std::chrono::seconds(5);
+  if (l.stream_connecting) {
+    if (revents & (POLLOUT | POLLERR | POLLHUP)) {
+      if (const int err = codec::connect_result(l.stream->fd()); err != 0)
+        return link_stream_lost(l, "cannot connect to " + l.config.endpoint + ": " + std::strerror(err), now);
+      l.stream_connecting = false;
+      l.heard_at = now;
+      send_link_hello(l);
+    } else if (now - l.heard_at > kSilence) {
+      link_stream_lost(l, "cannot connect to " + l.config.endpoint + ": timed out", now);
+    }
+    return;
+  }
+  if ((revents & (POLLIN | POLLHUP | POLLERR)) || l.stream->has_record()) {
+    // Records read before are handled first, as for client sessions (on_stream_readable).
+    if (!l.stream->has_record() && !l.stream->fill())
+      return link_stream_lost(l, "connection lost (" + l.stream->error() + ")", now);
+    zmq::message_t header;
+    std::optional<zmq::message_t> body;
+    for (int i = 0; i < 256 && l.stream; ++i) {
+      if (!l.stream->next(header, body)) break;
+      l.heard_at = now;
+      on_link_record(l, header, body ? &*body : nullptr);
+    }
+    if (l.stream && l.stream->broken()) {
+      ++malformed_;
+      return link_stream_lost(l, "connection closed: " + l.stream->error(), now);
+    }
+  }
+  if (l.stream && now - l.heard_at > kSilence)
+    link_stream_lost(l, "nothing heard from the peer for 5 s", now);
+}
+
+void BrokerImpl::link_stream_lost(Link& l, const std::string& why, Clock::time_point now) {
+  const bool was_up = l.up();
+  l.stream.reset();
+  l.stream_connecting = false;
+  if (l.state != Link::State::refused) {
+    link_down(l, why);
+    if (!was_up && l.last_error != why) spdlog::warn("link '{}': {}; dialing again", l.name, why);
+    l.last_error = why;
+  }
+  if (was_up) l.redial_backoff = std::chrono::milliseconds(100);
+  // Backs off to 5 s while the peer is away, as ZeroMQ does for the other links.
+  l.redial_at = now + l.redial_backoff;
+  l.redial_backoff = std::min<std::chrono::milliseconds>(l.redial_backoff * 2, std::chrono::seconds(5));
 }
 
 void BrokerImpl::on_link_monitor(Link& l) {
@@ -2187,40 +2309,47 @@ void BrokerImpl::on_link_socket(Link& l) {
       (void)l.dealer->recv(body, zmq::recv_flags::none);
       has_body = true;
     }
-    codec::FrameReader reader(header);
-    if (!reader.status().ok()) {
-      ++malformed_;
-      spdlog::warn("link '{}': {}", l.name, reader.status().error().message());
-      continue;
-    }
-    try {
-      auto frame = reader.root();
-      if (frame.isHelloOk()) {
-        auto ok = frame.getHelloOk();
-        l.peer = ok.getBrokerName().cStr();
-        l.peer_tier = ok.getTier().cStr();
-        l.peer_site = ok.getSite().cStr();
-        l.last_error.clear();
-        link_up(l);
-      } else if (frame.isError() && l.state != Link::State::up) {
-        l.last_error = std::string("refused by peer: ") + frame.getError().getMessage().cStr();
-        spdlog::warn("link '{}': {}", l.name, l.last_error);
-        l.state = Link::State::refused;
-      } else if (frame.isError() && frame.getError().getCode() == wire::ErrorCode::NO_SESSION) {
-        send_link_hello(l);
-      } else if (frame.isPing()) {
-        capnp::MallocMessageBuilder b(16);
-        start_frame(b).getRoot<wire::Frame>().setPong(frame.getPing());
-        link_send(l, codec::to_message(b));
-      } else {
-        on_link_frame(l, frame, has_body ? &body : nullptr);
-      }
-    } catch (const kj::Exception& e) {
-      ++malformed_;
-      spdlog::warn("link '{}': malformed frame: {}", l.name, e.getDescription().cStr());
-    }
+    on_link_record(l, header, has_body ? &body : nullptr);
   }
   l.recheck = true;  // more may wait: do not sleep on the fd
+}
+
+void BrokerImpl::on_link_record(Link& l, zmq::message_t& header, zmq::message_t* body) {
+  codec::FrameReader reader(header);
+  if (!reader.status().ok()) {
+    ++malformed_;
+    spdlog::warn("link '{}': {}", l.name, reader.status().error().message());
+    return;
+  }
+  try {
+    auto frame = reader.root();
+    if (frame.isHelloOk()) {
+      auto ok = frame.getHelloOk();
+      l.peer = ok.getBrokerName().cStr();
+      l.peer_tier = ok.getTier().cStr();
+      l.peer_site = ok.getSite().cStr();
+      l.last_error.clear();
+      l.redial_backoff = std::chrono::milliseconds(100);
+      link_up(l);
+    } else if (frame.isError() && l.state != Link::State::up) {
+      const std::string why = std::string("refused by peer: ") + frame.getError().getMessage().cStr();
+      // Said once: a link over unix:// or native:// dials again and may hear it again.
+      if (l.state != Link::State::refused || l.last_error != why) spdlog::warn("link '{}': {}", l.name, why);
+      l.last_error = why;
+      l.state = Link::State::refused;
+    } else if (frame.isError() && frame.getError().getCode() == wire::ErrorCode::NO_SESSION) {
+      send_link_hello(l);
+    } else if (frame.isPing()) {
+      capnp::MallocMessageBuilder b(16);
+      start_frame(b).getRoot<wire::Frame>().setPong(frame.getPing());
+      link_send(l, codec::to_message(b));
+    } else {
+      on_link_frame(l, frame, body);
+    }
+  } catch (const kj::Exception& e) {
+    ++malformed_;
+    spdlog::warn("link '{}': malformed frame: {}", l.name, e.getDescription().cStr());
+  }
 }
 
 bool BrokerImpl::on_link_frame(Link& l, wire::Frame::Reader frame, zmq::message_t* body) {
@@ -2446,6 +2575,16 @@ void BrokerImpl::link_down(Link& l, const std::string& why) {
 }
 
 bool BrokerImpl::link_send(Link& l, zmq::message_t&& header, zmq::message_t* body) {
+  if (l.over_stream()) {
+    // Written at the end of the loop iteration (flush_streams); past this much
+    // unwritten output the outbox or the waiting batches keep it, as for
+    // ZeroMQ's high-water mark on the other links.
+    constexpr size_t kStreamHighWater = 4 << 20;
+    if (!l.stream || l.stream_connecting || l.stream->broken() || l.stream->queued_bytes() > kStreamHighWater)
+      return false;
+    l.stream->queue(std::move(header), body);
+    return true;
+  }
   if (l.dialed) {
     l.recheck = true;
     try {

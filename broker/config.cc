@@ -9,6 +9,7 @@
 #include <limits>
 #include <toml++/toml.h>
 
+#include "codec/frame_stream.h"
 #include "topic/topic_trie.h"
 
 namespace tracemesh::broker {
@@ -145,10 +146,15 @@ class Loader {
     if (c.identity_path.empty()) return error(broker, "broker.identity", "required (path of the broker's key file)");
     if (c.data_dir.empty()) return error(broker, "broker.data_dir", "required");
     if (c.listen.empty()) return error(broker, "broker.listen", "at least one endpoint is required");
-    for (const auto& l : c.listen)
-      if (l.rfind("tcp://", 0) != 0 && l.rfind("ipc://", 0) != 0 && l.rfind("unix://", 0) != 0)
+    for (const auto& l : c.listen) {
+      std::string host, port, why;
+      if (l.rfind("native://", 0) == 0 && !codec::native_address(l, host, port, &why))
+        return error(broker->get("listen"), "broker.listen", why);
+      if (l.rfind("tcp://", 0) != 0 && l.rfind("ipc://", 0) != 0 && l.rfind("unix://", 0) != 0 &&
+          l.rfind("native://", 0) != 0)
         return error(broker->get("listen"), "broker.listen",
-                     "'" + l + "' must start with tcp://, ipc:// or unix://");
+                     "'" + l + "' must start with tcp://, ipc://, unix:// or native://");
+    }
     c.identity_path = resolve(c.identity_path);
     c.data_dir = resolve(c.data_dir);
 
@@ -240,13 +246,21 @@ class Loader {
       if (l.name.empty()) return error(t, "link.name", "required");
       if (l.name.find_first_of("/ \t") != std::string::npos)
         return error(t->get("name"), "link.name", "must not contain '/' or spaces");
-      if (l.endpoint.rfind("tcp://", 0) != 0 && l.endpoint.rfind("ipc://", 0) != 0)
+      {
+        std::string host, port, why;
+        if (l.endpoint.rfind("native://", 0) == 0 && !codec::native_address(l.endpoint, host, port, &why))
+          return error(t->get("endpoint"), "link.endpoint", why);
+      }
+      if (l.endpoint.rfind("tcp://", 0) != 0 && l.endpoint.rfind("ipc://", 0) != 0 &&
+          l.endpoint.rfind("unix://", 0) != 0 && l.endpoint.rfind("native://", 0) != 0)
         return error(t->get("endpoint"), "link.endpoint",
-                     "'" + l.endpoint + "' must start with tcp:// or ipc:// (links do not use unix://, "
-                     "which is for local clients)");
+                     "'" + l.endpoint + "' must start with tcp://, ipc://, unix:// or native://");
       if (l.curve && l.endpoint.rfind("tcp://", 0) == 0) {
         if (auto k = decode_key(l.broker_key); !k.ok())
           return error(t->get("broker_key") ? t->get("broker_key") : t, "link.broker_key", k.error().message());
+      } else if (!l.broker_key.empty()) {  // binds the hello to the peer's key
+        if (auto k = decode_key(l.broker_key); !k.ok())
+          return error(t->get("broker_key"), "link.broker_key", k.error().message());
       }
       if (l.kind != "upstream" && l.kind != "peer")
         return error(t->get("kind"), "link.kind", "'" + l.kind + "' is not upstream or peer");

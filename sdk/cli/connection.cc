@@ -3,7 +3,7 @@
 namespace tracemesh::cli {
 
 void ConnectionFlags::add_to(CLI::App& cmd) {
-  cmd.add_option("-u,--url", url, "broker endpoint: tcp://HOST:PORT, ipc:///PATH or unix:///PATH")
+  cmd.add_option("-u,--url", url, "broker endpoint: tcp://HOST:PORT, ipc:///PATH, unix:///PATH or native://HOST:PORT")
       ->envname("TRACEMESH_URL")
       ->required();
   cmd.add_option("-i,--identity", identity, "identity file (tracemesh keygen)")

@@ -1,4 +1,6 @@
 // Federation: real brokers linked in chains, diamonds and rings on loopback.
+#include <signal.h>
+
 #include <atomic>
 #include <csignal>
 #include <fstream>
@@ -50,11 +52,12 @@ class FederationTest : public MeshTest {
     s.streams = std::move(streams);
     s.extra_toml = "[limits]\nsession_timeout_ms = " + std::to_string(session_timeout_ms_) + "\n";
     s.broker_extra = broker_extra_;
+    s.listen_native = native_links_;
     if (std::getenv("TM_DEBUG")) s.extra_args = {"--log-level", "debug"};
     for (const auto& up : upstreams) {
       process::LinkSpec l;
       l.name = up;
-      l.endpoint = nodes_[up].broker->tcp_endpoint();
+      l.endpoint = native_links_ ? nodes_[up].broker->native_endpoint() : nodes_[up].broker->tcp_endpoint();
       l.broker_key = nodes_[up].key;
       l.outbox_bytes = outbox_bytes;
       l.memory_queue_bytes = memory_queue_bytes;
@@ -172,13 +175,33 @@ class FederationTest : public MeshTest {
     return app;
   }
 
+  // The checks that run over both kinds of link (FederationTest: ZeroMQ over tcp://, with
+  // CURVE; NativeLinkTest: native://). Defined below the fixture.
+  void four_tier_chain_end_to_end();
+  void diamond_delivers_exactly_once();
+  void kill_nine_of_edge_loses_no_acked_durable();
+  void links_with_wrong_key_or_without_broker_role_are_refused();
+
   std::map<std::string, Node> nodes_;
+  bool native_links_ = false;           // brokers started from now on listen on and dial native://
   uint32_t session_timeout_ms_ = 4000;  // for brokers started from now on
   std::string broker_extra_;            // [broker] lines for brokers started from now on
   uint64_t outbox_map_bytes_ = 0;       // [[link]] outbox_map_bytes for brokers started from now on
 };
 
-TEST_F(FederationTest, FourTierChainEndToEndBothWaysWithRequestReply) {
+// The same mesh with every link over native:// (the broker's own transport on TCP).
+class NativeLinkTest : public FederationTest {
+ protected:
+  void SetUp() override {
+    FederationTest::SetUp();
+    native_links_ = true;
+  }
+};
+
+TEST_F(FederationTest, FourTierChainEndToEndBothWaysWithRequestReply) { four_tier_chain_end_to_end(); }
+TEST_F(NativeLinkTest, FourTierChainEndToEndBothWaysWithRequestReply) { four_tier_chain_end_to_end(); }
+
+void FederationTest::four_tier_chain_end_to_end() {
   start("centre", "centre");
   start("regional", "regional", {"centre"});
   start("edge", "edge", {"regional"});
@@ -295,7 +318,10 @@ TEST_F(FederationTest, RetainedValueReachesALateSubscriberAcrossTheMesh) {
   EXPECT_EQ(at_regional.payloads[0], "stopped");
 }
 
-TEST_F(FederationTest, DiamondAndRingDeliverExactlyOnce) {
+TEST_F(FederationTest, DiamondAndRingDeliverExactlyOnce) { diamond_delivers_exactly_once(); }
+TEST_F(NativeLinkTest, DiamondDeliversExactlyOnce) { diamond_delivers_exactly_once(); }
+
+void FederationTest::diamond_delivers_exactly_once() {
   // Diamond: top dials left and right; both dial bottom.
   start("bottom", "centre");
   start("left", "regional", {"bottom"});
@@ -741,7 +767,10 @@ TEST_F(BusyPeerTest, CleanStopKeepsBatchesThatWaitedInMemoryOrSwappedOut) {
   EXPECT_EQ(order[order.size() - kept], kCount - kept) << "a message the stop kept is missing";
 }
 
-TEST_F(FederationTest, KillNineOfEdgeLosesNoAckedDurableMessage) {
+TEST_F(FederationTest, KillNineOfEdgeLosesNoAckedDurableMessage) { kill_nine_of_edge_loses_no_acked_durable(); }
+TEST_F(NativeLinkTest, KillNineOfEdgeLosesNoAckedDurableMessage) { kill_nine_of_edge_loses_no_acked_durable(); }
+
+void FederationTest::kill_nine_of_edge_loses_no_acked_durable() {
   Inbox probe;
   auto app = edge_and_centre(probe, "plant/probe", "plant/probe", {{"LINE", {"plant/#"}}});
   ASSERT_NE(app, nullptr);
@@ -1126,6 +1155,22 @@ TEST_F(FederationTest, InterestIsCollapsedWhereOneFilterCovers) {
 }
 
 TEST_F(FederationTest, LinksWithWrongKeyOrWithoutBrokerRoleAreRefused) {
+  links_with_wrong_key_or_without_broker_role_are_refused();
+}
+// Without CURVE the wrong key shows in the hello's signature, which is bound to the key the
+// dialing broker was given.
+TEST_F(NativeLinkTest, LinksWithWrongKeyOrWithoutBrokerRoleAreRefused) {
+  links_with_wrong_key_or_without_broker_role_are_refused();
+  auto wrong = client("edge-wrong-key", "probe-2");
+  ASSERT_TRUE(wait_until([&] {
+    auto m = wrong->mesh_status();
+    return m.ok() && m->links.size() == 1 && m->links[0].state == "refused";
+  }, 15s));
+  EXPECT_NE(wrong->mesh_status()->links[0].last_error.find("signature does not verify"), std::string::npos)
+      << wrong->mesh_status()->links[0].last_error;
+}
+
+void FederationTest::links_with_wrong_key_or_without_broker_role_are_refused() {
   start("centre", "centre");
   // Wrong key: the edge believes the centre has another key.
   {
@@ -1153,6 +1198,71 @@ TEST_F(FederationTest, LinksWithWrongKeyOrWithoutBrokerRoleAreRefused) {
   std::ifstream log(nodes_["centre"].broker->log_path());
   std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
   EXPECT_NE(text.find("role 'broker'"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace tracemesh::testing
+
+namespace tracemesh::testing {
+namespace {
+
+// The centre goes away and comes back on the same port: the edge dials it again (with
+// back-off), and what the edge's outbox kept meanwhile reaches the centre's stream once each.
+TEST_F(NativeLinkTest, LinkDialsAgainAfterTheUpstreamRestartsAndDrainsTheOutbox) {
+  AckTally tally;  // outlives the client, whose callbacks write to it
+  auto line = publisher_with_the_centre_away(5s);
+  ASSERT_NE(line, nullptr);
+  constexpr int kCount = 500;
+  std::set<std::string> sent;
+  for (int i = 0; i < kCount; ++i) {
+    sent.insert("m" + std::to_string(i));
+    ASSERT_TRUE(tally.publish(*line, "plant/line1/t", "m" + std::to_string(i)).ok());
+  }
+  ASSERT_TRUE(wait_until([&] { return tally.done == kCount; }, 20s));
+  ASSERT_EQ(tally.acked.size(), size_t{kCount}) << "the outbox takes them while the centre is away: " << tally.why();
+  auto away = line->mesh_status();
+  ASSERT_TRUE(away.ok());
+  ASSERT_EQ(away->links.size(), 1u);
+  EXPECT_NE(away->links[0].state, "up");
+  EXPECT_EQ(away->links[0].endpoint, nodes_["centre"].broker->native_endpoint());
+  EXPECT_EQ(away->links[0].backlog_messages, uint64_t{kCount});
+  // It dials again meanwhile, and says why that fails.
+  std::string why;
+  EXPECT_TRUE(wait_until([&] {
+    auto m = line->mesh_status();
+    why = m.ok() ? m->links[0].last_error : m.error().to_string();
+    return why.find("cannot connect to " + nodes_["centre"].broker->native_endpoint()) != std::string::npos;
+  }, 10s)) << why;
+
+  ASSERT_TRUE(nodes_["centre"].broker->restart().ok());
+  ASSERT_TRUE(links_up("edge", 1));
+  EXPECT_TRUE(stream_holds("centre", "LINE", sent));
+  ASSERT_TRUE(wait_until([&] {
+    auto m = line->mesh_status();
+    return m.ok() && m->links[0].backlog_messages == 0;
+  }, 15s));
+  auto app = client("centre", "auditor-2");
+  auto info = app->stream_info("LINE");
+  ASSERT_TRUE(info.ok()) << info.error().to_string();
+  EXPECT_EQ(info->messages, uint64_t{kCount} + 1) << "the probe and each message once";
+}
+
+// A peer that stops answering (SIGSTOP) is declared gone after 5 s of silence, although its
+// TCP connection stays open; once it answers again the link comes back.
+TEST_F(NativeLinkTest, ASilentPeerIsDeclaredGoneAndTheLinkComesBack) {
+  ASSERT_TRUE(start_pair("centre", "centre", "edge", "edge"));
+  auto probe = client("edge", "probe");
+  ASSERT_EQ(::kill(nodes_["centre"].broker->pid(), SIGSTOP), 0);
+  const bool went_down = wait_until([&] {
+    auto m = probe->mesh_status();
+    return m.ok() && m->links.size() == 1 && m->links[0].state != "up";
+  }, 15s);
+  ASSERT_EQ(::kill(nodes_["centre"].broker->pid(), SIGCONT), 0);
+  ASSERT_TRUE(went_down);
+  auto m = probe->mesh_status();
+  ASSERT_TRUE(m.ok());
+  EXPECT_NE(m->links[0].last_error.find("nothing heard"), std::string::npos) << m->links[0].last_error;
+  EXPECT_TRUE(links_up("edge", 1, 20s));
 }
 
 }  // namespace

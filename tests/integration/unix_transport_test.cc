@@ -2,7 +2,9 @@
 // sessions as over ZeroMQ (auth, pub/sub, request/reply, durable acks,
 // reconnects), mixed with tcp clients on one broker, and a stream that sends
 // garbage is closed and counted without harm to anyone else.
+#include <arpa/inet.h>
 #include <grp.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -25,6 +27,7 @@ class UnixTransportTest : public MeshTest {
     MeshTest::SetUp();
     auto s = spec();
     s.listen_unix = true;
+    s.listen_native = true;
     s.streams = {{"QUALITY", {"plant/+/quality"}}};
     broker_ = start_broker(s);
     ASSERT_NE(broker_, nullptr);
@@ -115,6 +118,80 @@ TEST_F(UnixTransportTest, UnixAndTcpClientsShareTopicsRequestsAndDurableStreams)
     last = a->stream_seq;
   }
   EXPECT_EQ(last, 500u);
+}
+
+// native:// is the same transport over TCP: clients there share topics, requests and
+// durable acks with the others, are refused with the reason (the log names their address),
+// and come back after a restart.
+TEST_F(UnixTransportTest, NativeClientsOverTcpShareTheBrokerAndReconnect) {
+  ASSERT_EQ(broker_->native_endpoint().rfind("native://127.0.0.1:", 0), 0u) << broker_->native_endpoint();
+  auto native_options = [&](const Principal& p) {
+    ClientOptions o = unix_options(p);
+    o.url = broker_->native_endpoint();
+    return o;
+  };
+  auto sub = Client::connect(native_options(principal("remote-dashboard")));
+  ASSERT_TRUE(sub.ok()) << sub.error().to_string();
+  auto tcp_pub = connect(*broker_, "remote-line");
+  auto local_responder = connect_unix("local-model");
+  ASSERT_TRUE(tcp_pub && local_responder);
+  Inbox inbox;
+  ASSERT_TRUE((*sub)->subscribe("plant/+/temperature", inbox.handler()).ok());
+  for (int i = 0; i < 2000; ++i) ASSERT_TRUE(tcp_pub->publish("plant/l1/temperature", std::to_string(i)).ok());
+  ASSERT_TRUE(inbox.wait_for(2000));
+  {
+    std::lock_guard lock(inbox.mu);
+    for (int i = 0; i < 2000; ++i) ASSERT_EQ(inbox.payloads[i], std::to_string(i));
+  }
+  Client* r = local_responder.get();
+  ASSERT_TRUE(local_responder->subscribe("svc/score", [r](const Message& m) {
+    (void)r->reply(m, "score:" + std::string(m.payload()));
+  }).ok());
+  auto reply = (*sub)->request("svc/score", "part-9", 5s);
+  ASSERT_TRUE(reply.ok()) << reply.error().to_string();
+  EXPECT_EQ(reply->payload(), "score:part-9");
+  auto ack = (*sub)->publish_durable("plant/l1/quality", "ok").get();
+  ASSERT_TRUE(ack.ok()) << ack.error().to_string();
+  EXPECT_EQ(ack->stream_seq, 1u);
+
+  auto stranger = std::make_shared<Identity>(Identity::generate());
+  auto refused = Client::connect(native_options(principal("intruder", 0, stranger)));
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code(), Errc::unauthenticated) << refused.error().to_string();
+  EXPECT_NE(broker_->log_tail(50).find("refused connection (intruder; 127.0.0.1:"), std::string::npos)
+      << broker_->log_tail(50);
+
+  // Back after a restart on the same port, subscription and all.
+  ASSERT_TRUE(broker_->restart().ok()) << broker_->log_tail();
+  ASSERT_TRUE(wait_until([&] {
+    (void)tcp_pub->publish("plant/l1/temperature", "after");
+    return inbox.size() > 2000;
+  }, 10s)) << broker_->log_tail();
+}
+
+TEST_F(UnixTransportTest, NoBrokerAtANativeAddressIsReportedWithTheReason) {
+  // A port nobody listens on: one the kernel gave and took back.
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  ::close(fd);
+  auto o = unix_options(principal("lost"));
+  o.url = "native://127.0.0.1:" + std::to_string(ntohs(addr.sin_port));
+  o.connect_timeout = 500ms;
+  auto c = Client::connect(o);
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.error().code(), Errc::timeout) << c.error().to_string();
+  EXPECT_NE(c.error().message().find("cannot connect to " + o.url + ": Connection refused"), std::string::npos)
+      << c.error().to_string();
+  o.url = "native://127.0.0.1";
+  auto malformed = Client::connect(o);
+  ASSERT_FALSE(malformed.ok());
+  EXPECT_EQ(malformed.error().code(), Errc::invalid_argument);
+  EXPECT_NE(malformed.error().message().find("native://HOST:PORT"), std::string::npos) << malformed.error().to_string();
 }
 
 TEST_F(UnixTransportTest, RefusalsReachTheClientWithTheirReason) {

@@ -167,6 +167,34 @@ TEST_F(ConfigTest, LinkMemoryQueueDefaultsTo64MiBAndMayBeZero) {
   EXPECT_NE(bad.error().message().find("link.memory_queue_bytes"), std::string::npos) << bad.error().message();
 }
 
+TEST_F(ConfigTest, NativeEndpointsAreCheckedForHostAndPort) {
+  const std::string head = "[broker]\nidentity = \"b\"\ndata_dir = \"d\"\ncredential = \"b.cred\"\n";
+  const std::string ops = "[security]\noperators = [\"" + op_ + "\"]\n";
+  auto good = load_config(write(head + "listen = [\"native://0.0.0.0:7401\", \"native://[::1]:0\"]\n" + ops +
+                                "[[link]]\nname = \"up\"\nendpoint = \"native://regional.example:7401\"\n"));
+  ASSERT_TRUE(good.ok()) << good.error().to_string();
+  EXPECT_EQ(good->listen.size(), 2u);
+  EXPECT_EQ(good->links[0].endpoint, "native://regional.example:7401");
+  // A broker key on a native link binds the signed hello to that broker: it must decode.
+  auto bad_key = load_config(write(head + "listen = [\"tcp://a:1\"]\n" + ops +
+                                   "[[link]]\nname = \"up\"\nendpoint = \"native://r:1\"\nbroker_key = \"nope\"\n"));
+  ASSERT_FALSE(bad_key.ok());
+  EXPECT_NE(bad_key.error().message().find("link.broker_key"), std::string::npos) << bad_key.error().message();
+  auto no_port = load_config(write(head + "listen = [\"native://0.0.0.0\"]\n" + ops));
+  ASSERT_FALSE(no_port.ok());
+  EXPECT_NE(no_port.error().message().find("broker.listen"), std::string::npos) << no_port.error().message();
+  EXPECT_NE(no_port.error().message().find("native://HOST:PORT"), std::string::npos) << no_port.error().message();
+  auto bad_port = load_config(write(head + "listen = [\"tcp://a:1\"]\n" + ops +
+                                    "[[link]]\nname = \"up\"\nendpoint = \"native://r:99999\"\n"));
+  ASSERT_FALSE(bad_port.ok());
+  EXPECT_NE(bad_port.error().message().find("link.endpoint"), std::string::npos) << bad_port.error().message();
+  EXPECT_NE(bad_port.error().message().find("broker.toml:10:"), std::string::npos) << "names the line: " << bad_port.error().message();
+  auto scheme = load_config(write(head + "listen = [\"tcp://a:1\"]\n" + ops +
+                                  "[[link]]\nname = \"up\"\nendpoint = \"udp://r:1\"\n"));
+  ASSERT_FALSE(scheme.ok());
+  EXPECT_NE(scheme.error().message().find("native://"), std::string::npos) << scheme.error().message();
+}
+
 TEST_F(ConfigTest, LinkOutboxMapDefaultsTo8GiBAndHasAFloor) {
   const std::string base = one_link_config();
   auto defaults = load_config(write(base));

@@ -1,6 +1,7 @@
 // The unix:// record stream over a real socket pair: records of every size arrive
 // whole and in order however the socket splits them, and a broken stream says why.
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -108,6 +109,60 @@ TEST_F(FrameStreamTest, OversizedEmptyAndTruncatedRecordsBreakTheStream) {
     EXPECT_FALSE(reader.fill()) << "the peer closed mid-record";
     EXPECT_EQ(reader.error(), "closed by the peer");
   }
+}
+
+TEST(NativeAddress, HostAndPortAreParsedAndMistakesNamed) {
+  std::string host, port, why;
+  EXPECT_TRUE(native_address("native://regional.example:7401", host, port, &why));
+  EXPECT_EQ(host, "regional.example");
+  EXPECT_EQ(port, "7401");
+  EXPECT_TRUE(native_address("native://[::1]:0", host, port, &why));
+  EXPECT_EQ(host, "::1");
+  EXPECT_EQ(port, "0");
+  why.clear();
+  EXPECT_FALSE(native_address("tcp://a:1", host, port, &why));
+  EXPECT_TRUE(why.empty()) << "not native://: nothing to say";
+  for (const char* bad : {"native://host", "native://:7", "native://h:", "native://h:65536", "native://h:7x",
+                          "native://[::1:7", "native://[::1]7"}) {
+    why.clear();
+    EXPECT_FALSE(native_address(bad, host, port, &why)) << bad;
+    EXPECT_NE(why.find(bad), std::string::npos) << bad << ": " << why;
+  }
+}
+
+// A native:// listener on an ephemeral port, a client connecting without blocking, and
+// records both ways over the TCP connection.
+TEST(NativeAddress, ListenConnectAndCarryRecords) {
+  std::string bound, why;
+  const int listener = listen_native("native://127.0.0.1:0", bound, why);
+  ASSERT_GE(listener, 0) << why;
+  ASSERT_EQ(bound.rfind("native://127.0.0.1:", 0), 0u) << bound;
+  EXPECT_NE(bound, "native://127.0.0.1:0");
+  const int client = connect_native(bound, why);
+  ASSERT_GE(client, 0) << why;
+  pollfd p{client, POLLOUT, 0};
+  ASSERT_EQ(::poll(&p, 1, 5000), 1);
+  EXPECT_EQ(connect_result(client), 0);
+  pollfd a{listener, POLLIN, 0};
+  ASSERT_EQ(::poll(&a, 1, 5000), 1);
+  const int server = ::accept(listener, nullptr, nullptr);
+  ASSERT_GE(server, 0);
+  EXPECT_EQ(tcp_peer(server).rfind("127.0.0.1:", 0), 0u) << tcp_peer(server);
+  FrameStream out(client, 1 << 20), in(server, 1 << 20);
+  zmq::message_t body("payload", 7);
+  out.queue(zmq::message_t("header", 6), &body);
+  ASSERT_TRUE(out.flush());
+  zmq::message_t header;
+  std::optional<zmq::message_t> got;
+  for (int i = 0; i < 100 && !in.next(header, got); ++i) {
+    pollfd r{server, POLLIN, 0};
+    ASSERT_EQ(::poll(&r, 1, 5000), 1);
+    ASSERT_TRUE(in.fill()) << in.error();
+  }
+  EXPECT_EQ(header.to_string(), "header");
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->to_string(), "payload");
+  ::close(listener);
 }
 
 }  // namespace

@@ -177,8 +177,10 @@ struct MeshStatus {
 };
 
 struct ClientOptions {
-  // tcp://host:port (CURVE), ipc:///path, or unix:///path (a local broker's
-  // unix:// listener: no ZeroMQ, the lowest latency on one host). Required.
+  // tcp://host:port (CURVE), ipc:///path, unix:///path (a local broker's
+  // unix:// listener: no ZeroMQ, the lowest latency on one host), or
+  // native://host:port (the broker's own framing over TCP: no ZeroMQ, no
+  // encryption; for networks the operator trusts). Required.
   std::string url;
   // The broker's public key (base64url). Required for tcp with CURVE; on ipc and
   // unix it is checked against the broker's Hello reply when set.

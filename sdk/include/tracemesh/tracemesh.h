@@ -38,7 +38,7 @@ typedef enum tm_status {
 typedef struct tm_client tm_client; /* opaque */
 
 typedef struct tm_connect_options {
-  const char* url;             /* tcp://host:port, ipc:///path or unix:///path; required */
+  const char* url;             /* tcp://host:port, ipc:///path, unix:///path or native://host:port; required */
   const char* identity_path;   /* identity file (tracemesh keygen); required */
   const char* credential_path; /* credential file (tracemesh cred issue); required */
   const char* broker_key;      /* broker public key, base64url; required for tcp with CURVE */

@@ -1,4 +1,4 @@
-// Client: one connection (a ZeroMQ DEALER, or a unix:// stream), an I/O thread
+// Client: one connection (a ZeroMQ DEALER, or a unix:// or native:// stream), an I/O thread
 // that batches and owns it, and a dispatcher thread that runs handlers.
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -296,10 +296,14 @@ Status ClientImpl::start() {
   if (opts_.url.empty()) return Error(Errc::invalid_argument, "a broker url is required");
   if (opts_.credential) producer_ = opts_.credential->claims().name;
   const bool tcp = opts_.url.rfind("tcp://", 0) == 0;
-  const std::string unix_path = codec::unix_path(opts_.url);
-  if (!tcp && unix_path.empty() && opts_.url.rfind("ipc://", 0) != 0 && opts_.url.rfind("inproc://", 0) != 0)
+  // unix:// and native://: the broker's own transport (no ZeroMQ).
+  std::string host, port, why;
+  const bool native = codec::native_address(opts_.url, host, port, &why);
+  if (!why.empty()) return Error(Errc::invalid_argument, "broker url " + why);
+  const bool own_transport = native || !codec::unix_path(opts_.url).empty();
+  if (!tcp && !own_transport && opts_.url.rfind("ipc://", 0) != 0 && opts_.url.rfind("inproc://", 0) != 0)
     return Error(Errc::invalid_argument,
-                 "broker url '" + opts_.url + "' must start with tcp://, ipc:// or unix://");
+                 "broker url '" + opts_.url + "' must start with tcp://, ipc://, unix:// or native://");
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return Error(Errc::io, std::string("eventfd: ") + std::strerror(errno));
   try {
@@ -311,9 +315,9 @@ Status ClientImpl::start() {
       if (!key.ok()) return Error(Errc::invalid_argument, "broker key: " + key.error().message());
       curve_key = *key;
     }
-    if (!unix_path.empty()) {
+    if (own_transport) {
       // Room for the largest frame a broker sends (its batches stay far below this).
-      conn_ = client::unix_connection(unix_path, std::chrono::milliseconds(2000), size_t{1} << 30);
+      conn_ = client::stream_connection(opts_.url, std::chrono::milliseconds(2000), size_t{1} << 30);
     } else {
       conn_ = client::zmq_connection(ctx_, opts_.url, std::chrono::milliseconds(2000), *opts_.identity,
                                      curve_key ? &*curve_key : nullptr);

@@ -106,13 +106,15 @@ class ZmqConnection final : public Connection {
   int fd_ = -1, monitor_fd_ = -1;
 };
 
-class UnixConnection final : public Connection {
+// unix:// and native:// (codec/frame_stream.h): one stream socket, no I/O thread of its own.
+class StreamConnection final : public Connection {
  public:
-  UnixConnection(std::string path, std::chrono::milliseconds reconnect_max, size_t max_record)
-      : path_(std::move(path)), reconnect_max_(reconnect_max), max_record_(max_record) {
+  StreamConnection(std::string url, std::chrono::milliseconds reconnect_max, size_t max_record)
+      : url_(std::move(url)), path_(codec::unix_path(url_)), reconnect_max_(reconnect_max), max_record_(max_record) {
     tick(Clock::now());
   }
-  ~UnixConnection() override {
+  ~StreamConnection() override {
+    if (connecting_fd_ >= 0) ::close(connecting_fd_);
     if (!stream_) return;
     // What is still queued (a goodbye, say) goes out if the broker takes it soon.
     const auto deadline = Clock::now() + std::chrono::milliseconds(500);
@@ -124,8 +126,9 @@ class UnixConnection final : public Connection {
     }
   }
 
-  int fd() const override { return stream_ ? stream_->fd() : -1; }
+  int fd() const override { return stream_ ? stream_->fd() : connecting_fd_; }
   short poll_events() const override {
+    if (connecting_fd_ >= 0) return POLLOUT;  // a native:// connect completes
     if (!stream_) return 0;
     // While a received record waits to be taken (the dispatcher is behind), nothing more
     // is read: the broker's writes wait in the socket, which pushes back on it.
@@ -136,6 +139,10 @@ class UnixConnection final : public Connection {
   bool output_waiting() const override { return stream_ && stream_->queued_bytes() > 0; }
 
   void on_poll(short revents) override {
+    if (connecting_fd_ >= 0) {
+      if (revents & (POLLOUT | POLLERR | POLLHUP)) connect_done(Clock::now());
+      return;
+    }
     if (!stream_) return;
     if ((revents & (POLLIN | POLLHUP | POLLERR)) && !stream_->has_record() && !stream_->fill()) return lost();
     if ((revents & POLLOUT) && !stream_->flush()) lost();
@@ -173,33 +180,65 @@ class UnixConnection final : public Connection {
   }
 
   void tick(Clock::time_point now) override {
-    if (stream_ || now < retry_at_) return;
-    const int fd = codec::connect_unix(path_);
-    if (fd < 0) {
-      // Said once per kind of failure: the client's connect timeout reports it.
-      if (errno != last_errno_) {
-        last_errno_ = errno;
-        failure_ = "cannot connect to " + path_ + ": " + std::strerror(errno);
-        events_.push_back(Event::connect_failed);
+    if (connecting_fd_ >= 0) {
+      if (now - connect_started_ > std::chrono::seconds(5)) {
+        ::close(std::exchange(connecting_fd_, -1));
+        failed(ETIMEDOUT, now);
       }
-      retry_at_ = now + backoff_;
-      backoff_ = std::min(backoff_ * 2, reconnect_max_);
       return;
     }
+    if (stream_ || now < retry_at_) return;
+    if (path_.empty()) {
+      std::string why;
+      connecting_fd_ = codec::connect_native(url_, why);
+      if (connecting_fd_ < 0) {
+        failed(EHOSTUNREACH, now, why);
+        return;
+      }
+      connect_started_ = now;
+      return;  // done when the socket is writable (on_poll)
+    }
+    const int fd = codec::connect_unix(path_);
+    if (fd < 0) return failed(errno, now);
+    connected(fd);
+  }
+
+ private:
+  void connect_done(Clock::time_point now) {
+    const int fd = std::exchange(connecting_fd_, -1);
+    if (const int err = codec::connect_result(fd); err != 0) {
+      ::close(fd);
+      return failed(err, now);
+    }
+    connected(fd);
+  }
+  void connected(int fd) {
     backoff_ = std::chrono::milliseconds(100);
     last_errno_ = 0;
     stream_ = std::make_unique<codec::FrameStream>(fd, max_record_);
     events_.push_back(Event::connected);
   }
+  void failed(int err, Clock::time_point now, const std::string& why = {}) {
+    // Said once per kind of failure: the client's connect timeout reports it.
+    if (err != last_errno_) {
+      last_errno_ = err;
+      failure_ = "cannot connect to " + (path_.empty() ? url_ : path_) + ": " + (why.empty() ? std::strerror(err) : why);
+      events_.push_back(Event::connect_failed);
+    }
+    retry_at_ = now + backoff_;
+    backoff_ = std::min(backoff_ * 2, reconnect_max_);
+  }
 
- private:
   void lost() {
     stream_.reset();
     events_.push_back(Event::disconnected);
     retry_at_ = Clock::now() + backoff_;
   }
 
-  std::string path_;
+  std::string url_;
+  std::string path_;  // unix://: the socket file; empty for native://
+  int connecting_fd_ = -1;  // native://: a connect under way
+  Clock::time_point connect_started_{};
   std::chrono::milliseconds reconnect_max_;
   size_t max_record_;
   std::unique_ptr<codec::FrameStream> stream_;
@@ -218,9 +257,9 @@ std::unique_ptr<Connection> zmq_connection(zmq::context_t& ctx, const std::strin
   return std::make_unique<ZmqConnection>(ctx, url, reconnect_max, identity, broker_key);
 }
 
-std::unique_ptr<Connection> unix_connection(const std::string& path, std::chrono::milliseconds reconnect_max,
-                                            size_t max_record_bytes) {
-  return std::make_unique<UnixConnection>(path, reconnect_max, max_record_bytes);
+std::unique_ptr<Connection> stream_connection(const std::string& url, std::chrono::milliseconds reconnect_max,
+                                              size_t max_record_bytes) {
+  return std::make_unique<StreamConnection>(url, reconnect_max, max_record_bytes);
 }
 
 }  // namespace tracemesh::client

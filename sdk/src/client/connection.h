@@ -1,5 +1,5 @@
 // A client's connection to its broker: a ZeroMQ DEALER for tcp:// and ipc://,
-// or a unix:// stream (codec/frame_stream.h). The client's I/O thread and a
+// or a unix:// or native:// stream (codec/frame_stream.h). The client's I/O thread and a
 // caller sending directly share it under the client's socket mutex.
 #pragma once
 
@@ -45,8 +45,9 @@ class Connection {
 std::unique_ptr<Connection> zmq_connection(zmq::context_t& ctx, const std::string& url,
                                            std::chrono::milliseconds reconnect_max, const Identity& identity,
                                            const PublicKey* broker_key);
-// unix://PATH. Connects at once when the broker is there, else retries with back-off.
-std::unique_ptr<Connection> unix_connection(const std::string& path, std::chrono::milliseconds reconnect_max,
-                                            size_t max_record_bytes);
+// unix://PATH or native://HOST:PORT. Connects when the broker is there (a local
+// socket at once), else retries with back-off.
+std::unique_ptr<Connection> stream_connection(const std::string& url, std::chrono::milliseconds reconnect_max,
+                                              size_t max_record_bytes);
 
 }  // namespace tracemesh::client

@@ -1,6 +1,10 @@
 #include "codec/frame_stream.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -55,9 +59,136 @@ int connect_unix(const std::string& path) {
   return fd;
 }
 
+bool native_address(std::string_view url, std::string& host, std::string& port, std::string* error) {
+  if (url.substr(0, kNativeScheme.size()) != kNativeScheme) return false;
+  const std::string_view rest = url.substr(kNativeScheme.size());
+  auto fail = [&](const std::string& why) {
+    if (error) *error = "'" + std::string(url) + "': " + why;
+    return false;
+  };
+  size_t colon;
+  if (!rest.empty() && rest.front() == '[') {
+    const size_t close = rest.find(']');
+    if (close == std::string_view::npos) return fail("an IPv6 host lacks its ']'");
+    host = std::string(rest.substr(1, close - 1));
+    colon = close + 1;
+    if (colon >= rest.size() || rest[colon] != ':') return fail("expected native://HOST:PORT");
+  } else {
+    colon = rest.rfind(':');
+    if (colon == std::string_view::npos) return fail("expected native://HOST:PORT");
+    host = std::string(rest.substr(0, colon));
+  }
+  port = std::string(rest.substr(colon + 1));
+  if (host.empty()) return fail("the host is empty (use 0.0.0.0 to listen on every interface)");
+  if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos ||
+      std::stoul(port) > 65535)
+    return fail("the port must be a number from 0 to 65535");
+  return true;
+}
+
+namespace {
+
+// getaddrinfo for a native:// url: the first address, or null with `error`.
+addrinfo* resolve_native(std::string_view url, bool passive, std::string& error) {
+  std::string host, port;
+  if (!native_address(url, host, port, &error)) {
+    if (error.empty()) error = "'" + std::string(url) + "' is not a native:// url";
+    return nullptr;
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = passive ? AI_PASSIVE : 0;
+  addrinfo* found = nullptr;
+  if (const int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &found); rc != 0) {
+    error = "cannot resolve '" + host + "': " + ::gai_strerror(rc);
+    return nullptr;
+  }
+  return found;
+}
+
+std::string address_text(const sockaddr* sa) {
+  char text[INET6_ADDRSTRLEN] = {};
+  if (sa->sa_family == AF_INET) {
+    const auto* in = reinterpret_cast<const sockaddr_in*>(sa);
+    ::inet_ntop(AF_INET, &in->sin_addr, text, sizeof text);
+    return std::string(text) + ":" + std::to_string(ntohs(in->sin_port));
+  }
+  if (sa->sa_family == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(sa);
+    ::inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof text);
+    return "[" + std::string(text) + "]:" + std::to_string(ntohs(in6->sin6_port));
+  }
+  return {};
+}
+
+}  // namespace
+
+int listen_native(std::string_view url, std::string& bound, std::string& error) {
+  addrinfo* ai = resolve_native(url, true, error);
+  if (!ai) return -1;
+  const int fd = ::socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    error = std::strerror(errno);
+    ::freeaddrinfo(ai);
+    return -1;
+  }
+  const int one = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (::bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || ::listen(fd, 128) != 0) {
+    error = std::strerror(errno);
+    ::close(fd);
+    ::freeaddrinfo(ai);
+    return -1;
+  }
+  ::freeaddrinfo(ai);
+  sockaddr_storage addr{};
+  socklen_t len = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  bound = std::string(kNativeScheme) + address_text(reinterpret_cast<const sockaddr*>(&addr));
+  return fd;
+}
+
+int connect_native(std::string_view url, std::string& error) {
+  addrinfo* ai = resolve_native(url, false, error);
+  if (!ai) return -1;
+  const int fd = ::socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    error = std::strerror(errno);
+    ::freeaddrinfo(ai);
+    return -1;
+  }
+  if (::connect(fd, ai->ai_addr, ai->ai_addrlen) != 0 && errno != EINPROGRESS) {
+    error = std::strerror(errno);
+    ::close(fd);
+    ::freeaddrinfo(ai);
+    return -1;
+  }
+  ::freeaddrinfo(ai);
+  return fd;
+}
+
+int connect_result(int fd) {
+  int err = 0;
+  socklen_t len = sizeof err;
+  if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) return errno;
+  return err;
+}
+
+std::string tcp_peer(int fd) {
+  sockaddr_storage addr{};
+  socklen_t len = sizeof addr;
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) return {};
+  return address_text(reinterpret_cast<const sockaddr*>(&addr));
+}
+
 FrameStream::FrameStream(int fd, size_t max_record_bytes) : fd_(fd), max_record_(max_record_bytes) {
   const int flags = ::fcntl(fd_, F_GETFL, 0);
   ::fcntl(fd_, F_SETFL, flags | O_NONBLOCK);
+  // TCP (native://): records go out as written, not held back for more. A
+  // local socket refuses the option, which is as it should be.
+  const int one = 1;
+  (void)::setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
 FrameStream::~FrameStream() {

@@ -1,9 +1,11 @@
-// The unix:// transport: control frames and their bodies as length-prefixed
-// records on a local stream socket, read and written without a thread of its
-// own. A ZeroMQ connection hands every message to an I/O thread on each side;
-// on one host those hand-offs are most of a round trip, and this transport has
-// none. It carries no CURVE: the socket file's permissions and the signed hello
-// guard it, as for ipc://.
+// The broker's own transports, unix:// and native://: control frames and their
+// bodies as length-prefixed records on a stream socket (a local one, or TCP),
+// read and written without a thread of its own. A ZeroMQ connection hands
+// every message to an I/O thread on each side; those hand-offs cost more than
+// the broker's own work per batch, and these transports have none. They carry
+// no CURVE: unix:// is guarded by the socket file's permissions and the signed
+// hello, as ipc:// is; native:// by the signed hello only, like a tcp://
+// endpoint with curve = false, for networks the operator trusts.
 //
 // Record: u32 header size, u32 body size + 1 (0: no body), little-endian, then
 // the header, then the body.
@@ -24,8 +26,15 @@ namespace tracemesh::codec {
 
 inline constexpr std::string_view kUnixScheme = "unix://";
 
+inline constexpr std::string_view kNativeScheme = "native://";
+
 // The socket path of a unix:// url; empty when the url is not one.
 std::string unix_path(std::string_view url);
+
+// Host and port of a native:// url (native://HOST:PORT, an IPv6 host in
+// brackets). False when the url is not native://; `error` then says what is
+// wrong when it starts with native:// but is malformed.
+bool native_address(std::string_view url, std::string& host, std::string& port, std::string* error = nullptr);
 
 class FrameStream {
  public:
@@ -86,5 +95,16 @@ class FrameStream {
 // Connects to a unix:// url's socket (blocking; a local connect does not wait).
 // Returns the fd, or -1 with errno set.
 int connect_unix(const std::string& path);
+
+// Listens on a native:// url (port 0: an ephemeral one). Returns a
+// non-blocking fd and the url as bound in `bound`; -1 with `error`.
+int listen_native(std::string_view url, std::string& bound, std::string& error);
+// Starts connecting to a native:// url without blocking: the fd is writable
+// once the connect is done (connect_result says how it went). -1 with `error`.
+int connect_native(std::string_view url, std::string& error);
+// 0 once a non-blocking connect succeeded, else the errno it failed with.
+int connect_result(int fd);
+// "HOST:PORT" of a connected TCP socket's peer; empty when unknown.
+std::string tcp_peer(int fd);
 
 }  // namespace tracemesh::codec

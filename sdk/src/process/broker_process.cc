@@ -139,6 +139,7 @@ Status BrokerProcess::write_config() const {
   if (spec_.listen_tcp) listen.push_back(tcp_listen_);
   if (spec_.listen_ipc) listen.push_back("ipc://" + (dir_ / "broker.sock").string());
   if (spec_.listen_unix) listen.push_back("unix://" + (dir_ / "client.sock").string());
+  if (spec_.listen_native) listen.push_back(native_listen_);
   listen.insert(listen.end(), spec_.extra_listen.begin(), spec_.extra_listen.end());
   toml << "listen = " << toml_array(listen) << "\n"
        << "curve = " << (spec_.curve ? "true" : "false") << "\n";
@@ -244,7 +245,7 @@ Status BrokerProcess::launch() {
     else if (!line.empty())
       lines.push_back(line);
   }
-  const size_t expected = (spec_.listen_tcp ? 1 : 0) + (spec_.listen_ipc ? 1 : 0) + (spec_.listen_unix ? 1 : 0) +
+  const size_t expected = (spec_.listen_tcp ? 1 : 0) + (spec_.listen_ipc ? 1 : 0) + (spec_.listen_unix ? 1 : 0) + (spec_.listen_native ? 1 : 0) +
                           spec_.extra_listen.size();
   if (lines.size() != expected) {
     child_->kill_and_wait();
@@ -256,10 +257,12 @@ Status BrokerProcess::launch() {
   tcp_endpoint_.clear();
   ipc_endpoint_.clear();
   unix_endpoint_.clear();
+  native_endpoint_.clear();
   for (const std::string& endpoint : endpoints_) {
     if (endpoint.rfind("tcp://", 0) == 0 && tcp_endpoint_.empty()) tcp_endpoint_ = endpoint;
     if (endpoint.rfind("ipc://", 0) == 0 && ipc_endpoint_.empty()) ipc_endpoint_ = endpoint;
     if (endpoint.rfind("unix://", 0) == 0 && unix_endpoint_.empty()) unix_endpoint_ = endpoint;
+    if (endpoint.rfind("native://", 0) == 0 && native_endpoint_.empty()) native_endpoint_ = endpoint;
   }
   if (spec_.listen_tcp) {
     if (tcp_endpoint_.empty() || tcp_endpoint_.ends_with(":0")) {
@@ -269,6 +272,7 @@ Status BrokerProcess::launch() {
     }
     tcp_listen_ = tcp_endpoint_;
   }
+  if (spec_.listen_native) native_listen_ = native_endpoint_;
   return Status::Ok();
 }
 

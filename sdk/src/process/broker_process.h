@@ -48,6 +48,7 @@ struct BrokerSpec {
   bool listen_tcp = true;   // tcp://127.0.0.1, ephemeral port
   bool listen_ipc = false;  // ipc://<dir>/broker.sock
   bool listen_unix = false; // unix://<dir>/client.sock (local clients without ZeroMQ)
+  bool listen_native = false; // native://127.0.0.1, ephemeral port (links and clients without ZeroMQ)
   std::vector<std::string> extra_listen;  // further endpoints, as given
   std::vector<StreamSpec> streams;
   std::vector<std::string> revoked;  // credential ids (hex)
@@ -93,6 +94,7 @@ class BrokerProcess {
   const std::string& tcp_endpoint() const { return tcp_endpoint_; }
   const std::string& ipc_endpoint() const { return ipc_endpoint_; }
   const std::string& unix_endpoint() const { return unix_endpoint_; }
+  const std::string& native_endpoint() const { return native_endpoint_; }
   // The admin HTTP endpoint, "http://127.0.0.1:PORT"; empty when BrokerSpec::admin_http is "".
   const std::string& http_url() const { return http_url_; }
   // Every line of the ready file, in the order of `listen`.
@@ -143,6 +145,8 @@ class BrokerProcess {
   std::string tcp_endpoint_;
   std::string ipc_endpoint_;
   std::string unix_endpoint_;
+  std::string native_endpoint_;
+  std::string native_listen_ = "native://127.0.0.1:0";  // pinned to the real port after start
   std::string http_url_;
 };
 

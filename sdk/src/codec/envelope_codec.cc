@@ -184,13 +184,15 @@ Status for_each_envelope(const uint8_t* data, size_t size, uint32_t expected_cou
 
 namespace {
 void free_words(void* data, void*) { std::free(data); }
+void free_block(void* data, void*) { batch_memory::release(data); }
 }  // namespace
 
 zmq::message_t take_buffer(WordBuffer&& buffer) {
   const size_t size = buffer.size();
   if (size == 0) return zmq::message_t();
-  uint64_t* data = buffer.release();
-  return zmq::message_t(data, size, free_words, nullptr);
+  bool pooled = false;
+  uint64_t* data = buffer.release(&pooled);
+  return zmq::message_t(data, size, pooled ? free_block : free_words, nullptr);
 }
 
 zmq::message_t to_message(capnp::MessageBuilder& builder) {

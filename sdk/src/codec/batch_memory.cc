@@ -1,0 +1,120 @@
+#include "codec/batch_memory.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace tracemesh::codec::batch_memory {
+
+namespace {
+
+constexpr size_t kSlab = size_t{2} << 20;
+constexpr size_t kK = size_t{1} << 10;
+constexpr std::array<size_t, 10> kClasses = {64 * kK,  128 * kK, 192 * kK, 256 * kK, 320 * kK,
+                                             384 * kK, 448 * kK, 512 * kK, 1024 * kK, 2048 * kK};
+
+size_t class_of(size_t bytes) {
+  return static_cast<size_t>(std::lower_bound(kClasses.begin(), kClasses.end(), bytes) - kClasses.begin());
+}
+
+struct Slab {
+  uint8_t* base = nullptr;
+  size_t cls = 0;
+  size_t blocks = 0;          // how many blocks of kClasses[cls] it holds
+  std::vector<uint32_t> free;  // indexes of its free blocks
+};
+
+struct Pool {
+  std::mutex mu;
+  std::unordered_map<uintptr_t, Slab> slabs;              // by base address
+  std::array<std::vector<Slab*>, kClasses.size()> partial;  // slabs with a free block, per class
+  size_t used_bytes = 0, free_bytes = 0;
+};
+
+// Never destroyed: a block may be released by a thread that outlives static destruction.
+Pool& pool() {
+  static Pool* p = new Pool;
+  return *p;
+}
+
+// A 2 MiB-aligned 2 MiB mapping that asks for a huge page; null when none can be mapped.
+uint8_t* map_slab() {
+  void* raw = ::mmap(nullptr, 2 * kSlab, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  auto* start = static_cast<uint8_t*>(raw);
+  auto* aligned = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(start) + kSlab - 1) & ~(kSlab - 1));
+  if (aligned > start) ::munmap(start, static_cast<size_t>(aligned - start));
+  if (uint8_t* tail = aligned + kSlab; tail < start + 2 * kSlab)
+    ::munmap(tail, static_cast<size_t>(start + 2 * kSlab - tail));
+  (void)::madvise(aligned, kSlab, MADV_HUGEPAGE);  // advice: fine where huge pages are off
+  return aligned;
+}
+
+}  // namespace
+
+size_t block_size(size_t bytes) {
+  const size_t c = class_of(bytes);
+  return c < kClasses.size() ? kClasses[c] : 0;
+}
+
+void* allocate(size_t bytes) {
+  const size_t c = class_of(bytes);
+  if (c >= kClasses.size()) return nullptr;
+  const size_t size = kClasses[c];
+  Pool& p = pool();
+  std::lock_guard lock(p.mu);
+  auto& partial = p.partial[c];
+  if (partial.empty()) {
+    uint8_t* base = map_slab();
+    if (!base) return nullptr;
+    Slab& s = p.slabs[reinterpret_cast<uintptr_t>(base)];
+    s.base = base;
+    s.cls = c;
+    s.blocks = kSlab / size;
+    s.free.reserve(s.blocks);
+    for (size_t i = s.blocks; i-- > 0;) s.free.push_back(static_cast<uint32_t>(i));  // lowest first
+    p.free_bytes += s.blocks * size;
+    partial.push_back(&s);
+  }
+  Slab* s = partial.back();
+  const uint32_t index = s->free.back();
+  s->free.pop_back();
+  if (s->free.empty()) partial.pop_back();
+  p.free_bytes -= size;
+  p.used_bytes += size;
+  return s->base + size_t{index} * size;
+}
+
+void release(void* block) {
+  if (!block) return;
+  const auto addr = reinterpret_cast<uintptr_t>(block);
+  Pool& p = pool();
+  std::lock_guard lock(p.mu);
+  auto it = p.slabs.find(addr & ~(kSlab - 1));
+  if (it == p.slabs.end()) return;  // not ours: a caller's mistake, left alone
+  Slab& s = it->second;
+  const size_t size = kClasses[s.cls];
+  if (s.free.empty()) p.partial[s.cls].push_back(&s);
+  s.free.push_back(static_cast<uint32_t>((addr - reinterpret_cast<uintptr_t>(s.base)) / size));
+  p.used_bytes -= size;
+  p.free_bytes += size;
+  if (s.free.size() < s.blocks || p.free_bytes <= kRetainBytes) return;
+  auto& partial = p.partial[s.cls];
+  partial.erase(std::find(partial.begin(), partial.end(), &s));
+  p.free_bytes -= s.blocks * size;
+  ::munmap(s.base, kSlab);
+  p.slabs.erase(it);
+}
+
+Stats stats() {
+  Pool& p = pool();
+  std::lock_guard lock(p.mu);
+  return {p.slabs.size(), p.used_bytes, p.free_bytes};
+}
+
+}  // namespace tracemesh::codec::batch_memory

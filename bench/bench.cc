@@ -47,7 +47,7 @@ struct BenchFlags {
   double rate = 2000;      // outage: steady publish rate
   int outage_s = 60;       // outage: how long the regional broker is away
   std::optional<uint64_t> link_memory_queue;  // chain: [[link]] memory_queue_bytes
-  std::string links = "zmq";  // chain and outage: how brokers link: zmq (tcp://) | native (native://)
+  std::string links = "zmq";  // chain and outage: how brokers link: zmq (tcp://) | native (native://) | unix
 };
 
 std::string self_dir() {
@@ -502,11 +502,13 @@ struct MeshRig {
       spec.credential_path = cred_path;
       if (i == 0) spec.streams = top_streams;
       spec.listen_native = f.links == "native";
+      spec.listen_unix = f.links == "unix";
       spec.extra_toml = "[limits]\nsubscriber_queue_bytes = 268435456\nmax_in_flight = 100000\n";
       if (i > 0) {
         process::LinkSpec l;
         l.name = chain[i - 1];
         l.endpoint = f.links == "native" ? brokers[chain[i - 1]]->native_endpoint()
+                     : f.links == "unix" ? brokers[chain[i - 1]]->unix_endpoint()
                                          : brokers[chain[i - 1]]->tcp_endpoint();
         l.broker_key = keys[chain[i - 1]];
         l.outbox_bytes = 1ull << 30;
@@ -619,7 +621,7 @@ Result<PeerResult> run_chain(const BenchFlags& f) {
   const std::string cpu_report = cpu.report(meter.received);
   PeerResult r;
   r.system = std::string("tracemesh chain-4") + (f.curve == "on" ? " (CURVE)" : "") +
-             (f.links == "native" ? " (native links)" : "");
+             (f.links == "zmq" ? "" : " (" + f.links + " links)");
   r.workload = "chain-4";
   r.sent = f.count;
   r.received = meter.received;
@@ -968,10 +970,11 @@ void add_bench_command(CLI::App& app, Context& ctx) {
                   "gives every broker; a broker's own default is 64 MiB); a small one shows the cost of swapping "
                   "batches out while a peer is busy");
   cmd->add_option("--links", f->links,
-                  "chain and outage: how the brokers link: zmq (ZeroMQ over tcp://, CURVE with --curve on) or "
-                  "native (the broker's own framing over TCP, native://; no encryption)")
+                  "chain and outage: how the brokers link: zmq (ZeroMQ over tcp://, CURVE with --curve on), "
+                  "native (the broker's own framing over TCP, native://; no encryption) or unix (the same over "
+                  "unix://: brokers on one host)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"zmq", "native"}));
+      ->check(CLI::IsMember({"zmq", "native", "unix"}));
   cmd->add_option("--tracemeshd", f->tracemeshd, "tracemeshd binary (default: beside this binary, or $TRACEMESHD, or PATH)");
   cmd->callback([f, &ctx] {
     if (f->crash && f->workload != "durable") {
@@ -979,8 +982,8 @@ void add_bench_command(CLI::App& app, Context& ctx) {
       ctx.exit_code = 2;
       return;
     }
-    if (f->links == "native" && f->curve == "on") {
-      std::fprintf(stderr, "tracemesh: bench: --links native carries no CURVE; use --curve off\n");
+    if (f->links != "zmq" && f->curve == "on") {
+      std::fprintf(stderr, "tracemesh: bench: --links %s carries no CURVE; use --curve off\n", f->links.c_str());
       ctx.exit_code = 2;
       return;
     }

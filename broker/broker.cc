@@ -971,7 +971,8 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
     if (draining_) {
       bool idle = pending_writes_.empty() && backlogged_.empty();
       for (Session* s : stream_sessions_) idle = idle && !s->stream->queued_bytes();
-      for (auto& l : links_) idle = idle && (!l->up() || l->waiting.empty());
+      for (auto& l : links_)
+        idle = idle && (!l->up() || l->waiting.empty()) && (!l->stream || !l->stream->queued_bytes());
       if (idle || now >= drain_deadline) break;
     }
   }

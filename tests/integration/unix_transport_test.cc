@@ -70,6 +70,23 @@ class UnixTransportTest : public MeshTest {
     return false;
   }
 
+  // `sub` subscribes to plant/+/temperature; 2000 readings `pub` publishes arrive in order.
+  static void receives_in_order(Client& sub, Client& pub, Inbox& inbox) {
+    ASSERT_TRUE(sub.subscribe("plant/+/temperature", inbox.handler()).ok());
+    for (int i = 0; i < 2000; ++i) ASSERT_TRUE(pub.publish("plant/l1/temperature", std::to_string(i)).ok());
+    ASSERT_TRUE(inbox.wait_for(2000));
+    std::lock_guard lock(inbox.mu);
+    for (int i = 0; i < 2000; ++i) ASSERT_EQ(inbox.payloads[i], std::to_string(i));
+  }
+
+  // `responder` answers svc/score with "score:" and the request.
+  static void serve_score(Client& responder) {
+    Client* r = &responder;
+    ASSERT_TRUE(responder.subscribe("svc/score", [r](const Message& m) {
+      (void)r->reply(m, "score:" + std::string(m.payload()));
+    }).ok());
+  }
+
   std::unique_ptr<process::BrokerProcess> broker_;
 };
 
@@ -81,19 +98,11 @@ TEST_F(UnixTransportTest, UnixAndTcpClientsShareTopicsRequestsAndDurableStreams)
   EXPECT_EQ(local_sub->broker_name(), "broker");
 
   Inbox inbox;
-  ASSERT_TRUE(local_sub->subscribe("plant/+/temperature", inbox.handler()).ok());
-  for (int i = 0; i < 2000; ++i) ASSERT_TRUE(remote_pub->publish("plant/l1/temperature", std::to_string(i)).ok());
-  ASSERT_TRUE(inbox.wait_for(2000));
-  {
-    std::lock_guard lock(inbox.mu);
-    for (int i = 0; i < 2000; ++i) ASSERT_EQ(inbox.payloads[i], std::to_string(i));
-  }
+  receives_in_order(*local_sub, *remote_pub, inbox);
+  if (HasFatalFailure()) return;
 
   // A tcp requester reaches a responder on unix://, and a unix requester reaches it too.
-  Client* r = local_responder.get();
-  ASSERT_TRUE(local_responder->subscribe("svc/score", [r](const Message& m) {
-    (void)r->reply(m, "score:" + std::string(m.payload()));
-  }).ok());
+  serve_score(*local_responder);
   auto reply = remote_pub->request("svc/score", "part-7", 5s);
   ASSERT_TRUE(reply.ok()) << reply.error().to_string();
   EXPECT_EQ(reply->payload(), "score:part-7");
@@ -136,17 +145,9 @@ TEST_F(UnixTransportTest, NativeClientsOverTcpShareTheBrokerAndReconnect) {
   auto local_responder = connect_unix("local-model");
   ASSERT_TRUE(tcp_pub && local_responder);
   Inbox inbox;
-  ASSERT_TRUE((*sub)->subscribe("plant/+/temperature", inbox.handler()).ok());
-  for (int i = 0; i < 2000; ++i) ASSERT_TRUE(tcp_pub->publish("plant/l1/temperature", std::to_string(i)).ok());
-  ASSERT_TRUE(inbox.wait_for(2000));
-  {
-    std::lock_guard lock(inbox.mu);
-    for (int i = 0; i < 2000; ++i) ASSERT_EQ(inbox.payloads[i], std::to_string(i));
-  }
-  Client* r = local_responder.get();
-  ASSERT_TRUE(local_responder->subscribe("svc/score", [r](const Message& m) {
-    (void)r->reply(m, "score:" + std::string(m.payload()));
-  }).ok());
+  receives_in_order(**sub, *tcp_pub, inbox);
+  if (HasFatalFailure()) return;
+  serve_score(*local_responder);
   auto reply = (*sub)->request("svc/score", "part-9", 5s);
   ASSERT_TRUE(reply.ok()) << reply.error().to_string();
   EXPECT_EQ(reply->payload(), "score:part-9");

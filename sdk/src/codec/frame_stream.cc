@@ -124,24 +124,36 @@ std::string address_text(const sockaddr* sa) {
 
 }  // namespace
 
-int listen_native(std::string_view url, std::string& bound, std::string& error) {
-  addrinfo* ai = resolve_native(url, true, error);
+namespace {
+
+using AddrInfo = std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)>;
+
+// A non-blocking TCP socket for the first address of a native:// url, that
+// address left in `ai`; -1 with `error`.
+int native_socket(std::string_view url, bool passive, AddrInfo& ai, std::string& error) {
+  ai.reset(resolve_native(url, passive, error));
   if (!ai) return -1;
   const int fd = ::socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) {
-    error = std::strerror(errno);
-    ::freeaddrinfo(ai);
-    return -1;
-  }
+  if (fd < 0) error = std::strerror(errno);
+  return fd;
+}
+
+// Closes `fd` after a failed call, with errno's text in `error`; returns -1.
+int close_failed(int fd, std::string& error) {
+  error = std::strerror(errno);
+  ::close(fd);
+  return -1;
+}
+
+}  // namespace
+
+int listen_native(std::string_view url, std::string& bound, std::string& error) {
+  AddrInfo ai(nullptr, ::freeaddrinfo);
+  const int fd = native_socket(url, true, ai, error);
+  if (fd < 0) return -1;
   const int one = 1;
   ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (::bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || ::listen(fd, 128) != 0) {
-    error = std::strerror(errno);
-    ::close(fd);
-    ::freeaddrinfo(ai);
-    return -1;
-  }
-  ::freeaddrinfo(ai);
+  if (::bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || ::listen(fd, 128) != 0) return close_failed(fd, error);
   sockaddr_storage addr{};
   socklen_t len = sizeof addr;
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
@@ -150,21 +162,10 @@ int listen_native(std::string_view url, std::string& bound, std::string& error) 
 }
 
 int connect_native(std::string_view url, std::string& error) {
-  addrinfo* ai = resolve_native(url, false, error);
-  if (!ai) return -1;
-  const int fd = ::socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) {
-    error = std::strerror(errno);
-    ::freeaddrinfo(ai);
-    return -1;
-  }
-  if (::connect(fd, ai->ai_addr, ai->ai_addrlen) != 0 && errno != EINPROGRESS) {
-    error = std::strerror(errno);
-    ::close(fd);
-    ::freeaddrinfo(ai);
-    return -1;
-  }
-  ::freeaddrinfo(ai);
+  AddrInfo ai(nullptr, ::freeaddrinfo);
+  const int fd = native_socket(url, false, ai, error);
+  if (fd < 0) return -1;
+  if (::connect(fd, ai->ai_addr, ai->ai_addrlen) != 0 && errno != EINPROGRESS) return close_failed(fd, error);
   return fd;
 }
 

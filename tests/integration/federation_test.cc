@@ -179,6 +179,7 @@ class FederationTest : public MeshTest {
   // CURVE; NativeLinkTest: native://). Defined below the fixture.
   void four_tier_chain_end_to_end();
   void diamond_delivers_exactly_once();
+  void partition_of_thirty_seconds_loses_and_duplicates_nothing();
   void kill_nine_of_edge_loses_no_acked_durable();
   void links_with_wrong_key_or_without_broker_role_are_refused();
 
@@ -488,6 +489,13 @@ TEST_F(FederationTest, QueueGroupAcrossLinksGivesEachMessageToOneMember) {
 }
 
 TEST_F(FederationTest, PartitionOfThirtySecondsLosesAndDuplicatesNothing) {
+  partition_of_thirty_seconds_loses_and_duplicates_nothing();
+}
+TEST_F(NativeLinkTest, PartitionOfThirtySecondsLosesAndDuplicatesNothing) {
+  partition_of_thirty_seconds_loses_and_duplicates_nothing();
+}
+
+void FederationTest::partition_of_thirty_seconds_loses_and_duplicates_nothing() {
   start("centre", "centre", {}, {{"LINE", {"plant/#"}}});
   start("regional", "regional", {"centre"});
   start("edge", "edge", {"regional"});

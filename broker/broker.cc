@@ -762,8 +762,8 @@ bool BrokerImpl::on_stream_readable(const std::string& key) {
   }
   if (s->stream->broken()) {
     ++malformed_;
-    spdlog::warn("{} session of {}: {}; closing it", listeners_[s->listener].endpoint, s->authenticated ? s->claims.name : "an unauthenticated peer",
-                 s->stream->error());
+    spdlog::warn("{} session of {}: {}; closing it", listeners_[s->listener].endpoint,
+                 s->authenticated ? s->claims.name : "an unauthenticated peer", s->stream->error());
     drop_session(key, "disconnected");
     return false;
   }

@@ -222,7 +222,8 @@ class StreamConnection final : public Connection {
     // Said once per kind of failure: the client's connect timeout reports it.
     if (err != last_errno_) {
       last_errno_ = err;
-      failure_ = "cannot connect to " + (path_.empty() ? url_ : path_) + ": " + (why.empty() ? std::strerror(err) : why);
+      failure_ = "cannot connect to " + (path_.empty() ? url_ : path_) + ": " +
+                 (why.empty() ? std::string(std::strerror(err)) : why);
       events_.push_back(Event::connect_failed);
     }
     retry_at_ = now + backoff_;

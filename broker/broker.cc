@@ -2207,15 +2207,9 @@ void BrokerImpl::send_link_hello(Link& l) {
 }
 
 void BrokerImpl::dial_stream(Link& l, Clock::time_point now) {
-  const std::string path = codec::unix_path(l.config.endpoint);
   std::string why;
-  int fd;
-  if (!path.empty()) {
-    fd = codec::connect_unix(path);
-    if (fd < 0) why = std::strerror(errno);
-  } else {
-    fd = codec::connect_native(l.config.endpoint, why);
-  }
+  bool pending = false;
+  const int fd = codec::connect_stream(l.config.endpoint, pending, why);
   if (fd < 0) {
     l.stream_connecting = false;
     link_stream_lost(l, "cannot connect to " + l.config.endpoint + ": " + why, now);
@@ -2223,7 +2217,7 @@ void BrokerImpl::dial_stream(Link& l, Clock::time_point now) {
   }
   l.stream = std::make_unique<codec::FrameStream>(fd, static_cast<size_t>(config_.max_message_bytes) * 64 + (1 << 20));
   l.heard_at = now;
-  l.stream_connecting = path.empty();  // a local connect is done at once
+  l.stream_connecting = pending;  // a local connect is done at once
   if (!l.stream_connecting) send_link_hello(l);
 }
 

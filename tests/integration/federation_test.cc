@@ -1128,6 +1128,9 @@ TEST_F(FederationTest, InterestIsCollapsedWhereOneFilterCovers) {
   const int sent_before = sent;
   ASSERT_TRUE(sub->unsubscribe(*s_all).ok());
   const bool swapped = advertised({"plant/line1/+", "plant/+/temp", "plant/+/temp (group workers)"});
+  // The producer goes on past the swap: publishes before and after it (on a busy machine the
+  // swap can take less time than the producer's next turn on a core).
+  (void)wait_until([&] { return sent > sent_before; });
   const int sent_after = sent;
   stop = true;
   producer.join();

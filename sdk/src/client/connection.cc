@@ -183,24 +183,18 @@ class StreamConnection final : public Connection {
     if (connecting_fd_ >= 0) {
       if (now - connect_started_ > std::chrono::seconds(5)) {
         ::close(std::exchange(connecting_fd_, -1));
-        failed(ETIMEDOUT, now);
+        failed(std::strerror(ETIMEDOUT), now);
       }
       return;
     }
     if (stream_ || now < retry_at_) return;
-    if (path_.empty()) {
-      std::string why;
-      connecting_fd_ = codec::connect_native(url_, why);
-      if (connecting_fd_ < 0) {
-        failed(EHOSTUNREACH, now, why);
-        return;
-      }
-      connect_started_ = now;
-      return;  // done when the socket is writable (on_poll)
-    }
-    const int fd = codec::connect_unix(path_);
-    if (fd < 0) return failed(errno, now);
-    connected(fd);
+    std::string why;
+    bool pending = false;
+    const int fd = codec::connect_stream(url_, pending, why);
+    if (fd < 0) return failed(why, now);
+    if (!pending) return connected(fd);
+    connecting_fd_ = fd;  // done when the socket is writable (on_poll)
+    connect_started_ = now;
   }
 
  private:
@@ -208,22 +202,21 @@ class StreamConnection final : public Connection {
     const int fd = std::exchange(connecting_fd_, -1);
     if (const int err = codec::connect_result(fd); err != 0) {
       ::close(fd);
-      return failed(err, now);
+      return failed(std::strerror(err), now);
     }
     connected(fd);
   }
   void connected(int fd) {
     backoff_ = std::chrono::milliseconds(100);
-    last_errno_ = 0;
+    failure_.clear();
     stream_ = std::make_unique<codec::FrameStream>(fd, max_record_);
     events_.push_back(Event::connected);
   }
-  void failed(int err, Clock::time_point now, const std::string& why = {}) {
+  void failed(const std::string& why, Clock::time_point now) {
     // Said once per kind of failure: the client's connect timeout reports it.
-    if (err != last_errno_) {
-      last_errno_ = err;
-      failure_ = "cannot connect to " + (path_.empty() ? url_ : path_) + ": " +
-                 (why.empty() ? std::string(std::strerror(err)) : why);
+    std::string failure = "cannot connect to " + (path_.empty() ? url_ : path_) + ": " + why;
+    if (failure != failure_) {
+      failure_ = std::move(failure);
       events_.push_back(Event::connect_failed);
     }
     retry_at_ = now + backoff_;
@@ -244,8 +237,7 @@ class StreamConnection final : public Connection {
   size_t max_record_;
   std::unique_ptr<codec::FrameStream> stream_;
   std::deque<Event> events_;
-  int last_errno_ = 0;
-  std::string failure_;  // why the last connect failed
+  std::string failure_;  // why the last connect failed (said once); empty once connected
   std::chrono::milliseconds backoff_{100};
   Clock::time_point retry_at_{};
 };

@@ -169,6 +169,15 @@ int connect_native(std::string_view url, std::string& error) {
   return fd;
 }
 
+int connect_stream(const std::string& url, bool& pending, std::string& error) {
+  const std::string path = unix_path(url);
+  pending = path.empty();
+  if (pending) return connect_native(url, error);
+  const int fd = connect_unix(path);
+  if (fd < 0) error = std::strerror(errno);
+  return fd;
+}
+
 int connect_result(int fd) {
   int err = 0;
   socklen_t len = sizeof err;

@@ -102,6 +102,11 @@ int listen_native(std::string_view url, std::string& bound, std::string& error);
 // Starts connecting to a native:// url without blocking: the fd is writable
 // once the connect is done (connect_result says how it went). -1 with `error`.
 int connect_native(std::string_view url, std::string& error);
+// Connects to a unix:// or native:// url: a unix socket at once (blocking; a
+// local connect does not wait), a native one without blocking (`pending` is
+// then true until the fd is writable; connect_result says how it went).
+// -1 with `error`.
+int connect_stream(const std::string& url, bool& pending, std::string& error);
 // 0 once a non-blocking connect succeeded, else the errno it failed with.
 int connect_result(int fd);
 // "HOST:PORT" of a connected TCP socket's peer; empty when unknown.

@@ -24,6 +24,7 @@
 #include <zmq.hpp>
 
 #include "admin_http.h"
+#include "codec/batch_memory.h"
 #include "codec/envelope_codec.h"
 #include "codec/envelope_view.h"
 #include "codec/frame_stream.h"
@@ -2061,6 +2062,7 @@ void BrokerImpl::expire(Clock::time_point now) {
   const int64_t horizon = now_ns - static_cast<int64_t>(config_.dedup_window_ms) * 1000000;
   dedup_.expire(horizon);  // a write pending that long is long finished or failed
   seen_.expire(horizon);
+  codec::batch_memory::trim(now);  // what a backlog's burst took goes back once it is over
   const int64_t nonce_horizon = now_ns / 1000000 - 600000;
   while (!hello_nonce_order_.empty() && hello_nonce_order_.front().first < nonce_horizon) {
     hello_nonces_.erase(hello_nonce_order_.front().second);

@@ -15,8 +15,9 @@ struct Entry {
   uint32_t hash;  // low bits of the key's hash: home slot and a filter before the ring is read
 };
 
-// Zero-filled pages, populated now (a page fault costs microseconds on a VM). Throws
-// std::bad_alloc when they cannot be mapped.
+// Zero-filled pages, populated now (a page fault costs microseconds on a VM), 2 MiB-aligned
+// and advised to be huge pages when `bytes` is at least 2 MiB. Throws std::bad_alloc when
+// they cannot be mapped.
 void* map_zeroed(size_t bytes);
 void unmap(void* p, size_t bytes);
 

@@ -24,7 +24,7 @@ TEST(BatchMemory, BlockSizesRoundUpToTheirClass) {
   EXPECT_EQ(batch_memory::allocate((size_t{2} << 20) + 1), nullptr);
 }
 
-TEST(BatchMemory, ReleasedBlocksAreReusedAndSlabsGoBackPastTheRetainedAmount) {
+TEST(BatchMemory, ReleasedBlocksAreReusedAndSlabsGoBackPastTheRecentPeak) {
   const auto before = batch_memory::stats();
   constexpr size_t kSize = size_t{320} << 10;  // six to a slab
   std::vector<void*> blocks;
@@ -47,12 +47,25 @@ TEST(BatchMemory, ReleasedBlocksAreReusedAndSlabsGoBackPastTheRetainedAmount) {
   EXPECT_EQ(after.used_bytes, before.used_bytes);
   EXPECT_LE(after.free_bytes, std::max(before.free_bytes, batch_memory::kRetainBytes) + (size_t{2} << 20));
 
-  // Past the retained amount, slabs whose blocks are all free are unmapped.
+  // What a burst took stays mapped while it is the recent peak: the next burst reuses it.
   std::vector<void*> many;
   for (size_t i = 0; i < 3 * batch_memory::kRetainBytes / (size_t{2} << 20); ++i)
     many.push_back(batch_memory::allocate(size_t{2} << 20));
   const size_t mapped = batch_memory::stats().slabs;
   for (void* b : many) batch_memory::release(b);
+  EXPECT_GE(batch_memory::stats().retained_bytes, 3 * batch_memory::kRetainBytes);
+  EXPECT_GT(batch_memory::stats().free_bytes, 3 * batch_memory::kRetainBytes - (size_t{2} << 20))
+      << "the burst's slabs stay mapped, up to its peak";
+  const size_t kept = batch_memory::stats().slabs;
+  many.resize(many.size() - 2);
+  for (void*& b : many) b = batch_memory::allocate(size_t{2} << 20);
+  EXPECT_EQ(batch_memory::stats().slabs, kept) << "a second burst within the peak mapped nothing new";
+  for (void* b : many) batch_memory::release(b);
+
+  // Two peak windows later, slabs whose blocks are all free go back past the retained amount.
+  const auto later = std::chrono::steady_clock::now() + 2 * batch_memory::kPeakWindow + std::chrono::seconds(1);
+  batch_memory::trim(later);
+  batch_memory::trim(later + batch_memory::kPeakWindow);
   EXPECT_LT(batch_memory::stats().slabs, mapped);
   EXPECT_LE(batch_memory::stats().free_bytes, batch_memory::kRetainBytes + (size_t{2} << 20));
 }

@@ -34,12 +34,35 @@ struct Pool {
   std::unordered_map<uintptr_t, Slab> slabs;              // by base address
   std::array<std::vector<Slab*>, kClasses.size()> partial;  // slabs with a free block, per class
   size_t used_bytes = 0, free_bytes = 0;
+  // used_bytes' peak in the current window and in the one before: what a swing of the backlog
+  // is likely to need again soon.
+  size_t peak = 0, previous_peak = 0;
+  std::chrono::steady_clock::time_point window_start = std::chrono::steady_clock::now();
+
+  size_t retained(std::chrono::steady_clock::time_point now) {
+    if (now - window_start >= kPeakWindow) {
+      previous_peak = peak;
+      peak = used_bytes;
+      window_start = now;
+    }
+    return std::max({kRetainBytes, peak, previous_peak});
+  }
 };
 
 // Never destroyed: a block may be released by a thread that outlives static destruction.
 Pool& pool() {
   static Pool* p = new Pool;
   return *p;
+}
+
+// Unmaps `s` (all its blocks free) and forgets it.
+void unmap_slab(Pool& p, std::unordered_map<uintptr_t, Slab>::iterator it) {
+  Slab& s = it->second;
+  auto& partial = p.partial[s.cls];
+  partial.erase(std::find(partial.begin(), partial.end(), &s));
+  p.free_bytes -= s.blocks * kClasses[s.cls];
+  ::munmap(s.base, kSlab);
+  p.slabs.erase(it);
 }
 
 // A 2 MiB-aligned 2 MiB mapping that asks for a huge page; null when none can be mapped.
@@ -87,6 +110,7 @@ void* allocate(size_t bytes) {
   if (s->free.empty()) partial.pop_back();
   p.free_bytes -= size;
   p.used_bytes += size;
+  p.peak = std::max(p.peak, p.used_bytes);
   return s->base + size_t{index} * size;
 }
 
@@ -103,18 +127,25 @@ void release(void* block) {
   s.free.push_back(static_cast<uint32_t>((addr - reinterpret_cast<uintptr_t>(s.base)) / size));
   p.used_bytes -= size;
   p.free_bytes += size;
-  if (s.free.size() < s.blocks || p.free_bytes <= kRetainBytes) return;
-  auto& partial = p.partial[s.cls];
-  partial.erase(std::find(partial.begin(), partial.end(), &s));
-  p.free_bytes -= s.blocks * size;
-  ::munmap(s.base, kSlab);
-  p.slabs.erase(it);
+  if (s.free.size() < s.blocks || p.free_bytes <= p.retained(std::chrono::steady_clock::now())) return;
+  unmap_slab(p, it);
+}
+
+void trim(std::chrono::steady_clock::time_point now) {
+  Pool& p = pool();
+  std::lock_guard lock(p.mu);
+  const size_t keep = p.retained(now);
+  for (auto it = p.slabs.begin(); it != p.slabs.end() && p.free_bytes > keep;) {
+    auto next = std::next(it);
+    if (it->second.free.size() == it->second.blocks) unmap_slab(p, it);
+    it = next;
+  }
 }
 
 Stats stats() {
   Pool& p = pool();
   std::lock_guard lock(p.mu);
-  return {p.slabs.size(), p.used_bytes, p.free_bytes};
+  return {p.slabs.size(), p.used_bytes, p.free_bytes, p.retained(std::chrono::steady_clock::now())};
 }
 
 }  // namespace tracemesh::codec::batch_memory

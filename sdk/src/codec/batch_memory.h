@@ -7,9 +7,13 @@
 // ask for transparent huge pages (one fault per slab where the kernel grants
 // them), and a released block goes back on its slab's free list, so the next
 // batches reuse memory that is already mapped. Slabs whose blocks are all free
-// go back to the system once more than kRetainBytes lie free.
+// go back to the system once more lies free than the pool retains: the most
+// that was in use within the last kPeakWindow to 2 * kPeakWindow, at least
+// kRetainBytes. (Retaining only a fixed amount made a broker whose backlog
+// swings map and clear fresh slabs again at every swing.)
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 
 namespace tracemesh::codec::batch_memory {
@@ -17,6 +21,7 @@ namespace tracemesh::codec::batch_memory {
 inline constexpr size_t kMinBlock = size_t{64} << 10;
 inline constexpr size_t kMaxBlock = size_t{2} << 20;
 inline constexpr size_t kRetainBytes = size_t{16} << 20;
+inline constexpr std::chrono::seconds kPeakWindow{5};
 
 // The block size that serves `bytes`: the smallest size class (64 KiB steps up
 // to 512 KiB, then 1 and 2 MiB) that holds it; 0 when `bytes` is over kMaxBlock.
@@ -26,11 +31,16 @@ size_t block_size(size_t bytes);
 void* allocate(size_t bytes);
 // Gives back a block from allocate(). Any thread may call it.
 void release(void* block);
+// Gives back every slab whose blocks are all free, past what the pool retains as of `now`
+// (a parameter so that tests can move time). A broker calls it once a second, so that memory
+// a burst took goes back even when no block is released afterwards.
+void trim(std::chrono::steady_clock::time_point now = std::chrono::steady_clock::now());
 
 struct Stats {
   size_t slabs = 0;       // mapped, 2 MiB each
   size_t used_bytes = 0;  // in blocks handed out
   size_t free_bytes = 0;  // in blocks waiting on free lists
+  size_t retained_bytes = 0;  // free bytes kept mapped: the recent peak of used_bytes, at least kRetainBytes
 };
 Stats stats();
 

@@ -414,13 +414,14 @@ class BrokerImpl final : public Broker {
     int stream_fd = -1;                     // unix:// and native://: a listening stream socket
     std::string stream_path;                // unix://: the socket file
     std::string endpoint;  // as bound (resolved port)
-    bool curve = false;
+    bool curve = false;    // tcp:// with CURVE
+    bool sealed = false;   // native:// with its encryption handshake (curve = true)
     bool recheck = false;  // sent on, or left unread: ask ZMQ_EVENTS before sleeping (see run)
     Listener() = default;
     Listener(Listener&& o) noexcept
         : socket(std::move(o.socket)), stream_fd(std::exchange(o.stream_fd, -1)),
           stream_path(std::move(o.stream_path)), endpoint(std::move(o.endpoint)), curve(o.curve),
-          recheck(o.recheck) {}
+          sealed(o.sealed), recheck(o.recheck) {}
     ~Listener() {
       if (stream_fd < 0) return;
       ::close(stream_fd);
@@ -625,6 +626,7 @@ Status BrokerImpl::init() {
       l.stream_fd = codec::listen_native(endpoint, l.endpoint, why);
       if (l.stream_fd < 0)
         return Error(Errc::io, config_.path + ": broker.listen: cannot bind '" + endpoint + "': " + why);
+      l.sealed = config_.curve;
       listeners_.push_back(std::move(l));
       continue;
     }
@@ -737,6 +739,11 @@ void BrokerImpl::accept_streams(size_t listener) {
     else if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0)
       s->peer = "pid " + std::to_string(cred.pid) + ", uid " + std::to_string(cred.uid);
     s->stream = std::make_unique<codec::FrameStream>(fd, kUnauthenticatedRecord);
+    if (listeners_[listener].sealed) {
+      auto secret = identity_->curve_secret_key();
+      s->stream->encrypt_as_acceptor(identity_->curve_public_key(), secret);
+      sodium_memzero(secret.data(), secret.size());
+    }
     stream_sessions_.push_back(s.get());
     sessions_.emplace(s->key, std::move(s));
   }
@@ -749,6 +756,8 @@ bool BrokerImpl::on_stream_readable(const std::string& key) {
   // Records read before are handled first: a peer sending faster than the loop
   // handles them waits in its socket, not in our memory.
   if (!s->stream->has_record() && !s->stream->fill()) {
+    if (s->stream->encrypted() && !s->authenticated && s->stream->error() != "closed by the peer")
+      spdlog::warn("native connection from {} refused: {}", s->peer, s->stream->error());
     drop_session(key, "disconnected");
     return false;
   }
@@ -763,8 +772,9 @@ bool BrokerImpl::on_stream_readable(const std::string& key) {
   }
   if (s->stream->broken()) {
     ++malformed_;
-    spdlog::warn("{} session of {}: {}; closing it", listeners_[s->listener].endpoint,
-                 s->authenticated ? s->claims.name : "an unauthenticated peer", s->stream->error());
+    spdlog::warn("{} session of {}{}: {}; closing it", listeners_[s->listener].endpoint,
+                 s->authenticated ? s->claims.name : "an unauthenticated peer", s->peer.empty() ? "" : " (" + s->peer + ")",
+                 s->stream->error());
     drop_session(key, "disconnected");
     return false;
   }
@@ -867,7 +877,8 @@ Status BrokerImpl::run(int signal_fd, const std::string& ready_file) {
   if (auto s = write_ready_file(ready_file); !s.ok()) return s;
   spdlog::info("broker '{}' ready; key {}", config_.name, encode_key(identity_->public_key()));
   for (const auto& l : listeners_)
-    spdlog::info("listening on {}{}", l.endpoint, l.curve ? " (CURVE)" : "");
+    spdlog::info("listening on {}{}", l.endpoint,
+                 l.curve ? " (CURVE)" : l.sealed ? " (encrypted)" : l.stream_path.empty() && !l.socket ? " (in the clear)" : "");
   if (admin_http_) spdlog::info("admin http on {} (/healthz, /metrics)", admin_http_->url());
 
   Clock::time_point next_sweep = Clock::now() + std::chrono::seconds(1);
@@ -1186,7 +1197,7 @@ void BrokerImpl::on_hello(Session& s, zmq::message_t& header, wire::Hello::Reade
     const std::string unbound = codec::hello_signed_bytes(PublicKey{}, nonce.begin(), hello.getTimestampMs());
     const bool unbound_ok = verify_signature(claims.subject, reinterpret_cast<const uint8_t*>(unbound.data()),
                                              unbound.size(), sig.begin());
-    if (unbound_ok && listeners_[s.listener].curve)
+    if (unbound_ok && (listeners_[s.listener].curve || listeners_[s.listener].sealed))
       return refuse(wire::ErrorCode::UNAUTHENTICATED,
                     "the client signed its hello without this broker's key: give it the broker's "
                     "public key (--broker-key)");
@@ -2144,8 +2155,9 @@ Status BrokerImpl::init_links() {
     l->sent_seq = l->outbox->stats().acked_seq;
     if (!codec::unix_path(lc.endpoint).empty() || lc.endpoint.rfind(codec::kNativeScheme, 0) == 0) {
       // The broker's own transport: dialed from the loop (dial_stream).
+      const bool native = lc.endpoint.rfind(codec::kNativeScheme, 0) == 0;
       spdlog::info("link '{}' dialing {} ({}{})", lc.name, lc.endpoint, lc.kind,
-                   lc.endpoint.rfind(codec::kNativeScheme, 0) == 0 ? "; native: no encryption" : "");
+                   !native ? "" : lc.curve ? "; native, encrypted" : "; native, in the clear (curve = false)");
       links_.push_back(std::move(l));
       continue;
     }
@@ -2218,6 +2230,8 @@ void BrokerImpl::dial_stream(Link& l, Clock::time_point now) {
     return;
   }
   l.stream = std::make_unique<codec::FrameStream>(fd, static_cast<size_t>(config_.max_message_bytes) * 64 + (1 << 20));
+  if (l.config.curve && l.config.endpoint.rfind(codec::kNativeScheme, 0) == 0)  // config checked the key
+    l.stream->encrypt_as_dialer(curve_public_key_of(*decode_key(l.config.broker_key)));
   l.heard_at = now;
   l.stream_connecting = pending;  // a local connect is done at once
   if (!l.stream_connecting) send_link_hello(l);
@@ -2245,8 +2259,18 @@ void BrokerImpl::on_link_stream(Link& l, short revents, Clock::time_point now) {
   }
   if ((revents & (POLLIN | POLLHUP | POLLERR)) || l.stream->has_record()) {
     // Records read before are handled first, as for client sessions (on_stream_readable).
-    if (!l.stream->has_record() && !l.stream->fill())
-      return link_stream_lost(l, "connection lost (" + l.stream->error() + ")", now);
+    if (!l.stream->has_record() && !l.stream->fill()) {
+      if (!l.stream->refused()) return link_stream_lost(l, "connection lost (" + l.stream->error() + ")", now);
+      // Not the broker broker_key names, or not encrypting: refused, as after a failed CURVE handshake.
+      const std::string why = "encryption handshake with " + l.config.endpoint + " failed: " + l.stream->error();
+      const bool said = l.state == Link::State::refused && l.last_error == why;
+      if (l.state == Link::State::up) link_down(l, why);
+      l.state = Link::State::refused;
+      link_stream_lost(l, why, now);
+      if (!said) spdlog::warn("link '{}': {}", l.name, why);
+      l.last_error = why;
+      return;
+    }
     zmq::message_t header;
     std::optional<zmq::message_t> body;
     for (int i = 0; i < 256 && l.stream; ++i) {

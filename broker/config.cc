@@ -255,7 +255,8 @@ class Loader {
           l.endpoint.rfind("unix://", 0) != 0 && l.endpoint.rfind("native://", 0) != 0)
         return error(t->get("endpoint"), "link.endpoint",
                      "'" + l.endpoint + "' must start with tcp://, ipc://, unix:// or native://");
-      if (l.curve && l.endpoint.rfind("tcp://", 0) == 0) {
+      if (l.curve && (l.endpoint.rfind("tcp://", 0) == 0 || l.endpoint.rfind("native://", 0) == 0)) {
+        // CURVE on tcp://, the encryption handshake on native://: both need the peer's key.
         if (auto k = decode_key(l.broker_key); !k.ok())
           return error(t->get("broker_key") ? t->get("broker_key") : t, "link.broker_key", k.error().message());
       } else if (!l.broker_key.empty()) {  // binds the hello to the peer's key

@@ -12,9 +12,9 @@ void ConnectionFlags::add_to(CLI::App& cmd) {
   cmd.add_option("--cred", credential, "credential file (tracemesh cred issue)")
       ->envname("TRACEMESH_CREDENTIAL")
       ->required();
-  cmd.add_option("-k,--broker-key", broker_key, "the broker's public key (needed for tcp with CURVE)")
+  cmd.add_option("-k,--broker-key", broker_key, "the broker's public key (needed for tcp with CURVE and for native://, which is encrypted)")
       ->envname("TRACEMESH_BROKER_KEY");
-  cmd.add_flag("--no-curve", no_curve, "plain tcp (only for brokers configured with curve = false)");
+  cmd.add_flag("--no-curve", no_curve, "plain tcp or native:// in the clear (only for brokers configured with curve = false)");
   cmd.add_option("--connect-timeout", timeout_ms, "connect timeout in ms")->capture_default_str();
 }
 

@@ -53,12 +53,14 @@ class FederationTest : public MeshTest {
     s.extra_toml = "[limits]\nsession_timeout_ms = " + std::to_string(session_timeout_ms_) + "\n";
     s.broker_extra = broker_extra_;
     s.listen_native = native_links_;
+    s.curve = curve_;
     if (std::getenv("TM_DEBUG")) s.extra_args = {"--log-level", "debug"};
     for (const auto& up : upstreams) {
       process::LinkSpec l;
       l.name = up;
       l.endpoint = native_links_ ? nodes_[up].broker->native_endpoint() : nodes_[up].broker->tcp_endpoint();
       l.broker_key = nodes_[up].key;
+      l.curve = curve_;
       l.outbox_bytes = outbox_bytes;
       l.memory_queue_bytes = memory_queue_bytes;
       l.outbox_map_bytes = outbox_map_bytes_;
@@ -185,6 +187,7 @@ class FederationTest : public MeshTest {
 
   std::map<std::string, Node> nodes_;
   bool native_links_ = false;           // brokers started from now on listen on and dial native://
+  bool curve_ = true;                   // CURVE on tcp, encryption on native://, for brokers started from now on
   uint32_t session_timeout_ms_ = 4000;  // for brokers started from now on
   std::string broker_extra_;            // [broker] lines for brokers started from now on
   uint64_t outbox_map_bytes_ = 0;       // [[link]] outbox_map_bytes for brokers started from now on
@@ -1168,9 +1171,23 @@ TEST_F(FederationTest, InterestIsCollapsedWhereOneFilterCovers) {
 TEST_F(FederationTest, LinksWithWrongKeyOrWithoutBrokerRoleAreRefused) {
   links_with_wrong_key_or_without_broker_role_are_refused();
 }
-// Without CURVE the wrong key shows in the hello's signature, which is bound to the key the
-// dialing broker was given.
+// An encrypted native link finds a wrong key in its handshake: the centre cannot confirm the
+// keys, since it does not hold the secret key the edge was told about.
 TEST_F(NativeLinkTest, LinksWithWrongKeyOrWithoutBrokerRoleAreRefused) {
+  links_with_wrong_key_or_without_broker_role_are_refused();
+  auto wrong = client("edge-wrong-key", "probe-2");
+  ASSERT_TRUE(wait_until([&] {
+    auto m = wrong->mesh_status();
+    return m.ok() && m->links.size() == 1 && m->links[0].state == "refused";
+  }, 15s));
+  EXPECT_NE(wrong->mesh_status()->links[0].last_error.find("does not hold the secret key"), std::string::npos)
+      << wrong->mesh_status()->links[0].last_error;
+}
+
+// With curve = false a native link is in the clear; the wrong key then shows in the hello's
+// signature, which is bound to the key the dialing broker was given.
+TEST_F(NativeLinkTest, InTheClearAWrongKeyShowsInTheHelloSignature) {
+  curve_ = false;
   links_with_wrong_key_or_without_broker_role_are_refused();
   auto wrong = client("edge-wrong-key", "probe-2");
   ASSERT_TRUE(wait_until([&] {

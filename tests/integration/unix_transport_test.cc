@@ -12,7 +12,11 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cstring>
 #include <future>
+#include <mutex>
+#include <thread>
 
 #include "codec/envelope_codec.h"
 #include "codec/frame_stream.h"
@@ -135,7 +139,7 @@ TEST_F(UnixTransportTest, UnixAndTcpClientsShareTopicsRequestsAndDurableStreams)
 TEST_F(UnixTransportTest, NativeClientsOverTcpShareTheBrokerAndReconnect) {
   ASSERT_EQ(broker_->native_endpoint().rfind("native://127.0.0.1:", 0), 0u) << broker_->native_endpoint();
   auto native_options = [&](const Principal& p) {
-    ClientOptions o = unix_options(p);
+    ClientOptions o = options(*broker_, p);  // encrypted with the broker's key, as the broker has curve = true
     o.url = broker_->native_endpoint();
     return o;
   };
@@ -168,6 +172,157 @@ TEST_F(UnixTransportTest, NativeClientsOverTcpShareTheBrokerAndReconnect) {
     (void)tcp_pub->publish("plant/l1/temperature", "after");
     return inbox.size() > 2000;
   }, 10s)) << broker_->log_tail();
+}
+
+// A TCP relay between a client and the broker's native:// port that keeps what passes
+// either way, and can flip one bit of what the client sends at a given offset of each
+// connection: what someone on the path sees and can do.
+class Relay {
+ public:
+  Relay(const std::string& broker_url, long flip_at = -1) : flip_at_(flip_at) {
+    broker_port_ = static_cast<uint16_t>(std::stoi(broker_url.substr(broker_url.rfind(':') + 1)));
+    listen_fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr = loopback(0);
+    socklen_t len = sizeof addr;
+    if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 || ::listen(listen_fd_, 4) != 0 ||
+        ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0)
+      ADD_FAILURE() << "relay cannot listen: " << std::strerror(errno);
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] { run(); });
+  }
+  ~Relay() {
+    stop_ = true;
+    thread_.join();
+    ::close(listen_fd_);
+  }
+  std::string url() const { return "native://127.0.0.1:" + std::to_string(port_); }
+  std::string seen() {
+    std::lock_guard lock(mu_);
+    return seen_;
+  }
+
+ private:
+  static sockaddr_in loopback(uint16_t port) {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(port);
+    return a;
+  }
+  void run() {
+    while (!stop_) {
+      pollfd p{listen_fd_, POLLIN, 0};
+      if (::poll(&p, 1, 50) <= 0) continue;
+      const int client = ::accept(listen_fd_, nullptr, nullptr);
+      if (client < 0) continue;
+      const int broker = ::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in to = loopback(broker_port_);
+      if (::connect(broker, reinterpret_cast<sockaddr*>(&to), sizeof to) == 0) pump(client, broker);
+      ::close(client);
+      ::close(broker);
+    }
+  }
+  // Until either side closes.
+  void pump(int client, int broker) {
+    long from_client = 0;
+    char buf[65536];
+    while (!stop_) {
+      pollfd p[2] = {{client, POLLIN, 0}, {broker, POLLIN, 0}};
+      if (::poll(p, 2, 50) < 0) return;
+      for (int i = 0; i < 2; ++i) {
+        if (!(p[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+        const ssize_t n = ::read(p[i].fd, buf, sizeof buf);
+        if (n <= 0) return;
+        if (i == 0) {
+          if (flip_at_ >= from_client && flip_at_ < from_client + n) buf[flip_at_ - from_client] ^= 0x01;
+          from_client += n;
+        }
+        {
+          std::lock_guard lock(mu_);
+          seen_.append(buf, static_cast<size_t>(n));
+        }
+        for (ssize_t off = 0; off < n;) {
+          const ssize_t w = ::write(i == 0 ? broker : client, buf + off, static_cast<size_t>(n - off));
+          if (w <= 0) return;
+          off += w;
+        }
+      }
+    }
+  }
+
+  long flip_at_;
+  uint16_t broker_port_ = 0, port_ = 0;
+  int listen_fd_ = -1;
+  std::atomic<bool> stop_{false};
+  std::mutex mu_;
+  std::string seen_;
+  std::thread thread_;
+};
+
+// native:// is encrypted where CURVE would be: someone on the path sees neither payloads nor
+// who connects, a bit flipped on the way ends the connection before anything is accepted,
+// a client with a wrong broker key learns so at once, and one in the clear is refused with
+// the reason in the broker's log.
+TEST_F(UnixTransportTest, NativeIsEncryptedAndAuthenticatesBothEnds) {
+  auto native_options = [&](const Principal& p, const std::string& url) {
+    ClientOptions o = options(*broker_, p);
+    o.url = url;
+    o.connect_timeout = 3s;
+    return o;
+  };
+  auto sub = connect(*broker_, "quality-app");
+  ASSERT_TRUE(sub);
+  Inbox inbox;
+  ASSERT_TRUE(sub->subscribe("plant/l1/quality", inbox.handler()).ok());
+  {
+    Relay relay(broker_->native_endpoint());
+    auto pub = Client::connect(native_options(principal("line-7-inspection"), relay.url()));
+    ASSERT_TRUE(pub.ok()) << pub.error().to_string();
+    const std::string secret = "torque 41.7 Nm, part 0xC0FFEE";
+    ASSERT_TRUE(wait_until([&] {
+      (void)(*pub)->publish_durable("plant/l1/quality", secret).get();
+      return inbox.size() > 0;
+    }, 10s));
+    {
+      std::lock_guard lock(inbox.mu);
+      EXPECT_EQ(inbox.payloads.front(), secret);
+    }
+    const std::string wire = relay.seen();
+    EXPECT_GT(wire.size(), 500u);
+    EXPECT_EQ(wire.find(secret), std::string::npos) << "the payload crossed in the clear";
+    EXPECT_EQ(wire.find("plant/l1/quality"), std::string::npos) << "the topic crossed in the clear";
+    EXPECT_EQ(wire.find("line-7-inspection"), std::string::npos) << "the credential crossed in the clear";
+  }
+  {
+    // Bit 0 of a byte inside the client's first sealed record (its hello): 40 bytes of
+    // handshake, 8 of sizes, then the tags.
+    Relay tamper(broker_->native_endpoint(), 40 + 8 + 3);
+    auto c = Client::connect(native_options(principal("line-8"), tamper.url()));
+    ASSERT_FALSE(c.ok());
+    ASSERT_TRUE(wait_until([&] { return broker_->log_tail(50).find("does not authenticate") != std::string::npos; }))
+        << broker_->log_tail(50);
+    EXPECT_NE(broker_->log_tail(50).find("session of an unauthenticated peer (127.0.0.1:"), std::string::npos)
+        << broker_->log_tail(50);
+  }
+  auto o = native_options(principal("line-9"), broker_->native_endpoint());
+  o.broker_key = encode_key(Identity::generate().public_key());
+  auto wrong_key = Client::connect(o);
+  ASSERT_FALSE(wrong_key.ok());
+  EXPECT_NE(wrong_key.error().message().find("does not hold the secret key"), std::string::npos)
+      << wrong_key.error().to_string();
+
+  o = native_options(principal("line-10"), broker_->native_endpoint());
+  o.curve = false;
+  auto clear = Client::connect(o);
+  ASSERT_FALSE(clear.ok());
+  ASSERT_TRUE(wait_until([&] { return broker_->log_tail(50).find("sent no encryption handshake") != std::string::npos; }))
+      << broker_->log_tail(50);
+  o.curve = true;
+  o.broker_key.clear();
+  auto no_key = Client::connect(o);
+  ASSERT_FALSE(no_key.ok());
+  EXPECT_EQ(no_key.error().code(), Errc::invalid_argument);
+  EXPECT_NE(no_key.error().message().find("--broker-key"), std::string::npos) << no_key.error().to_string();
 }
 
 TEST_F(UnixTransportTest, NoBrokerAtANativeAddressIsReportedWithTheReason) {

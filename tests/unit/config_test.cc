@@ -171,13 +171,23 @@ TEST_F(ConfigTest, NativeEndpointsAreCheckedForHostAndPort) {
   const std::string head = "[broker]\nidentity = \"b\"\ndata_dir = \"d\"\ncredential = \"b.cred\"\n";
   const std::string ops = "[security]\noperators = [\"" + op_ + "\"]\n";
   auto good = load_config(write(head + "listen = [\"native://0.0.0.0:7401\", \"native://[::1]:0\"]\n" + ops +
-                                "[[link]]\nname = \"up\"\nendpoint = \"native://regional.example:7401\"\n"));
+                                "[[link]]\nname = \"up\"\nendpoint = \"native://regional.example:7401\"\n"
+                                "broker_key = \"" + op_ + "\"\n"));
   ASSERT_TRUE(good.ok()) << good.error().to_string();
   EXPECT_EQ(good->listen.size(), 2u);
   EXPECT_EQ(good->links[0].endpoint, "native://regional.example:7401");
-  // A broker key on a native link binds the signed hello to that broker: it must decode.
+  // An encrypted native link (curve, the default) needs the peer's key, as CURVE does.
+  auto no_key = load_config(write(head + "listen = [\"tcp://a:1\"]\n" + ops +
+                                  "[[link]]\nname = \"up\"\nendpoint = \"native://r:1\"\n"));
+  ASSERT_FALSE(no_key.ok());
+  EXPECT_NE(no_key.error().message().find("link.broker_key"), std::string::npos) << no_key.error().message();
+  // In the clear (curve = false) the key is optional: given, it binds the signed hello to that broker.
+  auto clear = load_config(write(head + "listen = [\"tcp://a:1\"]\n" + ops +
+                                 "[[link]]\nname = \"up\"\nendpoint = \"native://r:1\"\ncurve = false\n"));
+  ASSERT_TRUE(clear.ok()) << clear.error().to_string();
   auto bad_key = load_config(write(head + "listen = [\"tcp://a:1\"]\n" + ops +
-                                   "[[link]]\nname = \"up\"\nendpoint = \"native://r:1\"\nbroker_key = \"nope\"\n"));
+                                   "[[link]]\nname = \"up\"\nendpoint = \"native://r:1\"\ncurve = false\n"
+                                   "broker_key = \"nope\"\n"));
   ASSERT_FALSE(bad_key.ok());
   EXPECT_NE(bad_key.error().message().find("link.broker_key"), std::string::npos) << bad_key.error().message();
   auto no_port = load_config(write(head + "listen = [\"native://0.0.0.0\"]\n" + ops));

@@ -1,10 +1,13 @@
 // The unix:// record stream over a real socket pair: records of every size arrive
 // whole and in order however the socket splits them, and a broken stream says why.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <poll.h>
+#include <sodium.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <array>
 #include <string>
 #include <vector>
 
@@ -28,8 +31,9 @@ class FrameStreamTest : public ::testing::Test {
   int fds_[2];
 };
 
-TEST_F(FrameStreamTest, RecordsOfEverySizeArriveWholeAndInOrder) {
-  FrameStream writer(fds_[0], 16 << 20), reader(fds_[1], 16 << 20);
+// Sends records of every size from `writer` to `reader` and checks that they arrive whole
+// and in order. Both ends are driven both ways, as an encrypted stream's handshake needs.
+void records_of_every_size_arrive(FrameStream& writer, FrameStream& reader) {
   struct Sent {
     std::string header;
     bool has_body;
@@ -54,6 +58,8 @@ TEST_F(FrameStreamTest, RecordsOfEverySizeArriveWholeAndInOrder) {
   for (int turn = 0; turn < 100000 && got.size() < sent.size(); ++turn) {
     ASSERT_TRUE(writer.flush()) << writer.error();
     ASSERT_TRUE(reader.fill()) << reader.error();
+    ASSERT_TRUE(reader.flush()) << reader.error();
+    ASSERT_TRUE(writer.fill()) << writer.error();
     zmq::message_t h;
     std::optional<zmq::message_t> b;
     while (reader.has_record()) {
@@ -68,6 +74,135 @@ TEST_F(FrameStreamTest, RecordsOfEverySizeArriveWholeAndInOrder) {
     EXPECT_EQ(got[i].header, sent[i].header) << "record " << i;
     EXPECT_EQ(got[i].has_body, sent[i].has_body) << "record " << i;
     EXPECT_TRUE(got[i].body == sent[i].body) << "record " << i << ": body of " << sent[i].body.size() << " bytes";
+  }
+}
+
+TEST_F(FrameStreamTest, RecordsOfEverySizeArriveWholeAndInOrder) {
+  FrameStream writer(fds_[0], 16 << 20), reader(fds_[1], 16 << 20);
+  records_of_every_size_arrive(writer, reader);
+}
+
+struct KeyPair {
+  std::array<uint8_t, 32> pub{}, sec{};
+  KeyPair() {
+    EXPECT_GE(sodium_init(), 0);
+    crypto_box_keypair(pub.data(), sec.data());
+  }
+};
+
+// Encrypted (native:// with curve = true): the records queued before the handshake go out
+// once the keys are agreed, sealed, and arrive as they were, both ways; none of their
+// bytes cross in the clear.
+TEST_F(FrameStreamTest, EncryptedRecordsArriveWholeAndInOrderBothWays) {
+  KeyPair acceptor;
+  FrameStream dialer(fds_[0], 16 << 20), accepted(fds_[1], 16 << 20);
+  dialer.encrypt_as_dialer(acceptor.pub);
+  accepted.encrypt_as_acceptor(acceptor.pub, acceptor.sec);
+  EXPECT_TRUE(dialer.handshaking());
+  records_of_every_size_arrive(dialer, accepted);
+  EXPECT_FALSE(dialer.handshaking());
+  EXPECT_STRNE(dialer.cipher_name(), "");
+  EXPECT_STREQ(dialer.cipher_name(), accepted.cipher_name());
+  records_of_every_size_arrive(accepted, dialer);
+}
+
+// What crosses the socket: no record's bytes in the clear, and one flipped bit ends the
+// stream with the reason.
+TEST_F(FrameStreamTest, SealedRecordsHideTheirBytesAndRefuseAlteredOnes) {
+  KeyPair acceptor;
+  int far[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, far), 0);
+  // dialer -> fds_[0] ... fds_[1] (read here, relayed) -> far[0] ... far[1] -> acceptor
+  FrameStream dialer(fds_[0], 1 << 20), accepted(far[1], 1 << 20);
+  dialer.encrypt_as_dialer(acceptor.pub);
+  accepted.encrypt_as_acceptor(acceptor.pub, acceptor.sec);
+  const std::string secret = "batch 7: torque 41.7 Nm";
+  zmq::message_t h(secret.data(), secret.size()), b(secret.data(), secret.size());
+  dialer.queue(std::move(h), &b);
+  std::string wire;
+  auto relay = [&](bool flip) {
+    char buf[4096];
+    ASSERT_TRUE(dialer.flush()) << dialer.error();
+    const ssize_t n = ::read(fds_[1], buf, sizeof buf);
+    if (n > 0) {
+      if (flip && wire.size() <= 20 && wire.size() + n > 20) buf[20 - wire.size()] ^= 1;  // in the tag
+      wire.append(buf, static_cast<size_t>(n));
+      ASSERT_EQ(::write(far[0], buf, static_cast<size_t>(n)), n);
+    }
+    (void)accepted.fill();
+    ASSERT_TRUE(accepted.flush());
+    char back[4096];
+    const ssize_t m = ::recv(far[0], back, sizeof back, MSG_DONTWAIT);
+    if (m > 0) {
+      ASSERT_EQ(::write(fds_[1], back, static_cast<size_t>(m)), m);
+    }
+    ASSERT_TRUE(dialer.fill()) << dialer.error();
+  };
+  const int nb = ::fcntl(fds_[1], F_GETFL, 0);
+  ::fcntl(fds_[1], F_SETFL, nb | O_NONBLOCK);
+  for (int i = 0; i < 20 && !accepted.has_record() && !accepted.broken(); ++i) relay(false);
+  ASSERT_TRUE(accepted.has_record()) << accepted.error();
+  zmq::message_t gh;
+  std::optional<zmq::message_t> gb;
+  ASSERT_TRUE(accepted.next(gh, gb));
+  EXPECT_EQ(str(gh), secret);
+  ASSERT_TRUE(gb.has_value());
+  EXPECT_EQ(str(*gb), secret);
+  EXPECT_EQ(wire.find(secret), std::string::npos) << "the record crossed in the clear";
+
+  // The next record, one bit flipped on the way.
+  zmq::message_t h2(secret.data(), secret.size());
+  dialer.queue(std::move(h2), nullptr);
+  wire.clear();
+  for (int i = 0; i < 20 && !accepted.broken(); ++i) {
+    relay(true);
+    (void)accepted.next(gh, gb);
+  }
+  ASSERT_TRUE(accepted.broken());
+  EXPECT_NE(accepted.error().find("does not authenticate"), std::string::npos) << accepted.error();
+  ::close(far[0]);
+}
+
+// A dialer given another key than the acceptor's learns so from the handshake itself; an
+// end in the clear meeting an encrypting one says which side has curve = false.
+TEST_F(FrameStreamTest, AWrongKeyOrAnEndInTheClearFailsTheHandshakeWithTheReason) {
+  KeyPair acceptor, other;
+  {
+    FrameStream dialer(fds_[0], 1 << 20), accepted(fds_[1], 1 << 20);
+    dialer.encrypt_as_dialer(other.pub);
+    accepted.encrypt_as_acceptor(acceptor.pub, acceptor.sec);
+    bool ok = true;
+    for (int i = 0; i < 10 && ok; ++i) {
+      ASSERT_TRUE(dialer.flush());
+      (void)accepted.fill();
+      ASSERT_TRUE(accepted.flush());
+      ok = dialer.fill();
+    }
+    ASSERT_FALSE(ok);
+    EXPECT_TRUE(dialer.refused());
+    EXPECT_NE(dialer.error().find("does not hold the secret key"), std::string::npos) << dialer.error();
+  }
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, fds_), 0);
+  {
+    FrameStream clear(fds_[0], 1 << 20), accepted(fds_[1], 1 << 20);
+    accepted.encrypt_as_acceptor(acceptor.pub, acceptor.sec);
+    zmq::message_t h(8);
+    clear.queue(std::move(h), nullptr);
+    ASSERT_TRUE(clear.flush());
+    EXPECT_FALSE(accepted.fill());
+    EXPECT_TRUE(accepted.refused());
+    EXPECT_NE(accepted.error().find("curve = false"), std::string::npos) << accepted.error();
+  }
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, fds_), 0);
+  {
+    FrameStream dialer(fds_[0], 1 << 20), clear(fds_[1], 1 << 20);
+    dialer.encrypt_as_dialer(acceptor.pub);
+    ASSERT_TRUE(dialer.flush());
+    ASSERT_TRUE(clear.fill());
+    zmq::message_t h;
+    std::optional<zmq::message_t> b;
+    EXPECT_FALSE(clear.next(h, b));
+    EXPECT_NE(clear.error().find("encryption handshake (curve = true)"), std::string::npos) << clear.error();
   }
 }
 

@@ -179,13 +179,15 @@ struct MeshStatus {
 struct ClientOptions {
   // tcp://host:port (CURVE), ipc:///path, unix:///path (a local broker's
   // unix:// listener: no ZeroMQ, the lowest latency on one host), or
-  // native://host:port (the broker's own framing over TCP: no ZeroMQ, no
-  // encryption; for networks the operator trusts). Required.
+  // native://host:port (the broker's own framing over TCP: no ZeroMQ;
+  // encrypted with the broker's key, see docs/architecture.md). Required.
   std::string url;
-  // The broker's public key (base64url). Required for tcp with CURVE; on ipc and
-  // unix it is checked against the broker's Hello reply when set.
+  // The broker's public key (base64url). Required for tcp with CURVE and for
+  // native:// (encrypted); on ipc and unix it is checked against the broker's
+  // Hello reply when set.
   std::string broker_key;
-  // CURVE on tcp. Turn off only for brokers configured with curve = false.
+  // CURVE on tcp, encryption on native://. Turn off only for brokers
+  // configured with curve = false.
   bool curve = true;
   std::shared_ptr<const Identity> identity;      // required
   std::shared_ptr<const Credential> credential;  // required

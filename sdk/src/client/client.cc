@@ -308,16 +308,20 @@ Status ClientImpl::start() {
   if (wake_fd_ < 0) return Error(Errc::io, std::string("eventfd: ") + std::strerror(errno));
   try {
     std::optional<PublicKey> curve_key;
-    if (tcp && opts_.curve) {
+    if ((tcp || native) && opts_.curve) {
       if (opts_.broker_key.empty())
-        return Error(Errc::invalid_argument, "tcp with CURVE needs the broker's public key (--broker-key)");
+        return Error(Errc::invalid_argument,
+                     tcp ? "tcp with CURVE needs the broker's public key (--broker-key)"
+                         : "native:// is encrypted (curve on) and needs the broker's public key (--broker-key); "
+                           "for a broker whose native:// endpoint is in the clear (curve = false) turn curve off");
       auto key = decode_key(opts_.broker_key);
       if (!key.ok()) return Error(Errc::invalid_argument, "broker key: " + key.error().message());
       curve_key = *key;
     }
     if (own_transport) {
       // Room for the largest frame a broker sends (its batches stay far below this).
-      conn_ = client::stream_connection(opts_.url, std::chrono::milliseconds(2000), size_t{1} << 30);
+      conn_ = client::stream_connection(opts_.url, std::chrono::milliseconds(2000), size_t{1} << 30,
+                                        native && curve_key ? &*curve_key : nullptr);
     } else {
       conn_ = client::zmq_connection(ctx_, opts_.url, std::chrono::milliseconds(2000), *opts_.identity,
                                      curve_key ? &*curve_key : nullptr);

@@ -2,7 +2,9 @@
 
 #include <poll.h>
 
+#include <array>
 #include <cstring>
+#include <optional>
 
 #include "codec/envelope_codec.h"
 #include "codec/frame_stream.h"
@@ -109,8 +111,10 @@ class ZmqConnection final : public Connection {
 // unix:// and native:// (codec/frame_stream.h): one stream socket, no I/O thread of its own.
 class StreamConnection final : public Connection {
  public:
-  StreamConnection(std::string url, std::chrono::milliseconds reconnect_max, size_t max_record)
+  StreamConnection(std::string url, std::chrono::milliseconds reconnect_max, size_t max_record,
+                   const PublicKey* broker_key)
       : url_(std::move(url)), path_(codec::unix_path(url_)), reconnect_max_(reconnect_max), max_record_(max_record) {
+    if (broker_key && path_.empty()) acceptor_key_ = curve_public_key_of(*broker_key);
     tick(Clock::now());
   }
   ~StreamConnection() override {
@@ -210,6 +214,7 @@ class StreamConnection final : public Connection {
     backoff_ = std::chrono::milliseconds(100);
     failure_.clear();
     stream_ = std::make_unique<codec::FrameStream>(fd, max_record_);
+    if (acceptor_key_) stream_->encrypt_as_dialer(*acceptor_key_);  // the hello waits for the keys
     events_.push_back(Event::connected);
   }
   void failed(const std::string& why, Clock::time_point now) {
@@ -224,9 +229,13 @@ class StreamConnection final : public Connection {
   }
 
   void lost() {
+    const bool handshaking = stream_->handshaking();
+    const std::string why = stream_->error();
     stream_.reset();
     events_.push_back(Event::disconnected);
     retry_at_ = Clock::now() + backoff_;
+    // A wrong broker key or an endpoint in the clear: said as a connect failure, with its reason.
+    if (handshaking) failed("encryption handshake: " + why, Clock::now());
   }
 
   std::string url_;
@@ -235,6 +244,7 @@ class StreamConnection final : public Connection {
   Clock::time_point connect_started_{};
   std::chrono::milliseconds reconnect_max_;
   size_t max_record_;
+  std::optional<std::array<uint8_t, 32>> acceptor_key_;  // native:// encrypted: the broker's X25519 key
   std::unique_ptr<codec::FrameStream> stream_;
   std::deque<Event> events_;
   std::string failure_;  // why the last connect failed (said once); empty once connected
@@ -251,8 +261,8 @@ std::unique_ptr<Connection> zmq_connection(zmq::context_t& ctx, const std::strin
 }
 
 std::unique_ptr<Connection> stream_connection(const std::string& url, std::chrono::milliseconds reconnect_max,
-                                              size_t max_record_bytes) {
-  return std::make_unique<StreamConnection>(url, reconnect_max, max_record_bytes);
+                                              size_t max_record_bytes, const PublicKey* broker_key) {
+  return std::make_unique<StreamConnection>(url, reconnect_max, max_record_bytes, broker_key);
 }
 
 }  // namespace tracemesh::client

@@ -46,8 +46,9 @@ std::unique_ptr<Connection> zmq_connection(zmq::context_t& ctx, const std::strin
                                            std::chrono::milliseconds reconnect_max, const Identity& identity,
                                            const PublicKey* broker_key);
 // unix://PATH or native://HOST:PORT. Connects when the broker is there (a local
-// socket at once), else retries with back-off.
+// socket at once), else retries with back-off. native:// is encrypted when
+// broker_key is given (the broker has curve = true).
 std::unique_ptr<Connection> stream_connection(const std::string& url, std::chrono::milliseconds reconnect_max,
-                                              size_t max_record_bytes);
+                                              size_t max_record_bytes, const PublicKey* broker_key);
 
 }  // namespace tracemesh::client

@@ -7,6 +7,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sodium.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -22,6 +23,14 @@ constexpr size_t kReadChunk = 64 * 1024;  // the least a read asks for
 constexpr size_t kDirectBody = 64 * 1024;  // bodies this large are read into their own buffer
 constexpr size_t kMaxIov = 64;
 
+// The native:// handshake (frame_stream.h).
+constexpr uint8_t kMagic[4] = {'T', 'M', 'N', '1'};
+constexpr size_t kHelloBytes = 40;       // magic, cipher offer, ephemeral key
+constexpr size_t kReplyBytes = 40 + 16;  // magic, cipher chosen, ephemeral key, key confirmation
+constexpr uint32_t kChaCha = 1, kAes = 2;
+constexpr std::string_view kLabel = "tracemesh native/1";
+constexpr std::string_view kConfirm = "tracemesh native/1 key confirmation";
+
 uint32_t load_u32(const uint8_t* p) {
   return uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24;
 }
@@ -31,6 +40,15 @@ void store_u32(uint8_t* p, uint32_t v) {
   p[1] = static_cast<uint8_t>(v >> 8);
   p[2] = static_cast<uint8_t>(v >> 16);
   p[3] = static_cast<uint8_t>(v >> 24);
+}
+
+void store_u64(uint8_t* p, uint64_t v) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+
+bool aes_here() {
+  if (sodium_init() < 0) return false;
+  return crypto_aead_aes256gcm_is_available() == 1;
 }
 
 }  // namespace
@@ -192,6 +210,221 @@ std::string tcp_peer(int fd) {
   return address_text(reinterpret_cast<const sockaddr*>(&addr));
 }
 
+struct FrameStream::Crypto {
+  enum class State { awaiting_hello, awaiting_reply, ready };
+  State state = State::awaiting_hello;
+  uint32_t cipher = 0;  // kChaCha or kAes once agreed
+  std::array<uint8_t, 32> acceptor_public{}, acceptor_secret{}, ephemeral_public{}, ephemeral_secret{};
+  uint8_t hello[kHelloBytes] = {};  // the dialer's message, part of the transcript
+  uint8_t send_key[32] = {}, recv_key[32] = {};
+  crypto_aead_aes256gcm_state send_aes{}, recv_aes{};
+  uint64_t send_nonce = 0, recv_nonce = 0;
+  std::deque<Out> held;  // records queued before the keys were agreed, in order
+  size_t held_bytes = 0;
+
+  ~Crypto() {
+    sodium_memzero(acceptor_secret.data(), acceptor_secret.size());
+    sodium_memzero(ephemeral_secret.data(), ephemeral_secret.size());
+    sodium_memzero(send_key, sizeof send_key);
+    sodium_memzero(recv_key, sizeof recv_key);
+    sodium_memzero(&send_aes, sizeof send_aes);
+    sodium_memzero(&recv_aes, sizeof recv_aes);
+  }
+
+  void new_ephemeral() {
+    randombytes_buf(ephemeral_secret.data(), ephemeral_secret.size());
+    crypto_scalarmult_base(ephemeral_public.data(), ephemeral_secret.data());
+  }
+
+  // Both directions' keys from the transcript and the two Diffie-Hellman results; false when a
+  // key offered was a low-order point.
+  bool derive(const uint8_t* reply40, const uint8_t* peer_ephemeral, bool dialer) {
+    uint8_t dh1[32], dh2[32];
+    const bool ok = crypto_scalarmult(dh1, ephemeral_secret.data(), peer_ephemeral) == 0 &&
+                    (dialer ? crypto_scalarmult(dh2, ephemeral_secret.data(), acceptor_public.data())
+                            : crypto_scalarmult(dh2, acceptor_secret.data(), peer_ephemeral)) == 0;
+    uint8_t out[64];
+    crypto_generichash_state h;
+    crypto_generichash_init(&h, nullptr, 0, sizeof out);
+    crypto_generichash_update(&h, reinterpret_cast<const uint8_t*>(kLabel.data()), kLabel.size());
+    crypto_generichash_update(&h, hello, sizeof hello);
+    crypto_generichash_update(&h, reply40, 40);
+    crypto_generichash_update(&h, acceptor_public.data(), acceptor_public.size());
+    crypto_generichash_update(&h, dh1, sizeof dh1);
+    crypto_generichash_update(&h, dh2, sizeof dh2);
+    crypto_generichash_final(&h, out, sizeof out);
+    std::memcpy(dialer ? send_key : recv_key, out, 32);       // dialer -> acceptor
+    std::memcpy(dialer ? recv_key : send_key, out + 32, 32);  // acceptor -> dialer
+    sodium_memzero(out, sizeof out);
+    sodium_memzero(dh1, sizeof dh1);
+    sodium_memzero(dh2, sizeof dh2);
+    sodium_memzero(ephemeral_secret.data(), ephemeral_secret.size());  // used up
+    if (cipher == kAes) {
+      crypto_aead_aes256gcm_beforenm(&send_aes, send_key);
+      crypto_aead_aes256gcm_beforenm(&recv_aes, recv_key);
+    }
+    return ok;
+  }
+
+  // Proof that this side holds the acceptor -> dialer key.
+  void confirmation(uint8_t out[16], const uint8_t key[32]) const {
+    crypto_generichash(out, 16, reinterpret_cast<const uint8_t*>(kConfirm.data()), kConfirm.size(), key, 32);
+  }
+
+  static void nonce(uint8_t out[12], uint64_t n) {
+    std::memset(out, 0, 12);
+    store_u64(out, n);
+  }
+};
+
+void FrameStream::encrypt_as_dialer(const std::array<uint8_t, 32>& acceptor_key) {
+  if (sodium_init() < 0) {
+    error_ = "libsodium could not start";
+    return;
+  }
+  crypto_ = std::make_unique<Crypto>();
+  crypto_->state = Crypto::State::awaiting_reply;
+  crypto_->acceptor_public = acceptor_key;
+  crypto_->new_ephemeral();
+  uint8_t* h = crypto_->hello;
+  std::memcpy(h, kMagic, 4);
+  store_u32(h + 4, kChaCha | (aes_here() ? kAes : 0));
+  std::memcpy(h + 8, crypto_->ephemeral_public.data(), 32);
+  Out o;
+  o.raw = true;
+  o.header = zmq::message_t(h, kHelloBytes);
+  out_bytes_ += o.size();
+  out_.push_front(std::move(o));
+}
+
+void FrameStream::encrypt_as_acceptor(const std::array<uint8_t, 32>& public_key,
+                                      const std::array<uint8_t, 32>& secret_key) {
+  if (sodium_init() < 0) {
+    error_ = "libsodium could not start";
+    return;
+  }
+  crypto_ = std::make_unique<Crypto>();
+  crypto_->state = Crypto::State::awaiting_hello;
+  crypto_->acceptor_public = public_key;
+  crypto_->acceptor_secret = secret_key;
+}
+
+bool FrameStream::handshaking() const { return crypto_ && crypto_->state != Crypto::State::ready; }
+
+const char* FrameStream::cipher_name() const {
+  if (!crypto_ || crypto_->state != Crypto::State::ready) return "";
+  return crypto_->cipher == kAes ? "AES-256-GCM" : "ChaCha20-Poly1305";
+}
+
+size_t FrameStream::queued_bytes() const { return out_bytes_ + (crypto_ ? crypto_->held_bytes : 0); }
+
+void FrameStream::absorb_handshake() {
+  Crypto& c = *crypto_;
+  auto refuse = [&](std::string why) {
+    error_ = std::move(why);
+    refused_ = true;
+  };
+  const size_t avail = in_end_ - in_begin_;
+  const uint8_t* p = in_.get() + in_begin_;
+  if (avail >= 4 && std::memcmp(p, kMagic, 4) != 0) {
+    refuse(c.state == Crypto::State::awaiting_hello
+                 ? "the peer sent no encryption handshake: it connects in the clear (curve = false), "
+                   "where this native:// endpoint encrypts (curve = true)"
+                 : "the peer answered without an encryption handshake: its native:// endpoint is in the "
+                   "clear (curve = false), where this side encrypts (curve = true)");
+    return;
+  }
+  if (c.state == Crypto::State::awaiting_hello) {
+    if (avail < kHelloBytes) return;
+    std::memcpy(c.hello, p, kHelloBytes);
+    const uint32_t offer = load_u32(p + 4);
+    c.cipher = (offer & kAes) && aes_here() ? kAes : (offer & kChaCha) ? kChaCha : 0;
+    if (!c.cipher) {
+      refuse("the peer offers no cipher this side has");
+      return;
+    }
+    c.new_ephemeral();
+    uint8_t reply[kReplyBytes];
+    std::memcpy(reply, kMagic, 4);
+    store_u32(reply + 4, c.cipher);
+    std::memcpy(reply + 8, c.ephemeral_public.data(), 32);
+    if (!c.derive(reply, p + 8, false)) {
+      refuse("the peer's handshake key is invalid");
+      return;
+    }
+    c.confirmation(reply + 40, c.send_key);
+    in_begin_ += kHelloBytes;
+    Out o;
+    o.raw = true;
+    o.header = zmq::message_t(reply, kReplyBytes);
+    out_bytes_ += o.size();
+    out_.push_front(std::move(o));
+  } else {
+    if (avail < kReplyBytes) return;
+    c.cipher = load_u32(p + 4);
+    if (c.cipher != kChaCha && (c.cipher != kAes || !aes_here())) {
+      refuse("the peer chose a cipher this side did not offer");
+      return;
+    }
+    if (!c.derive(p, p + 8, true)) {
+      refuse("the peer's handshake key is invalid");
+      return;
+    }
+    uint8_t expect[16];
+    c.confirmation(expect, c.recv_key);
+    if (sodium_memcmp(expect, p + 40, 16) != 0) {
+      refuse("the peer does not hold the secret key of the broker key it was given (a wrong broker_key, "
+               "or something in between)");
+      return;
+    }
+    in_begin_ += kReplyBytes;
+  }
+  c.state = Crypto::State::ready;
+  while (!c.held.empty()) {
+    Out o = std::move(c.held.front());
+    c.held.pop_front();
+    seal(o);
+    out_bytes_ += o.size();
+    out_.push_back(std::move(o));
+  }
+  c.held_bytes = 0;
+}
+
+void FrameStream::seal(Out& o) {
+  Crypto& c = *crypto_;
+  uint8_t nonce[12];
+  auto encrypt = [&](zmq::message_t& part, uint8_t* tag, const uint8_t* ad, size_t ad_size) {
+    zmq::message_t sealed(part.size());
+    Crypto::nonce(nonce, c.send_nonce++);
+    const auto* m = static_cast<const uint8_t*>(part.data());
+    auto* out = static_cast<uint8_t*>(sealed.data());
+    if (c.cipher == kAes)
+      crypto_aead_aes256gcm_encrypt_detached_afternm(out, tag, nullptr, m, part.size(), ad, ad_size, nullptr, nonce,
+                                                     &c.send_aes);
+    else
+      crypto_aead_chacha20poly1305_ietf_encrypt_detached(out, tag, nullptr, m, part.size(), ad, ad_size, nullptr,
+                                                         nonce, c.send_key);
+    part = std::move(sealed);
+  };
+  o.tag_bytes = o.has_body ? 32 : 16;
+  encrypt(o.header, o.tags, o.prefix, sizeof o.prefix);
+  if (o.has_body) encrypt(o.body, o.tags + 16, nullptr, 0);
+}
+
+bool FrameStream::open(uint8_t* m, const uint8_t* c_text, size_t size, const uint8_t* tag, const uint8_t* ad,
+                       size_t ad_size) {
+  Crypto& c = *crypto_;
+  uint8_t nonce[12];
+  Crypto::nonce(nonce, c.recv_nonce++);
+  const int rc = c.cipher == kAes
+                     ? crypto_aead_aes256gcm_decrypt_detached_afternm(m, nullptr, c_text, size, tag, ad, ad_size,
+                                                                      nonce, &c.recv_aes)
+                     : crypto_aead_chacha20poly1305_ietf_decrypt_detached(m, nullptr, c_text, size, tag, ad, ad_size,
+                                                                          nonce, c.recv_key);
+  if (rc != 0) error_ = "a sealed record does not authenticate: altered on the way, or not from the peer of the handshake";
+  return rc == 0;
+}
+
 FrameStream::FrameStream(int fd, size_t max_record_bytes) : fd_(fd), max_record_(max_record_bytes) {
   const int flags = ::fcntl(fd_, F_GETFL, 0);
   ::fcntl(fd_, F_SETFL, flags | O_NONBLOCK);
@@ -236,26 +469,37 @@ bool FrameStream::fill() {
                            : ::read(fd_, in_.get() + in_end_, in_cap_ - in_end_);
   if (n > 0) {
     (direct ? big_got_ : in_end_) += static_cast<size_t>(n);
-    return true;
+    if (handshaking()) absorb_handshake();
+    return !broken();
   }
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) return true;
   error_ = n == 0 ? "closed by the peer" : std::string("read: ") + std::strerror(errno);
+  if (handshaking())
+    error_ += crypto_->state == Crypto::State::awaiting_reply
+                  ? " during the encryption handshake (is its native:// endpoint in the clear, curve = false?)"
+                  : " during the encryption handshake";
   return false;
 }
 
 bool FrameStream::has_record() const {
+  if (broken() || handshaking()) return false;
   if (big_) return big_got_ == big_body_.size();
   const size_t avail = in_end_ - in_begin_;
   if (avail < 8) return false;
   const uint8_t* p = in_.get() + in_begin_;
   const uint32_t body = load_u32(p + 4);
-  return avail >= 8 + size_t{load_u32(p)} + (body ? body - 1 : 0);
+  const size_t tags = crypto_ ? (body ? 32 : 16) : 0;
+  return avail >= 8 + tags + size_t{load_u32(p)} + (body ? body - 1 : 0);
 }
 
 bool FrameStream::next(zmq::message_t& header, std::optional<zmq::message_t>& body) {
-  if (broken()) return false;
+  if (broken() || handshaking()) return false;
   if (big_) {
     if (big_got_ < big_body_.size()) return false;
+    if (crypto_) {
+      auto* b = static_cast<uint8_t*>(big_body_.data());
+      if (!open(b, b, big_body_.size(), big_tag_, nullptr, 0)) return false;
+    }
     header = std::move(big_header_);
     body.emplace(std::move(big_body_));
     big_header_ = zmq::message_t();
@@ -273,19 +517,37 @@ bool FrameStream::next(zmq::message_t& header, std::optional<zmq::message_t>& bo
   const size_t header_size = load_u32(p);
   const uint32_t body_field = load_u32(p + 4);
   const size_t body_size = body_field ? body_field - 1 : 0;
+  if (!crypto_ && std::memcmp(p, kMagic, 4) == 0) {
+    error_ = "the peer starts an encryption handshake (curve = true), where this native:// endpoint is in the "
+             "clear (curve = false)";
+    return false;
+  }
   if (header_size == 0 || header_size + body_size > max_record_) {
     error_ = "record of " + std::to_string(header_size + body_size) + " bytes (header " +
              std::to_string(header_size) + ") is empty or exceeds the limit of " + std::to_string(max_record_);
     return false;
   }
-  const size_t record = 8 + header_size + body_size;
+  const size_t tags = crypto_ ? (body_field ? 32 : 16) : 0;  // sealed: the tags follow the sizes
+  const uint8_t* header_at = p + 8 + tags;
+  const uint8_t* body_at = header_at + header_size;
+  const size_t record = 8 + tags + header_size + body_size;
+  // The header into `into`: copied, or decrypted with its tag and the sizes as associated data.
+  auto take_header = [&](zmq::message_t& into) {
+    if (!crypto_) {
+      into.rebuild(header_at, header_size);
+      return true;
+    }
+    into.rebuild(header_size);
+    return open(static_cast<uint8_t*>(into.data()), header_at, header_size, p + 8, p, 8);
+  };
   if (avail < record) {
-    if (body_size >= kDirectBody && avail >= 8 + header_size) {
+    if (body_size >= kDirectBody && avail >= 8 + tags + header_size) {
       // The rest of a large body goes straight into its own buffer: no second copy.
-      big_header_.rebuild(p + 8, header_size);
+      if (!take_header(big_header_)) return false;
+      if (crypto_) std::memcpy(big_tag_, p + 24, sizeof big_tag_);
       big_body_.rebuild(body_size);
-      big_got_ = avail - 8 - header_size;
-      std::memcpy(big_body_.data(), p + 8 + header_size, big_got_);
+      big_got_ = avail - 8 - tags - header_size;
+      std::memcpy(big_body_.data(), body_at, big_got_);
       big_ = true;
       in_begin_ = in_end_;
       return false;
@@ -293,11 +555,15 @@ bool FrameStream::next(zmq::message_t& header, std::optional<zmq::message_t>& bo
     make_room(std::max(record - avail, kReadChunk));  // so that fill() can complete it
     return false;
   }
-  header.rebuild(p + 8, header_size);
-  if (body_field)
-    body.emplace(p + 8 + header_size, body_size);
-  else
+  if (!take_header(header)) return false;
+  if (!body_field) {
     body.reset();
+  } else if (!crypto_) {
+    body.emplace(body_at, body_size);
+  } else {
+    body.emplace(body_size);
+    if (!open(static_cast<uint8_t*>(body->data()), body_at, body_size, p + 24, nullptr, 0)) return false;
+  }
   in_begin_ += record;
   return true;
 }
@@ -311,6 +577,12 @@ void FrameStream::queue(zmq::message_t&& header, zmq::message_t* body) {
     o.body = std::move(*body);
     o.has_body = true;
   }
+  if (handshaking()) {  // sealed once the keys are agreed
+    crypto_->held_bytes += o.size();
+    crypto_->held.push_back(std::move(o));
+    return;
+  }
+  if (crypto_) seal(o);
   out_bytes_ += o.size();
   out_.push_back(std::move(o));
 }
@@ -319,7 +591,7 @@ bool FrameStream::flush() {
   while (!out_.empty() && !broken()) {
     iovec iov[kMaxIov];
     size_t n = 0;
-    for (size_t i = 0; i < out_.size() && n + 3 <= kMaxIov; ++i) {
+    for (size_t i = 0; i < out_.size() && n + 4 <= kMaxIov; ++i) {
       Out& o = out_[i];
       size_t skip = i == 0 ? o.sent : 0;
       auto add = [&](const void* data, size_t size) {
@@ -330,7 +602,8 @@ bool FrameStream::flush() {
         iov[n++] = {const_cast<uint8_t*>(static_cast<const uint8_t*>(data)) + skip, size - skip};
         skip = 0;
       };
-      add(o.prefix, 8);
+      if (!o.raw) add(o.prefix, 8);
+      if (o.tag_bytes) add(o.tags, o.tag_bytes);
       add(o.header.data(), o.header.size());
       if (o.has_body && o.body.size() > 0) add(o.body.data(), o.body.size());
     }

@@ -1,7 +1,8 @@
 // libFuzzer target for everything a broker decodes from the network: control
 // frames, batch bodies of envelopes (read by the broker's EnvelopeView, checked
 // against Cap'n Proto's reader, and the visited-path stamp it writes into them),
-// credentials inside Hello, and the records of a unix:// stream.
+// credentials inside Hello, and the records of a unix:// or native:// stream (in the clear,
+// or behind the native:// encryption handshake).
 //
 // Input layout: byte 0 selects what the rest is fed to.
 #include <sys/socket.h>
@@ -92,7 +93,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       return true;
     });
   } else if (mode == 3) {
-    // Bytes a local peer writes to a unix:// socket, read back as records.
+    // Bytes a peer writes to a unix:// or native:// socket, read back as records; with bit 7
+    // of the selector set, by an encrypting native:// listener (handshake, then sealed records).
+    const bool encrypted = data[-1] & 0x80;
     int fds[2];
     if (::socketpair(AF_UNIX, SOCK_STREAM, 0, fds) != 0) return 0;
     if (size > 0 && ::write(fds[0], data, size) != static_cast<ssize_t>(size)) {
@@ -102,6 +105,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     ::close(fds[0]);
     codec::FrameStream stream(fds[1], 1 << 20);
+    if (encrypted) {
+      static const Identity listener = Identity::generate();
+      stream.encrypt_as_acceptor(listener.curve_public_key(), listener.curve_secret_key());
+    }
     zmq::message_t header;
     std::optional<zmq::message_t> body;
     while (true) {

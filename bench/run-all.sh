@@ -20,5 +20,5 @@ $tm bench durable --size 128 --count 100000 --crash
 $tm bench chain --size 128 --count 1000000 --peers --runs "$runs"
 $tm bench chain --size 128 --count 1000000 --peers --runs "$runs" --links native
 $tm bench chain --size 128 --count 1000000 --curve on --peers --runs "$runs"
-$tm bench chain --size 128 --count 1000000 --curve on --runs "$runs" --links native
+$tm bench chain --size 128 --count 1000000 --curve on --peers --runs "$runs" --links native
 $tm bench outage --rate 2000 --outage-seconds 60

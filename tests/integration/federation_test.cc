@@ -184,6 +184,16 @@ class FederationTest : public MeshTest {
   void partition_of_thirty_seconds_loses_and_duplicates_nothing();
   void kill_nine_of_edge_loses_no_acked_durable();
   void links_with_wrong_key_or_without_broker_role_are_refused();
+  // After that: the link of "edge-wrong-key" is refused, and its last error says `why`.
+  void wrong_key_link_says(const std::string& why) {
+    auto wrong = client("edge-wrong-key", "probe-2");
+    ASSERT_TRUE(wait_until([&] {
+      auto m = wrong->mesh_status();
+      return m.ok() && m->links.size() == 1 && m->links[0].state == "refused";
+    }, 15s));
+    EXPECT_NE(wrong->mesh_status()->links[0].last_error.find(why), std::string::npos)
+        << wrong->mesh_status()->links[0].last_error;
+  }
 
   std::map<std::string, Node> nodes_;
   bool native_links_ = false;           // brokers started from now on listen on and dial native://
@@ -1175,13 +1185,7 @@ TEST_F(FederationTest, LinksWithWrongKeyOrWithoutBrokerRoleAreRefused) {
 // keys, since it does not hold the secret key the edge was told about.
 TEST_F(NativeLinkTest, LinksWithWrongKeyOrWithoutBrokerRoleAreRefused) {
   links_with_wrong_key_or_without_broker_role_are_refused();
-  auto wrong = client("edge-wrong-key", "probe-2");
-  ASSERT_TRUE(wait_until([&] {
-    auto m = wrong->mesh_status();
-    return m.ok() && m->links.size() == 1 && m->links[0].state == "refused";
-  }, 15s));
-  EXPECT_NE(wrong->mesh_status()->links[0].last_error.find("does not hold the secret key"), std::string::npos)
-      << wrong->mesh_status()->links[0].last_error;
+  wrong_key_link_says("does not hold the secret key");
 }
 
 // With curve = false a native link is in the clear; the wrong key then shows in the hello's
@@ -1189,13 +1193,7 @@ TEST_F(NativeLinkTest, LinksWithWrongKeyOrWithoutBrokerRoleAreRefused) {
 TEST_F(NativeLinkTest, InTheClearAWrongKeyShowsInTheHelloSignature) {
   curve_ = false;
   links_with_wrong_key_or_without_broker_role_are_refused();
-  auto wrong = client("edge-wrong-key", "probe-2");
-  ASSERT_TRUE(wait_until([&] {
-    auto m = wrong->mesh_status();
-    return m.ok() && m->links.size() == 1 && m->links[0].state == "refused";
-  }, 15s));
-  EXPECT_NE(wrong->mesh_status()->links[0].last_error.find("signature does not verify"), std::string::npos)
-      << wrong->mesh_status()->links[0].last_error;
+  wrong_key_link_says("signature does not verify");
 }
 
 void FederationTest::links_with_wrong_key_or_without_broker_role_are_refused() {

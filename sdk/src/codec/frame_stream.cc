@@ -277,34 +277,38 @@ struct FrameStream::Crypto {
   }
 };
 
-void FrameStream::encrypt_as_dialer(const std::array<uint8_t, 32>& acceptor_key) {
+bool FrameStream::start_crypto(int state) {
   if (sodium_init() < 0) {
     error_ = "libsodium could not start";
-    return;
+    return false;
   }
   crypto_ = std::make_unique<Crypto>();
-  crypto_->state = Crypto::State::awaiting_reply;
+  crypto_->state = static_cast<Crypto::State>(state);
+  return true;
+}
+
+void FrameStream::queue_raw(const uint8_t* bytes, size_t size) {
+  Out o;
+  o.raw = true;
+  o.header = zmq::message_t(bytes, size);
+  out_bytes_ += o.size();
+  out_.push_front(std::move(o));  // before every record
+}
+
+void FrameStream::encrypt_as_dialer(const std::array<uint8_t, 32>& acceptor_key) {
+  if (!start_crypto(static_cast<int>(Crypto::State::awaiting_reply))) return;
   crypto_->acceptor_public = acceptor_key;
   crypto_->new_ephemeral();
   uint8_t* h = crypto_->hello;
   std::memcpy(h, kMagic, 4);
   store_u32(h + 4, kChaCha | (aes_here() ? kAes : 0));
   std::memcpy(h + 8, crypto_->ephemeral_public.data(), 32);
-  Out o;
-  o.raw = true;
-  o.header = zmq::message_t(h, kHelloBytes);
-  out_bytes_ += o.size();
-  out_.push_front(std::move(o));
+  queue_raw(h, kHelloBytes);
 }
 
 void FrameStream::encrypt_as_acceptor(const std::array<uint8_t, 32>& public_key,
                                       const std::array<uint8_t, 32>& secret_key) {
-  if (sodium_init() < 0) {
-    error_ = "libsodium could not start";
-    return;
-  }
-  crypto_ = std::make_unique<Crypto>();
-  crypto_->state = Crypto::State::awaiting_hello;
+  if (!start_crypto(static_cast<int>(Crypto::State::awaiting_hello))) return;
   crypto_->acceptor_public = public_key;
   crypto_->acceptor_secret = secret_key;
 }
@@ -354,11 +358,7 @@ void FrameStream::absorb_handshake() {
     }
     c.confirmation(reply + 40, c.send_key);
     in_begin_ += kHelloBytes;
-    Out o;
-    o.raw = true;
-    o.header = zmq::message_t(reply, kReplyBytes);
-    out_bytes_ += o.size();
-    out_.push_front(std::move(o));
+    queue_raw(reply, kReplyBytes);
   } else {
     if (avail < kReplyBytes) return;
     c.cipher = load_u32(p + 4);

@@ -120,6 +120,10 @@ class FrameStream {
   void make_room(size_t room);
   // Takes the peer's handshake message from what was read, once it is all there.
   void absorb_handshake();
+  // Starts encrypting in handshake state `state` (a Crypto::State); false when libsodium cannot start.
+  bool start_crypto(int state);
+  // Queues handshake bytes ahead of every record.
+  void queue_raw(const uint8_t* bytes, size_t size);
   void seal(Out& o);
   // Decrypts `size` bytes at `c` into `m` (they may be the same) with `tag`; false breaks the stream.
   bool open(uint8_t* m, const uint8_t* c, size_t size, const uint8_t* tag, const uint8_t* ad, size_t ad_size);

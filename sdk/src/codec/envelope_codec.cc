@@ -158,6 +158,22 @@ capnp::ReaderOptions untrusted_options(size_t bytes) {
   return options;
 }
 
+Result<size_t> rewrite_envelope(const uint8_t* env, size_t n, WordBuffer& out, std::string_view what,
+                                const std::function<void(wire::Envelope::Builder)>& edit) {
+  try {
+    capnp::FlatArrayMessageReader reader(kj::arrayPtr(reinterpret_cast<const capnp::word*>(env), n / 8),
+                                         untrusted_options(n));
+    capnp::MallocMessageBuilder builder(static_cast<unsigned>(n / 8 + 64));  // room for one segment
+    builder.setRoot(reader.getRoot<wire::Envelope>());
+    edit(builder.getRoot<wire::Envelope>());
+    auto flat = capnp::messageToFlatArray(builder);
+    out.append(flat.begin(), flat.size() * 8);
+    return flat.size() * 8;
+  } catch (const kj::Exception& e) {
+    return Error(Errc::protocol, std::string(what) + ": " + e.getDescription().cStr());
+  }
+}
+
 EnvelopeReader::EnvelopeReader(const uint8_t* data, size_t size)
     : reader_(kj::arrayPtr(reinterpret_cast<const capnp::word*>(data), size / 8),
               untrusted_options(size)),

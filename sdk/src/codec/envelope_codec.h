@@ -80,6 +80,13 @@ Status for_each_envelope(const uint8_t* data, size_t size, uint32_t expected_cou
 // Reader options for untrusted input of `bytes` length.
 capnp::ReaderOptions untrusted_options(size_t bytes);
 
+// The slow path of the envelope edits (canonical_envelope, append_visited): decodes `env`
+// as untrusted input, copies it into one segment, lets `edit` change the copy (it may throw
+// kj::Exception, as reading a malformed part does), and appends the copy's words to `out`.
+// The bytes appended, or a protocol error that starts with `what`.
+Result<size_t> rewrite_envelope(const uint8_t* env, size_t n, WordBuffer& out, std::string_view what,
+                                const std::function<void(wire::Envelope::Builder)>& edit);
+
 // Serializes a built frame into a ZeroMQ message (stream framing).
 zmq::message_t to_message(capnp::MessageBuilder& builder);
 

@@ -117,22 +117,15 @@ bool EnvelopeView::parse(const uint8_t* env, size_t n) {
 
 Status canonical_envelope(const uint8_t* env, size_t n, WordBuffer& out) {
   out.clear();
-  try {
-    capnp::FlatArrayMessageReader reader(kj::arrayPtr(reinterpret_cast<const capnp::word*>(env), n / 8),
-                                         untrusted_options(n));
-    auto root = reader.getRoot<wire::Envelope>();
+  auto written = rewrite_envelope(env, n, out, "malformed envelope", [](wire::Envelope::Builder copy) {
     // Copying does not check texts; reading them does (their terminators).
+    auto root = copy.asReader();
     (void)root.getTopic();
     for (auto name : root.getPath()) (void)name;
     for (auto name : root.getGroups()) (void)name;
-    capnp::MallocMessageBuilder builder(static_cast<unsigned>(n / 8 + 64));  // room for one segment
-    builder.setRoot(root);
-    auto flat = capnp::messageToFlatArray(builder);
-    out.append(flat.begin(), flat.size() * 8);
-    return Status::Ok();
-  } catch (const kj::Exception& e) {
-    return Error(Errc::protocol, std::string("malformed envelope: ") + e.getDescription().cStr());
-  }
+  });
+  if (!written.ok()) return written.error();
+  return Status::Ok();
 }
 
 }  // namespace tracemesh::codec

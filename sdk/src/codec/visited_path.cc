@@ -87,12 +87,7 @@ uint64_t put_text(uint64_t* seg, size_t at, size_t slot, std::string_view text) 
 
 Result<size_t> append_visited_general(WordBuffer& out, const uint8_t* env, size_t n, std::string_view broker,
                                       std::span<const std::string_view> groups) {
-  try {
-    capnp::FlatArrayMessageReader reader(kj::arrayPtr(reinterpret_cast<const capnp::word*>(env), n / 8),
-                                         untrusted_options(n));
-    capnp::MallocMessageBuilder builder(static_cast<unsigned>(n / 8 + 64));
-    builder.setRoot(reader.getRoot<wire::Envelope>());
-    auto root = builder.getRoot<wire::Envelope>();
+  return rewrite_envelope(env, n, out, "cannot stamp the visited path", [&](wire::Envelope::Builder root) {
     std::vector<std::string> path;
     for (auto p : root.asReader().getPath()) path.emplace_back(p.cStr(), p.size());
     auto list = root.initPath(static_cast<unsigned>(path.size() + 1));
@@ -104,12 +99,7 @@ Result<size_t> append_visited_general(WordBuffer& out, const uint8_t* env, size_
       auto g = root.initGroups(static_cast<unsigned>(groups.size()));
       for (size_t i = 0; i < groups.size(); ++i) g.set(i, capnp::Text::Reader(groups[i].data(), groups[i].size()));
     }
-    auto flat = capnp::messageToFlatArray(builder);
-    out.append(flat.begin(), flat.size() * 8);
-    return flat.size() * 8;
-  } catch (const kj::Exception& e) {
-    return Error(Errc::protocol, std::string("cannot stamp the visited path: ") + e.getDescription().cStr());
-  }
+  });
 }
 
 }  // namespace

@@ -33,8 +33,7 @@ class IdWindow {
  public:
   // Holds at most `max_ids` ids (rounded up to a power of two, at least 1024):
   // 64 bytes per id, mapped and populated on first use.
-  explicit IdWindow(size_t max_ids);
-  ~IdWindow();
+  explicit IdWindow(size_t max_ids) : m_(max_ids) {}
   IdWindow(const IdWindow&) = delete;
   IdWindow& operator=(const IdWindow&) = delete;
 
@@ -51,7 +50,7 @@ class IdWindow {
   void expire(int64_t horizon_ns);
 
   size_t size() const { return live_; }
-  size_t max_ids() const { return max_; }
+  size_t max_ids() const { return m_.slots; }
   // Ids pushed out by newer ones before their time was up.
   uint64_t overflowed() const { return overflowed_; }
 
@@ -77,14 +76,10 @@ class IdWindow {
   // Index position holding `id` (hash `h`), or the empty position where it would go.
   size_t find(const MessageId& id, uint32_t h) const;
   void drop_oldest();
-  bool mapped() const { return ring_ != nullptr; }
 
-  size_t max_;
-  Slot* ring_ = nullptr;           // max_ slots, arrival order, oldest at head_
+  ring_index::Mapping<Slot> m_;  // m_.ring: in arrival order, oldest at head_
   size_t head_ = 0, count_ = 0;    // ring entries in use (live or erased)
   size_t live_ = 0;
-  Entry* index_ = nullptr;         // 4 * max_ entries
-  size_t index_mask_ = 0;
   uint64_t overflowed_ = 0;
 };
 

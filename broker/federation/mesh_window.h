@@ -41,8 +41,7 @@ class MeshWindow {
   // Holds at most `max_blocks` blocks (rounded up to a power of two, at least
   // 1024): that many ids at the least, 64 times as many when they come in runs.
   // 64 bytes per block, mapped and populated on first use.
-  explicit MeshWindow(size_t max_blocks);
-  ~MeshWindow();
+  explicit MeshWindow(size_t max_blocks) : m_(max_blocks) {}
   MeshWindow(const MeshWindow&) = delete;
   MeshWindow& operator=(const MeshWindow&) = delete;
 
@@ -57,7 +56,7 @@ class MeshWindow {
   // Ids in the window.
   size_t size() const { return live_; }
   size_t blocks() const { return count_; }
-  size_t max_blocks() const { return max_; }
+  size_t max_blocks() const { return m_.slots; }
   // Ids pushed out with their block by newer blocks before their time was up.
   uint64_t overflowed() const { return overflowed_; }
 
@@ -82,14 +81,10 @@ class MeshWindow {
   void drop_oldest(bool overflow);
   // Ring position of a new block (the oldest is dropped when the ring is full).
   size_t push(const Block& b);
-  bool mapped() const { return ring_ != nullptr; }
 
-  size_t max_;
-  Block* ring_ = nullptr;         // max_ blocks, in the order they were opened, oldest at head_
+  ring_index::Mapping<Block> m_;  // m_.ring: in arrival order, oldest at head_
   size_t head_ = 0, count_ = 0;
   size_t live_ = 0;
-  Entry* index_ = nullptr;        // 4 * max_ entries
-  size_t index_mask_ = 0;
   uint64_t overflowed_ = 0;
   size_t last_ = SIZE_MAX;        // ring position of the block the last insert used
 };

@@ -2,6 +2,8 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <new>
 
@@ -29,6 +31,10 @@ void* map_zeroed(size_t bytes) {
 }
 
 void unmap(void* p, size_t bytes) { munmap(p, bytes); }
+
+size_t capacity(size_t requested) {
+  return std::bit_ceil(std::clamp(requested, size_t{1024}, size_t{1} << 30));
+}
 
 void unindex(Entry* index, size_t mask, size_t pos) {
   size_t hole = pos;

@@ -376,6 +376,7 @@ class BrokerImpl final : public Broker {
   // Updates (or clears) the retained value of `topic`, in memory and on disk.
   void retain(std::string_view topic, const uint8_t* p, size_t n, bool clear);
   void fill_mesh_status(wire::MeshStatus::Builder b);
+  std::string link_security(const Link& l) const;
   const std::vector<Target>& targets_for(std::string_view topic);
   void deliver(Session& s, const uint8_t* data, size_t size, const Delivery& d, bool droppable);
   // Streams
@@ -3109,6 +3110,29 @@ std::string BrokerImpl::render_metrics() const {
   return m.take();
 }
 
+std::string BrokerImpl::link_security(const Link& l) const {
+  // The endpoint's scheme and whether it encrypts; a native one says its cipher once agreed.
+  auto native = [](const codec::FrameStream* s) -> std::string {
+    return s && s->encrypted() ? (s->handshaking() ? "encrypted" : s->cipher_name()) : "encrypted";
+  };
+  if (l.dialed) {
+    const std::string& e = l.config.endpoint;
+    if (e.rfind("unix://", 0) == 0) return "local (unix)";
+    if (e.rfind("ipc://", 0) == 0) return "local (ipc)";
+    if (!l.config.curve) return "none (curve = false)";
+    return e.rfind(codec::kNativeScheme, 0) == 0 ? native(l.stream.get()) : "CURVE";
+  }
+  auto it = sessions_.find(l.session_key);
+  if (it == sessions_.end()) return "";  // not connected: known once the peer dials
+  const Session& s = *it->second;
+  const Listener& at = listeners_[s.listener];
+  if (at.curve) return "CURVE";
+  if (at.sealed) return native(s.stream.get());
+  if (!at.stream_path.empty() || at.endpoint.rfind("ipc://", 0) == 0)
+    return at.stream_path.empty() ? "local (ipc)" : "local (unix)";
+  return "none (curve = false)";
+}
+
 void BrokerImpl::fill_mesh_status(wire::MeshStatus::Builder b) {
   b.setBroker(config_.name);
   b.setTier(config_.tier);
@@ -3136,6 +3160,7 @@ void BrokerImpl::fill_mesh_status(wire::MeshStatus::Builder b) {
     e.setForwarded(l.forwarded);
     e.setReceived(l.received);
     e.setLastError(l.last_error);
+    e.setSecurity(link_security(l));
     const std::vector<std::string> told = l.interest.advertised();
     auto interest = e.initInterest(told.size());
     for (size_t j = 0; j < told.size(); ++j) interest.set(j, interest_label(told[j]));

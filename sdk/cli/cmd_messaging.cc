@@ -328,8 +328,8 @@ void add_messaging_commands(CLI::App& app, Context& ctx) {
                         static_cast<unsigned long long>(l.forwarded), static_cast<unsigned long long>(l.received),
                         json_escape(l.last_error).c_str());
           links += buf;
-          links += "\"interest\":" + json_strings(l.interest) + ",\"peer_interest\":" +
-                   json_strings(l.peer_interest) + "}";
+          links += "\"security\":\"" + json_escape(l.security) + "\",\"interest\":" + json_strings(l.interest) +
+                   ",\"peer_interest\":" + json_strings(l.peer_interest) + "}";
         }
         std::printf("{\"broker\":\"%s\",\"tier\":\"%s\",\"site\":\"%s\",\"region\":\"%s\","
                     "\"duplicates_dropped\":%llu,\"loops_cut\":%llu,\"links\":[%s]}\n",
@@ -352,6 +352,7 @@ void add_messaging_commands(CLI::App& app, Context& ctx) {
                     static_cast<unsigned long long>(l.backlog_bytes), static_cast<unsigned long long>(l.rtt_us),
                     l.msgs_per_sec);
         if (!l.last_error.empty()) std::printf("  last error: %s\n", l.last_error.c_str());
+        std::printf("  security:      %s\n", l.security.empty() ? "-" : l.security.c_str());
         std::printf("  interest:      %s\n", joined(l.interest).c_str());
         std::printf("  peer interest: %s\n", joined(l.peer_interest).c_str());
       }

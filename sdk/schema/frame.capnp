@@ -97,6 +97,8 @@ struct LinkStatus {
                                  # (no filter another of its queue group covers):
                                  # "filter" or "filter (group g)"
   peerInterest @17 :List(Text);  # what the peer told this broker it wants, same form
+  security @18 :Text;            # what protects the link's bytes: "CURVE", the cipher of an
+                                 # encrypted native link, "local (unix)", "none (curve = false)" ...
 }
 
 struct MeshStatus {

@@ -403,7 +403,7 @@ TEST_F(CliTest, MeshStatusShowsTheBrokerAndItsLinksAsTextAndJson) {
   EXPECT_EQ(json.out.front(), '{') << json.out;
   for (const char* expected : {"\"broker\":\"edge-plant1\"", "\"tier\":\"edge\"", "\"site\":\"plant-1\"",
                                "\"region\":\"eu\"", "\"name\":\"uplink\"", "\"state\":\"up\"",
-                               "\"peer\":\"broker\"", "\"backlog_messages\":0", "\"rtt_us\":"})
+                               "\"peer\":\"broker\"", "\"backlog_messages\":0", "\"rtt_us\":", "\"security\":\""})
     EXPECT_NE(json.out.find(expected), std::string::npos) << "no " << expected << " in: " << json.out;
 
   // The accepting side lists the same link, accepted, under the peer's name.

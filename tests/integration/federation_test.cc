@@ -282,6 +282,16 @@ void FederationTest::four_tier_chain_end_to_end() {
   EXPECT_EQ(status->links[0].peer_tier, "edge");
   EXPECT_EQ(status->links[0].state, "up");
   EXPECT_GT(status->links[0].forwarded, 2000u);
+  // Both ends say what protects the link: CURVE, or the cipher the native handshake agreed on.
+  auto accepted = client("edge", "auditor")->mesh_status();
+  ASSERT_TRUE(accepted.ok());
+  for (const auto& l : accepted->links) {
+    if (native_links_)
+      EXPECT_TRUE(l.security == "AES-256-GCM" || l.security == "ChaCha20-Poly1305") << l.name << ": " << l.security;
+    else
+      EXPECT_EQ(l.security, "CURVE") << l.name;
+  }
+  EXPECT_EQ(status->links[0].security, accepted->links[0].security);
 }
 
 // A retained value set at the edge, where nobody listened yet, reaches a late

@@ -167,6 +167,10 @@ struct LinkStatus {
   // broker tells the peer (collapsed: no filter that another of its queue group
   // covers) and what the peer told this broker.
   std::vector<std::string> interest, peer_interest;
+  // What protects the link's bytes: "CURVE" (tcp), "AES-256-GCM" or
+  // "ChaCha20-Poly1305" (native://, once the handshake is done; "encrypted" before),
+  // "local (unix)" or "local (ipc)", or "none (curve = false)".
+  std::string security;
 };
 
 struct MeshStatus {

@@ -1378,6 +1378,7 @@ class ClientHandle final : public Client {
       s.last_error = l.getLastError().cStr();
       for (auto t : l.getInterest()) s.interest.emplace_back(t.cStr());
       for (auto t : l.getPeerInterest()) s.peer_interest.emplace_back(t.cStr());
+      s.security = l.getSecurity().cStr();
       out.links.push_back(std::move(s));
     }
     return out;

@@ -22,3 +22,4 @@ $tm bench chain --size 128 --count 1000000 --peers --runs "$runs" --links native
 $tm bench chain --size 128 --count 1000000 --curve on --peers --runs "$runs"
 $tm bench chain --size 128 --count 1000000 --curve on --peers --runs "$runs" --links native
 $tm bench outage --rate 2000 --outage-seconds 60
+$tm bench outage --rate 2000 --outage-seconds 60 --links native

@@ -45,6 +45,14 @@ using Clock = std::chrono::steady_clock;
 constexpr size_t kOutBatchBytes = 256 * 1024;  // a deliver frame is flushed at this size
 namespace fs = std::filesystem;
 
+// The longest a link waits between two tries to reach a peer that is away (from 100 ms,
+// doubling): short enough that an outage ends for the outbox within a few seconds of the peer's
+// return (a try at a closed port costs the peer nothing), long enough not to flood a log.
+constexpr std::chrono::milliseconds kRedialMax{2000};
+// The same after a native link's connect was refused (see on_link_stream).
+constexpr std::chrono::milliseconds kRedialRefused{250};
+
+
 struct StringHash {
   using is_transparent = void;
   size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
@@ -2165,8 +2173,8 @@ Status BrokerImpl::init_links() {
     try {
       std::optional<PublicKey> remote;  // config checked the key: it decodes
       if (lc.curve && lc.endpoint.rfind("tcp://", 0) == 0) remote = *decode_key(lc.broker_key);
-      // Backs off to 5 s while the peer is away.
-      l->dealer = codec::make_dealer(ctx_, std::chrono::milliseconds(5000), *identity_, remote ? &*remote : nullptr);
+      // Backs off to kRedialMax while the peer is away.
+      l->dealer = codec::make_dealer(ctx_, kRedialMax, *identity_, remote ? &*remote : nullptr);
       const std::string monitor_url = "inproc://tm-link-" + std::to_string(l->id);
       zmq_socket_monitor(l->dealer->handle(), monitor_url.c_str(),
                          ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED |
@@ -2248,8 +2256,17 @@ void BrokerImpl::on_link_stream(Link& l, short revents, Clock::time_point now) {
   constexpr auto kSilence = std::chrono::seconds(5);
   if (l.stream_connecting) {
     if (revents & (POLLOUT | POLLERR | POLLHUP)) {
-      if (const int err = codec::connect_result(l.stream->fd()); err != 0)
-        return link_stream_lost(l, "cannot connect to " + l.config.endpoint + ": " + std::strerror(err), now);
+      if (const int err = codec::connect_result(l.stream->fd()); err != 0) {
+        link_stream_lost(l, "cannot connect to " + l.config.endpoint + ": " + std::strerror(err), now);
+        // Refused: the peer's host answered at once, its broker is not (yet) listening. Trying
+        // again costs a round trip, so keep trying often: an outage ends for the outbox within
+        // a quarter second of the peer's return, not after the longest back-off.
+        if (err == ECONNREFUSED) {
+          l.redial_backoff = std::min(l.redial_backoff, kRedialRefused);
+          l.redial_at = std::min(l.redial_at, now + kRedialRefused);
+        }
+        return;
+      }
       l.stream_connecting = false;
       l.heard_at = now;
       send_link_hello(l);
@@ -2298,9 +2315,9 @@ void BrokerImpl::link_stream_lost(Link& l, const std::string& why, Clock::time_p
     l.last_error = why;
   }
   if (was_up) l.redial_backoff = std::chrono::milliseconds(100);
-  // Backs off to 5 s while the peer is away, as ZeroMQ does for the other links.
+  // Backs off to kRedialMax while the peer is away, as ZeroMQ does for the other links.
   l.redial_at = now + l.redial_backoff;
-  l.redial_backoff = std::min<std::chrono::milliseconds>(l.redial_backoff * 2, std::chrono::seconds(5));
+  l.redial_backoff = std::min<std::chrono::milliseconds>(l.redial_backoff * 2, kRedialMax);
 }
 
 void BrokerImpl::on_link_monitor(Link& l) {

@@ -957,10 +957,10 @@ int run(const DemoOptions& opt) {
     }
     for (const LinkStatus& l : final_status[i]->links)
       out.line(
-          "%s: link '%s' %s %s (peer %s, %s): forwarded %llu, received %llu, backlog %llu, "
+          "%s: link '%s' %s %s (peer %s, %s, %s): forwarded %llu, received %llu, backlog %llu, "
           "dropped %llu, rtt %llu us",
           kTiers[i].name, l.name.c_str(), l.direction.c_str(), l.state.c_str(), l.peer.c_str(),
-          l.peer_tier.c_str(), static_cast<unsigned long long>(l.forwarded),
+          l.peer_tier.c_str(), l.security.c_str(), static_cast<unsigned long long>(l.forwarded),
           static_cast<unsigned long long>(l.received),
           static_cast<unsigned long long>(l.backlog_messages),
           static_cast<unsigned long long>(l.dropped), static_cast<unsigned long long>(l.rtt_us));
@@ -1116,9 +1116,10 @@ int run(const DemoOptions& opt) {
     for (const LinkStatus& l : final_status[i]->links) {
       if (l.direction != "dialed") continue;
       const std::string label = std::string("link ") + kTiers[i].tier + " -> " + l.name;
-      std::printf("%-28s forwarded %llu, backlog %llu, dropped %llu (%s -> %s)%s\n", label.c_str(),
-                  u(l.forwarded), u(l.backlog_messages), u(l.dropped), kTiers[i].name,
-                  l.peer.c_str(), i == kRegional ? ", counted since its restart" : "");
+      std::printf("%-28s forwarded %llu, backlog %llu, dropped %llu, %s (%s -> %s)%s\n", label.c_str(),
+                  u(l.forwarded), u(l.backlog_messages), u(l.dropped),
+                  l.security.empty() ? "-" : l.security.c_str(), kTiers[i].name, l.peer.c_str(),
+                  i == kRegional ? ", counted since its restart" : "");
     }
   }
   uint64_t mesh_duplicates = 0;

@@ -52,7 +52,6 @@ constexpr std::chrono::milliseconds kRedialMax{2000};
 // The same after a native link's connect was refused (see on_link_stream).
 constexpr std::chrono::milliseconds kRedialRefused{250};
 
-
 struct StringHash {
   using is_transparent = void;
   size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
@@ -352,6 +351,8 @@ class BrokerImpl final : public Broker {
   // Dialed links over unix:// or native://: dialing, reading, and losing the connection.
   void dial_stream(Link& l, Clock::time_point now);
   void on_link_stream(Link& l, short revents, Clock::time_point now);
+  // The peer refused the link, or its handshake failed: stays `refused` (with `why`) while it dials again.
+  void link_refused(Link& l, const std::string& why);
   void link_stream_lost(Link& l, const std::string& why, Clock::time_point now);
   bool on_link_frame(Link& l, wire::Frame::Reader frame, zmq::message_t* body);
   void on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* body);
@@ -2281,13 +2282,9 @@ void BrokerImpl::on_link_stream(Link& l, short revents, Clock::time_point now) {
       if (!l.stream->refused()) return link_stream_lost(l, "connection lost (" + l.stream->error() + ")", now);
       // Not the broker broker_key names, or not encrypting: refused, as after a failed CURVE handshake.
       const std::string why = "encryption handshake with " + l.config.endpoint + " failed: " + l.stream->error();
-      const bool said = l.state == Link::State::refused && l.last_error == why;
-      if (l.state == Link::State::up) link_down(l, why);
-      l.state = Link::State::refused;
-      link_stream_lost(l, why, now);
-      if (!said) spdlog::warn("link '{}': {}", l.name, why);
-      l.last_error = why;
-      return;
+      if (l.up()) link_down(l, why);
+      link_refused(l, why);
+      return link_stream_lost(l, why, now);  // dials again, refused until a hello is accepted
     }
     zmq::message_t header;
     std::optional<zmq::message_t> body;
@@ -2303,6 +2300,13 @@ void BrokerImpl::on_link_stream(Link& l, short revents, Clock::time_point now) {
   }
   if (l.stream && now - l.heard_at > kSilence)
     link_stream_lost(l, "nothing heard from the peer for 5 s", now);
+}
+
+// Said once per reason: a link over unix:// or native:// dials again and may hear it again.
+void BrokerImpl::link_refused(Link& l, const std::string& why) {
+  if (l.state != Link::State::refused || l.last_error != why) spdlog::warn("link '{}': {}", l.name, why);
+  l.last_error = why;
+  l.state = Link::State::refused;
 }
 
 void BrokerImpl::link_stream_lost(Link& l, const std::string& why, Clock::time_point now) {
@@ -2332,9 +2336,7 @@ void BrokerImpl::on_link_monitor(Link& l) {
     } else if (kind == ZMQ_EVENT_DISCONNECTED) {
       if (l.state != Link::State::refused) link_down(l, "connection lost");
     } else {
-      l.last_error = "CURVE handshake failed: check link.broker_key and that the peer uses CURVE";
-      if (l.state != Link::State::refused) spdlog::warn("link '{}': {}", l.name, l.last_error);
-      l.state = Link::State::refused;
+      link_refused(l, "CURVE handshake failed: check link.broker_key and that the peer uses CURVE");
     }
   }
 }
@@ -2371,11 +2373,7 @@ void BrokerImpl::on_link_record(Link& l, zmq::message_t& header, zmq::message_t*
       l.redial_backoff = std::chrono::milliseconds(100);
       link_up(l);
     } else if (frame.isError() && l.state != Link::State::up) {
-      const std::string why = std::string("refused by peer: ") + frame.getError().getMessage().cStr();
-      // Said once: a link over unix:// or native:// dials again and may hear it again.
-      if (l.state != Link::State::refused || l.last_error != why) spdlog::warn("link '{}': {}", l.name, why);
-      l.last_error = why;
-      l.state = Link::State::refused;
+      link_refused(l, std::string("refused by peer: ") + frame.getError().getMessage().cStr());
     } else if (frame.isError() && frame.getError().getCode() == wire::ErrorCode::NO_SESSION) {
       send_link_hello(l);
     } else if (frame.isPing()) {
@@ -3128,9 +3126,9 @@ std::string BrokerImpl::render_metrics() const {
 }
 
 std::string BrokerImpl::link_security(const Link& l) const {
-  // The endpoint's scheme and whether it encrypts; a native one says its cipher once agreed.
+  // The endpoint's scheme and whether it encrypts; an encrypted native one says its cipher once agreed.
   auto native = [](const codec::FrameStream* s) -> std::string {
-    return s && s->encrypted() ? (s->handshaking() ? "encrypted" : s->cipher_name()) : "encrypted";
+    return s && s->encrypted() && !s->handshaking() ? s->cipher_name() : "encrypted";
   };
   if (l.dialed) {
     const std::string& e = l.config.endpoint;
@@ -3145,8 +3143,8 @@ std::string BrokerImpl::link_security(const Link& l) const {
   const Listener& at = listeners_[s.listener];
   if (at.curve) return "CURVE";
   if (at.sealed) return native(s.stream.get());
-  if (!at.stream_path.empty() || at.endpoint.rfind("ipc://", 0) == 0)
-    return at.stream_path.empty() ? "local (ipc)" : "local (unix)";
+  if (!at.stream_path.empty()) return "local (unix)";
+  if (at.endpoint.rfind("ipc://", 0) == 0) return "local (ipc)";
   return "none (curve = false)";
 }
 

@@ -7,23 +7,15 @@
 #include <cstdint>
 #include <new>
 
+#include "codec/batch_memory.h"
+
 namespace tracemesh::broker::ring_index {
 
 void* map_zeroed(size_t bytes) {
-  // 2 MiB-aligned, so that the kernel can back it with huge pages: the index is read at random,
-  // and with 4 KiB pages nearly every lookup of a full window missed the TLB.
-  constexpr size_t kHuge = size_t{2} << 20;
-  const size_t span = bytes >= kHuge ? bytes + kHuge : bytes;
-  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (raw == MAP_FAILED) throw std::bad_alloc();
-  auto* start = static_cast<uint8_t*>(raw);
-  uint8_t* p = start;
-  if (span != bytes) {
-    p = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(start) + kHuge - 1) & ~(kHuge - 1));
-    if (p > start) munmap(start, static_cast<size_t>(p - start));
-    if (uint8_t* tail = p + bytes; tail < start + span) munmap(tail, static_cast<size_t>(start + span - tail));
-    (void)madvise(p, bytes, MADV_HUGEPAGE);  // advice: fine where huge pages are off
-  }
+  // Huge pages: the index is read at random, and with 4 KiB pages nearly every lookup of a full
+  // window missed the TLB.
+  void* p = codec::batch_memory::map_huge(bytes);
+  if (!p) throw std::bad_alloc();
   // Populated now: a page fault costs microseconds on a VM, better once here than on the message path.
   if (madvise(p, bytes, MADV_POPULATE_WRITE) != 0)  // before Linux 5.14: one write per page
     for (size_t at = 0; at < bytes; at += 4096) static_cast<volatile uint8_t*>(p)[at] = 0;

@@ -16,7 +16,7 @@ struct Entry {
 };
 
 // Zero-filled pages, populated now (a page fault costs microseconds on a VM), 2 MiB-aligned
-// and advised to be huge pages when `bytes` is at least 2 MiB. Throws std::bad_alloc when
+// and advised to be huge pages (codec::batch_memory::map_huge). Throws std::bad_alloc when
 // they cannot be mapped.
 void* map_zeroed(size_t bytes);
 void unmap(void* p, size_t bytes);

@@ -65,20 +65,20 @@ void unmap_slab(Pool& p, std::unordered_map<uintptr_t, Slab>::iterator it) {
   p.slabs.erase(it);
 }
 
-// A 2 MiB-aligned 2 MiB mapping that asks for a huge page; null when none can be mapped.
-uint8_t* map_slab() {
-  void* raw = ::mmap(nullptr, 2 * kSlab, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+}  // namespace
+
+void* map_huge(size_t bytes) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  void* raw = ::mmap(nullptr, bytes + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) return nullptr;
   auto* start = static_cast<uint8_t*>(raw);
-  auto* aligned = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(start) + kSlab - 1) & ~(kSlab - 1));
+  auto* aligned = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(start) + kHuge - 1) & ~(kHuge - 1));
   if (aligned > start) ::munmap(start, static_cast<size_t>(aligned - start));
-  if (uint8_t* tail = aligned + kSlab; tail < start + 2 * kSlab)
-    ::munmap(tail, static_cast<size_t>(start + 2 * kSlab - tail));
-  (void)::madvise(aligned, kSlab, MADV_HUGEPAGE);  // advice: fine where huge pages are off
+  if (uint8_t* tail = aligned + bytes; tail < start + bytes + kHuge)
+    ::munmap(tail, static_cast<size_t>(start + bytes + kHuge - tail));
+  (void)::madvise(aligned, bytes, MADV_HUGEPAGE);  // advice: fine where huge pages are off
   return aligned;
 }
-
-}  // namespace
 
 size_t block_size(size_t bytes) {
   const size_t c = class_of(bytes);
@@ -93,7 +93,7 @@ void* allocate(size_t bytes) {
   std::lock_guard lock(p.mu);
   auto& partial = p.partial[c];
   if (partial.empty()) {
-    uint8_t* base = map_slab();
+    auto* base = static_cast<uint8_t*>(map_huge(kSlab));
     if (!base) return nullptr;
     Slab& s = p.slabs[reinterpret_cast<uintptr_t>(base)];
     s.base = base;

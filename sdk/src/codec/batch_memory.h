@@ -36,6 +36,11 @@ void release(void* block);
 // a burst took goes back even when no block is released afterwards.
 void trim(std::chrono::steady_clock::time_point now = std::chrono::steady_clock::now());
 
+// `bytes` of zeroed anonymous memory, 2 MiB-aligned and advised to be huge pages (one fault
+// per 2 MiB where the kernel grants them); null when it cannot be mapped. munmap() frees it.
+// The slabs here use it, and so do the broker's dedup windows.
+void* map_huge(size_t bytes);
+
 struct Stats {
   size_t slabs = 0;       // mapped, 2 MiB each
   size_t used_bytes = 0;  // in blocks handed out

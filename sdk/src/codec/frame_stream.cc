@@ -6,8 +6,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
-#include <sys/socket.h>
 #include <sodium.h>
+#include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -45,6 +45,9 @@ void store_u32(uint8_t* p, uint32_t v) {
 void store_u64(uint8_t* p, uint64_t v) {
   for (int i = 0; i < 8; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
 }
+
+// Sealed records carry a tag for the header, and one for the body when there is one.
+size_t tag_bytes(bool has_body) { return has_body ? 32 : 16; }
 
 bool aes_here() {
   if (sodium_init() < 0) return false;
@@ -277,13 +280,13 @@ struct FrameStream::Crypto {
   }
 };
 
-bool FrameStream::start_crypto(int state) {
+bool FrameStream::start_crypto(bool dialer) {
   if (sodium_init() < 0) {
     error_ = "libsodium could not start";
     return false;
   }
   crypto_ = std::make_unique<Crypto>();
-  crypto_->state = static_cast<Crypto::State>(state);
+  crypto_->state = dialer ? Crypto::State::awaiting_reply : Crypto::State::awaiting_hello;
   return true;
 }
 
@@ -296,7 +299,7 @@ void FrameStream::queue_raw(const uint8_t* bytes, size_t size) {
 }
 
 void FrameStream::encrypt_as_dialer(const std::array<uint8_t, 32>& acceptor_key) {
-  if (!start_crypto(static_cast<int>(Crypto::State::awaiting_reply))) return;
+  if (!start_crypto(true)) return;
   crypto_->acceptor_public = acceptor_key;
   crypto_->new_ephemeral();
   uint8_t* h = crypto_->hello;
@@ -308,7 +311,7 @@ void FrameStream::encrypt_as_dialer(const std::array<uint8_t, 32>& acceptor_key)
 
 void FrameStream::encrypt_as_acceptor(const std::array<uint8_t, 32>& public_key,
                                       const std::array<uint8_t, 32>& secret_key) {
-  if (!start_crypto(static_cast<int>(Crypto::State::awaiting_hello))) return;
+  if (!start_crypto(false)) return;
   crypto_->acceptor_public = public_key;
   crypto_->acceptor_secret = secret_key;
 }
@@ -380,14 +383,15 @@ void FrameStream::absorb_handshake() {
     in_begin_ += kReplyBytes;
   }
   c.state = Crypto::State::ready;
-  while (!c.held.empty()) {
-    Out o = std::move(c.held.front());
-    c.held.pop_front();
-    seal(o);
-    out_bytes_ += o.size();
-    out_.push_back(std::move(o));
-  }
+  for (Out& o : c.held) push_out(std::move(o));
+  c.held.clear();
   c.held_bytes = 0;
+}
+
+void FrameStream::push_out(Out&& o) {
+  if (crypto_) seal(o);
+  out_bytes_ += o.size();
+  out_.push_back(std::move(o));
 }
 
 void FrameStream::seal(Out& o) {
@@ -406,7 +410,7 @@ void FrameStream::seal(Out& o) {
                                                          nonce, c.send_key);
     part = std::move(sealed);
   };
-  o.tag_bytes = o.has_body ? 32 : 16;
+  o.tag_bytes = tag_bytes(o.has_body);
   encrypt(o.header, o.tags, o.prefix, sizeof o.prefix);
   if (o.has_body) encrypt(o.body, o.tags + 16, nullptr, 0);
 }
@@ -488,7 +492,7 @@ bool FrameStream::has_record() const {
   if (avail < 8) return false;
   const uint8_t* p = in_.get() + in_begin_;
   const uint32_t body = load_u32(p + 4);
-  const size_t tags = crypto_ ? (body ? 32 : 16) : 0;
+  const size_t tags = crypto_ ? tag_bytes(body != 0) : 0;
   return avail >= 8 + tags + size_t{load_u32(p)} + (body ? body - 1 : 0);
 }
 
@@ -527,7 +531,7 @@ bool FrameStream::next(zmq::message_t& header, std::optional<zmq::message_t>& bo
              std::to_string(header_size) + ") is empty or exceeds the limit of " + std::to_string(max_record_);
     return false;
   }
-  const size_t tags = crypto_ ? (body_field ? 32 : 16) : 0;  // sealed: the tags follow the sizes
+  const size_t tags = crypto_ ? tag_bytes(body_field != 0) : 0;  // sealed: the tags follow the sizes
   const uint8_t* header_at = p + 8 + tags;
   const uint8_t* body_at = header_at + header_size;
   const size_t record = 8 + tags + header_size + body_size;
@@ -582,9 +586,7 @@ void FrameStream::queue(zmq::message_t&& header, zmq::message_t* body) {
     crypto_->held.push_back(std::move(o));
     return;
   }
-  if (crypto_) seal(o);
-  out_bytes_ += o.size();
-  out_.push_back(std::move(o));
+  push_out(std::move(o));
 }
 
 bool FrameStream::flush() {

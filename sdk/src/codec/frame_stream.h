@@ -120,13 +120,15 @@ class FrameStream {
   void make_room(size_t room);
   // Takes the peer's handshake message from what was read, once it is all there.
   void absorb_handshake();
-  // Starts encrypting in handshake state `state` (a Crypto::State); false when libsodium cannot start.
-  bool start_crypto(int state);
+  // Starts the handshake as the dialer or the acceptor; false when libsodium cannot start.
+  bool start_crypto(bool dialer);
   // Queues handshake bytes ahead of every record.
   void queue_raw(const uint8_t* bytes, size_t size);
+  // Encrypts a record's header and body into sealed copies, their tags into `tags`.
   void seal(Out& o);
   // Decrypts `size` bytes at `c` into `m` (they may be the same) with `tag`; false breaks the stream.
   bool open(uint8_t* m, const uint8_t* c, size_t size, const uint8_t* tag, const uint8_t* ad, size_t ad_size);
+  // Queues a record to be written: sealed first when encrypted.
   void push_out(Out&& o);
 
   std::unique_ptr<Crypto> crypto_;

@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   build-essential cmake ninja-build pkg-config clang libclang-rt-14-dev
-  libzmq3-dev cppzmq-dev capnproto libcapnp-dev libsodium-dev liblmdb-dev
+  libzmq3-dev cppzmq-dev capnproto libcapnp-dev libsodium-dev libssl-dev liblmdb-dev
   libboost-dev libboost-system-dev
   libtomlplusplus-dev libcli11-dev libspdlog-dev libfmt-dev
   googletest libgtest-dev libgmock-dev libbenchmark-dev

@@ -15,6 +15,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "codec/aead.h"
+
 namespace tracemesh::codec {
 
 namespace {
@@ -220,7 +222,7 @@ struct FrameStream::Crypto {
   std::array<uint8_t, 32> acceptor_public{}, acceptor_secret{}, ephemeral_public{}, ephemeral_secret{};
   uint8_t hello[kHelloBytes] = {};  // the dialer's message, part of the transcript
   uint8_t send_key[32] = {}, recv_key[32] = {};
-  crypto_aead_aes256gcm_state send_aes{}, recv_aes{};
+  Aead sealer, opener;  // this side's direction, the peer's
   uint64_t send_nonce = 0, recv_nonce = 0;
   std::deque<Out> held;  // records queued before the keys were agreed, in order
   size_t held_bytes = 0;
@@ -230,8 +232,6 @@ struct FrameStream::Crypto {
     sodium_memzero(ephemeral_secret.data(), ephemeral_secret.size());
     sodium_memzero(send_key, sizeof send_key);
     sodium_memzero(recv_key, sizeof recv_key);
-    sodium_memzero(&send_aes, sizeof send_aes);
-    sodium_memzero(&recv_aes, sizeof recv_aes);
   }
 
   void new_ephemeral() {
@@ -262,11 +262,13 @@ struct FrameStream::Crypto {
     sodium_memzero(dh1, sizeof dh1);
     sodium_memzero(dh2, sizeof dh2);
     sodium_memzero(ephemeral_secret.data(), ephemeral_secret.size());  // used up
-    if (cipher == kAes) {
-      crypto_aead_aes256gcm_beforenm(&send_aes, send_key);
-      crypto_aead_aes256gcm_beforenm(&recv_aes, recv_key);
-    }
     return ok;
+  }
+
+  // Keys both directions' AEAD with the agreed cipher; false when libcrypto cannot.
+  bool key_ciphers() {
+    const auto which = cipher == kAes ? Aead::Cipher::aes256_gcm : Aead::Cipher::chacha20_poly1305;
+    return sealer.init(which, Aead::Direction::seal, send_key) && opener.init(which, Aead::Direction::open, recv_key);
   }
 
   // Proof that this side holds the acceptor -> dialer key.
@@ -359,6 +361,10 @@ void FrameStream::absorb_handshake() {
       refuse("the peer's handshake key is invalid");
       return;
     }
+    if (!c.key_ciphers()) {
+      error_ = "libcrypto could not set up " + std::string(c.cipher == kAes ? "AES-256-GCM" : "ChaCha20-Poly1305");
+      return;
+    }
     c.confirmation(reply + 40, c.send_key);
     in_begin_ += kHelloBytes;
     queue_raw(reply, kReplyBytes);
@@ -371,6 +377,10 @@ void FrameStream::absorb_handshake() {
     }
     if (!c.derive(p, p + 8, true)) {
       refuse("the peer's handshake key is invalid");
+      return;
+    }
+    if (!c.key_ciphers()) {
+      error_ = "libcrypto could not set up " + std::string(c.cipher == kAes ? "AES-256-GCM" : "ChaCha20-Poly1305");
       return;
     }
     uint8_t expect[16];
@@ -400,14 +410,10 @@ void FrameStream::seal(Out& o) {
   auto encrypt = [&](zmq::message_t& part, uint8_t* tag, const uint8_t* ad, size_t ad_size) {
     zmq::message_t sealed(part.size());
     Crypto::nonce(nonce, c.send_nonce++);
-    const auto* m = static_cast<const uint8_t*>(part.data());
-    auto* out = static_cast<uint8_t*>(sealed.data());
-    if (c.cipher == kAes)
-      crypto_aead_aes256gcm_encrypt_detached_afternm(out, tag, nullptr, m, part.size(), ad, ad_size, nullptr, nonce,
-                                                     &c.send_aes);
-    else
-      crypto_aead_chacha20poly1305_ietf_encrypt_detached(out, tag, nullptr, m, part.size(), ad, ad_size, nullptr,
-                                                         nonce, c.send_key);
+    if (!c.sealer.seal(nonce, ad, ad_size, static_cast<const uint8_t*>(part.data()), part.size(),
+                       static_cast<uint8_t*>(sealed.data()), tag) &&
+        error_.empty())
+      error_ = "libcrypto failed to seal a record";  // never seen; the stream is broken from here
     part = std::move(sealed);
   };
   o.tag_bytes = tag_bytes(o.has_body);
@@ -420,13 +426,9 @@ bool FrameStream::open(uint8_t* m, const uint8_t* c_text, size_t size, const uin
   Crypto& c = *crypto_;
   uint8_t nonce[12];
   Crypto::nonce(nonce, c.recv_nonce++);
-  const int rc = c.cipher == kAes
-                     ? crypto_aead_aes256gcm_decrypt_detached_afternm(m, nullptr, c_text, size, tag, ad, ad_size,
-                                                                      nonce, &c.recv_aes)
-                     : crypto_aead_chacha20poly1305_ietf_decrypt_detached(m, nullptr, c_text, size, tag, ad, ad_size,
-                                                                          nonce, c.recv_key);
-  if (rc != 0) error_ = "a sealed record does not authenticate: altered on the way, or not from the peer of the handshake";
-  return rc == 0;
+  const bool ok = c.opener.open(nonce, ad, ad_size, c_text, size, tag, m);
+  if (!ok) error_ = "a sealed record does not authenticate: altered on the way, or not from the peer of the handshake";
+  return ok;
 }
 
 FrameStream::FrameStream(int fd, size_t max_record_bytes) : fd_(fd), max_record_(max_record_bytes) {

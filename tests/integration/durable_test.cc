@@ -387,6 +387,29 @@ TEST_F(DurableTest, DurablePublishIsAckedWithIncreasingStreamSeq) {
   EXPECT_EQ(info->last_seq, 200u);
 }
 
+// close() right after a burst of durable publishes waits for their acks: none
+// of them fails for a close that the broker would have answered.
+TEST_F(DurableTest, CloseWaitsForTheAcksOfDurablePublishesInFlight) {
+  auto pub = connect(*broker_, "line-1");
+  ASSERT_NE(pub, nullptr);
+  std::vector<std::future<Result<PublishAck>>> acks;
+  for (int i = 0; i < 5000; ++i) acks.push_back(pub->publish_durable(kSensorTopic, std::to_string(i)));
+  pub->close();
+  int acked = 0;
+  for (auto& f : acks) {
+    ASSERT_EQ(f.wait_for(0s), std::future_status::ready) << "close() returned with a publish unanswered";
+    auto ack = f.get();
+    EXPECT_TRUE(ack.ok()) << ack.error().to_string();
+    acked += ack.ok();
+  }
+  EXPECT_EQ(acked, 5000);
+  auto reader = connect(*broker_, "auditor");
+  ASSERT_NE(reader, nullptr);
+  auto info = reader->stream_info("SENSORS");
+  ASSERT_TRUE(info.ok()) << info.error().to_string();
+  EXPECT_EQ(info->messages, 5000u);
+}
+
 TEST_F(DurableTest, PublishToTopicNoStreamCapturesIsNotFound) {
   auto pub = connect(*broker_);
   ASSERT_NE(pub, nullptr);

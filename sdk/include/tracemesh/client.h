@@ -275,7 +275,9 @@ class Client {
   // Name and key of the broker, from its Hello reply.
   virtual std::string broker_name() const = 0;
 
-  // Stops accepting publishes, sends what is queued (bounded by timeout), disconnects.
+  // Stops accepting publishes, sends what is queued, waits for the acks of the
+  // durable publishes the broker took (all bounded by timeout), disconnects.
+  // Durable publishes still unacked then fail with Errc::disconnected.
   virtual void close(std::chrono::milliseconds timeout = std::chrono::seconds(5)) = 0;
 };
 

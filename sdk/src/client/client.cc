@@ -376,9 +376,15 @@ void ClientImpl::shutdown(std::chrono::milliseconds timeout) {
       // Let the I/O thread send what is queued, then say goodbye so the broker
       // ends the session at once instead of timing it out.
       stop_ = false;
+      const auto deadline = Clock::now() + timeout;
       (void)flush(timeout);
       {
-        std::lock_guard lock(mu_);
+        // Durable publishes the broker took are acked once committed: wait for
+        // those acks too, so that a clean close fails none it could have kept.
+        std::unique_lock lock(mu_);
+        space_cv_.wait_until(lock, deadline, [&] {
+          return durables_.empty() || state_ == State::failed || state_ == State::closed;
+        });
         capnp::MallocMessageBuilder b(16);
         auto f = b.initRoot<wire::Frame>();
         f.setVersion(wire::PROTOCOL_VERSION);

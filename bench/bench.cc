@@ -37,7 +37,7 @@ struct BenchFlags {
   size_t size = 128;
   uint64_t count = 1000000;
   std::string curve = "off";
-  std::string transport = "tcp";  // how the bench's clients reach the broker: tcp | unix
+  std::string transport = "tcp";  // how the bench's clients reach the broker: tcp | native | unix
   bool json = false;
   bool peers = false;
   int runs = 1;
@@ -64,7 +64,7 @@ struct Rig {
   std::unique_ptr<process::BrokerProcess> broker;
   std::string broker_key;
   bool curve = false;
-  bool unix_transport = false;
+  std::string transport = "tcp";  // tcp (ZeroMQ) | native | unix
   bool show_log = false;
 
   ~Rig() {
@@ -78,8 +78,9 @@ struct Rig {
     spec.name = "bench";
     spec.curve = f.curve == "on";
     curve = spec.curve;
-    unix_transport = f.transport == "unix";
-    spec.listen_unix = unix_transport;
+    transport = f.transport;
+    spec.listen_unix = transport == "unix";
+    spec.listen_native = transport == "native";
     show_log = f.show_log;
     spec.tracemeshd = !f.tracemeshd.empty() ? f.tracemeshd
                       : std::filesystem::exists(self_dir() + "/tracemeshd") ? self_dir() + "/tracemeshd"
@@ -96,7 +97,8 @@ struct Rig {
   }
 
   std::string label() const {
-    return std::string("tracemesh") + (curve ? " (CURVE)" : "") + (unix_transport ? " (unix)" : "");
+    if (transport == "native") return curve ? "tracemesh (native, encrypted)" : "tracemesh (native)";
+    return std::string("tracemesh") + (curve ? " (CURVE)" : "") + (transport == "unix" ? " (unix)" : "");
   }
 
   Result<std::unique_ptr<Client>> client(
@@ -107,7 +109,9 @@ struct Rig {
     claims.subject = id->public_key();
     claims.name = name;
     ClientOptions o;
-    o.url = unix_transport ? broker->unix_endpoint() : broker->tcp_endpoint();
+    o.url = transport == "unix"     ? broker->unix_endpoint()
+            : transport == "native" ? broker->native_endpoint()
+                                    : broker->tcp_endpoint();
     o.broker_key = broker_key;
     o.curve = curve;
     o.identity = id;
@@ -964,10 +968,11 @@ void add_bench_command(CLI::App& app, Context& ctx) {
       ->capture_default_str()
       ->check(CLI::IsMember({"on", "off"}));
   cmd->add_option("--transport", f->transport,
-                  "how the bench's clients reach the broker: tcp (ZeroMQ) | unix (unix:// socket, local clients; "
-                  "no CURVE)")
+                  "how the bench's clients reach the broker: tcp (ZeroMQ; CURVE with --curve on) | native (the "
+                  "broker's own framing over TCP; encrypted with --curve on) | unix (unix:// socket, local clients; "
+                  "no encryption)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"tcp", "unix"}));
+      ->check(CLI::IsMember({"tcp", "native", "unix"}));
   cmd->add_flag("--json", f->json, "print one JSON object");
   cmd->add_flag("--peers", f->peers, "also run nats-server, mosquitto and raw ZeroMQ in this run and print ratios");
   cmd->add_option("--runs", f->runs, "repeat and report min/median/max")->capture_default_str()->check(CLI::Range(1, 20));
@@ -1004,9 +1009,9 @@ void add_bench_command(CLI::App& app, Context& ctx) {
       ctx.exit_code = 2;
       return;
     }
-    if (f->transport == "unix" && (f->workload == "chain" || f->workload == "outage")) {
-      std::fprintf(stderr, "tracemesh: bench: --transport unix applies to one broker's clients, not to %s\n",
-                   f->workload.c_str());
+    if (f->transport != "tcp" && (f->workload == "chain" || f->workload == "outage")) {
+      std::fprintf(stderr, "tracemesh: bench: --transport %s applies to one broker's clients, not to %s\n",
+                   f->transport.c_str(), f->workload.c_str());
       ctx.exit_code = 2;
       return;
     }

@@ -58,6 +58,12 @@ std::string self_dir() {
   return std::filesystem::path(buf).parent_path().string();
 }
 
+// How the rows of one broker's runs are labelled: by the clients' transport and encryption.
+std::string single_broker_label(const std::string& transport, bool curve) {
+  if (transport == "native") return curve ? "tracemesh (native, encrypted)" : "tracemesh (native)";
+  return std::string("tracemesh") + (curve ? " (CURVE)" : "") + (transport == "unix" ? " (unix)" : "");
+}
+
 // A broker with an operator, plus credentials for bench clients.
 struct Rig {
   std::shared_ptr<Identity> op = std::make_shared<Identity>(Identity::generate());
@@ -97,8 +103,7 @@ struct Rig {
   }
 
   std::string label() const {
-    if (transport == "native") return curve ? "tracemesh (native, encrypted)" : "tracemesh (native)";
-    return std::string("tracemesh") + (curve ? " (CURVE)" : "") + (transport == "unix" ? " (unix)" : "");
+    return single_broker_label(transport, curve);
   }
 
   Result<std::unique_ptr<Client>> client(
@@ -471,6 +476,7 @@ struct MeshRig {
   std::vector<std::string> names;
   std::map<std::string, std::unique_ptr<process::BrokerProcess>> brokers;
   std::map<std::string, std::string> keys;
+  bool native_clients = false;  // --transport native: the bench's clients on native://
 
   // Starts `chain` (top first, e.g. {"centre","regional","edge","device"}).
   Status start(const BenchFlags& f, const std::vector<std::string>& chain,
@@ -478,6 +484,7 @@ struct MeshRig {
     auto d = process::TempDir::create("tm-bench-mesh");
     if (!d.ok()) return d.error();
     dir = std::make_unique<process::TempDir>(std::move(*d));
+    native_clients = f.transport == "native";
     show_log = f.show_log;
     const std::string bin = !f.tracemeshd.empty() ? f.tracemeshd
                             : std::filesystem::exists(self_dir() + "/tracemeshd") ? self_dir() + "/tracemeshd"
@@ -505,7 +512,7 @@ struct MeshRig {
       spec.tier = claims.tier;
       spec.credential_path = cred_path;
       if (i == 0) spec.streams = top_streams;
-      spec.listen_native = f.links == "native";
+      spec.listen_native = f.links == "native" || native_clients;
       spec.listen_unix = f.links == "unix";
       spec.extra_toml = "[limits]\nsubscriber_queue_bytes = 268435456\nmax_in_flight = 100000\n";
       if (i > 0) {
@@ -537,7 +544,7 @@ struct MeshRig {
     claims.subject = id->public_key();
     claims.name = name;
     ClientOptions o;
-    o.url = brokers[broker]->tcp_endpoint();
+    o.url = native_clients ? brokers[broker]->native_endpoint() : brokers[broker]->tcp_endpoint();
     o.broker_key = keys[broker];
     o.curve = brokers[broker]->spec().curve;
     o.identity = id;
@@ -636,7 +643,9 @@ Result<PeerResult> run_chain(const BenchFlags& f) {
   PeerResult r;
   // "(CURVE)": CURVE on the clients' tcp endpoints and, with --links zmq, on the links;
   // native links are then encrypted by their own handshake.
-  r.system = std::string("tracemesh chain-4") + (f.curve == "on" ? " (CURVE)" : "") +
+  r.system = std::string("tracemesh chain-4") +
+             (f.transport == "native" ? (f.curve == "on" ? " (native clients, encrypted)" : " (native clients)")
+                                      : (f.curve == "on" ? " (CURVE)" : "")) +
              (f.links == "zmq" ? "" : " (" + f.links + " links)");
   r.workload = "chain-4";
   r.sent = f.count;
@@ -931,7 +940,7 @@ int run_bench(const BenchFlags& f) {
         std::printf("p50 over the direct zmq echo on ipc: tracemesh %.2fx\n", base->p50.median / ipc->p50.median);
     }
     if (f.workload == "chain" && base) {
-      const Row* one = found(f.curve == "on" ? "tracemesh (CURVE)" : "tracemesh");
+      const Row* one = found(single_broker_label(f.transport, f.curve == "on"));
       const Row* zmq1 = found("zmq proxy" + curve);
       const Row* zmq4 = found("zmq proxy chain-4" + curve);
       const Row* nats1 = found("nats-server");
@@ -1009,7 +1018,7 @@ void add_bench_command(CLI::App& app, Context& ctx) {
       ctx.exit_code = 2;
       return;
     }
-    if (f->transport != "tcp" && (f->workload == "chain" || f->workload == "outage")) {
+    if ((f->transport == "unix" && f->workload == "chain") || (f->transport != "tcp" && f->workload == "outage")) {
       std::fprintf(stderr, "tracemesh: bench: --transport %s applies to one broker's clients, not to %s\n",
                    f->transport.c_str(), f->workload.c_str());
       ctx.exit_code = 2;

@@ -778,6 +778,25 @@ Result<PeerResult> run_tracemesh(const BenchFlags& f) {
   return run_durable(f);
 }
 
+// Bytes one chain message takes on the edge -> regional link: its envelope with the device and
+// the edge on its visited path (framing of the batch around it not counted).
+size_t chain_record_bytes(size_t payload_bytes) {
+  const std::string payload(payload_bytes, 'x');
+  codec::EnvelopeFields e;
+  e.id = codec::next_message_id();
+  e.topic = "bench/chain";
+  e.producer = "chain-pub";
+  e.sequence = 1;
+  e.published_at_ns = codec::now_ns();
+  e.payload = payload;
+  codec::WordBuffer at_device, at_edge, at_regional;
+  const size_t n = codec::append_envelope(at_device, e);
+  auto m = codec::append_visited(at_edge, at_device.data(), n, "device");
+  if (!m.ok()) return n;
+  auto k = codec::append_visited(at_regional, at_edge.data(), *m, "edge");
+  return k.ok() ? *k : *m;
+}
+
 std::vector<Result<PeerResult>> run_peers(const BenchFlags& f) {
   std::vector<Result<PeerResult>> out;
   bench::RunLimits limits;
@@ -791,6 +810,12 @@ std::vector<Result<PeerResult>> run_peers(const BenchFlags& f) {
     // The ZeroMQ floor: what four forwarders in series keep of one, on the same machine.
     out.push_back(bench::run_zmq_proxy(f.size, f.count, f.curve == "on", 1, limits));
     out.push_back(bench::run_zmq_proxy(f.size, f.count, f.curve == "on", 4, limits));
+    // The kernel's floor: the same bytes through raw TCP relays, one and four.
+    if (f.curve != "on") {
+      const size_t record = chain_record_bytes(f.size);
+      out.push_back(bench::run_tcp_relay(record, f.count, 1, limits));
+      out.push_back(bench::run_tcp_relay(record, f.count, 4, limits));
+    }
   } else if (f.workload == "outage") {
   } else if (f.workload == "fanin") {
     out.push_back(bench::run_nats_fanin(f.size, f.count, limits));
@@ -945,11 +970,15 @@ int run_bench(const BenchFlags& f) {
       const Row* zmq4 = found("zmq proxy chain-4" + curve);
       const Row* nats1 = found("nats-server");
       const Row* nats4 = found("nats-server chain-4");
+      const Row* tcp1 = found("tcp relay");
+      const Row* tcp4 = found("tcp relay chain-4");
       if (one && zmq1 && zmq4 && one->rate.median > 0 && zmq1->rate.median > 0) {
         std::printf("4 hops over 1 hop: zmq proxy %.2fx, tracemesh %.2fx", zmq4->rate.median / zmq1->rate.median,
                     base->rate.median / one->rate.median);
         if (nats1 && nats4 && nats1->rate.median > 0)
           std::printf(", nats-server leaf nodes %.2fx", nats4->rate.median / nats1->rate.median);
+        if (tcp1 && tcp4 && tcp1->rate.median > 0)
+          std::printf(", raw tcp relays %.2fx", tcp4->rate.median / tcp1->rate.median);
         std::printf("\n");
       }
     }

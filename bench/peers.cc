@@ -4,6 +4,7 @@
 #include <mosquitto.h>
 #include <nats/nats.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -15,6 +16,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <deque>
 #include <filesystem>
 #include <fstream>
@@ -1169,6 +1171,175 @@ Result<PeerResult> run_zmq_pushpull(size_t size, uint64_t count, const RunLimits
   } catch (const zmq::error_t& e) {
     return zmq_failure("zmq push-pull", e);
   }
+}
+
+namespace {
+
+// A loopback TCP listener on an ephemeral port; -1 on failure.
+int listen_loopback(uint16_t& port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(fd, 1) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  port = ntohs(a.sin_port);
+  return fd;
+}
+
+// Blocking socket calls that give up every kPollMs, so that loops can watch the deadline.
+void poll_timeouts(int fd) {
+  timeval tv{0, kPollMs * 1000};
+  (void)::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  (void)::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+double thread_cpu_seconds() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) / 1e9;
+}
+
+}  // namespace
+
+Result<PeerResult> run_tcp_relay(size_t message_bytes, uint64_t count, int hops, const RunLimits& limits) {
+  if (Status valid = validate(message_bytes, count); !valid) return valid.error();
+  if (hops < 1) return Error(Errc::invalid_argument, "tcp relay: hops must be at least 1");
+  constexpr size_t kChunk = 256 * 1024;  // as large as a broker's batches
+  const Clock::time_point started = Clock::now();
+  const Clock::time_point deadline = started + limits.deadline;
+  const std::string name = hops == 1 ? "tcp relay" : "tcp relay chain-" + std::to_string(hops);
+  const uint64_t total = static_cast<uint64_t>(message_bytes) * count;
+
+  // Listener i is relay i's (i < hops) or the subscriber's (i == hops).
+  std::vector<int> listeners;
+  std::vector<uint16_t> ports(hops + 1);
+  auto close_all = [&] {
+    for (int fd : listeners) ::close(fd);
+  };
+  for (int i = 0; i <= hops; ++i) {
+    const int fd = listen_loopback(ports[i]);
+    if (fd < 0) {
+      const std::string why = std::strerror(errno);
+      close_all();
+      return Error(Errc::io, name + ": listen on loopback: " + why);
+    }
+    listeners.push_back(fd);
+  }
+  std::atomic<bool> stop{false};
+  auto dial = [&](uint16_t port) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(port);
+    if (fd >= 0 && ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+      const int one = 1;
+      (void)::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      poll_timeouts(fd);
+      return fd;
+    }
+    if (fd >= 0) ::close(fd);
+    return -1;
+  };
+  auto accept_one = [&](int listener) {
+    const int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd >= 0) poll_timeouts(fd);
+    return fd;
+  };
+  // Writes all of [p, p + n) unless the run is over; false then.
+  auto write_all = [&](int fd, const char* p, size_t n) {
+    while (n > 0) {
+      const ssize_t k = ::write(fd, p, n);
+      if (k > 0) {
+        p += k;
+        n -= static_cast<size_t>(k);
+      } else if (k < 0 && (errno == EAGAIN || errno == EINTR) && !stop && Clock::now() < deadline) {
+        continue;
+      } else {
+        return false;
+      }
+    }
+    return true;
+  };
+  // Reads into `buf` what arrives; 0 when the peer closed or the run is over.
+  auto read_some = [&](int fd, char* buf) -> size_t {
+    while (true) {
+      const ssize_t n = ::read(fd, buf, kChunk);
+      if (n > 0) return static_cast<size_t>(n);
+      if (n < 0 && (errno == EAGAIN || errno == EINTR) && !stop && Clock::now() < deadline) continue;
+      return 0;
+    }
+  };
+
+  std::vector<double> relay_cpu(hops, 0);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < hops; ++i)
+    threads.emplace_back([&, i] {
+      const int in = accept_one(listeners[i]);
+      const int out = dial(ports[i + 1]);
+      std::vector<char> buf(kChunk);
+      const double cpu0 = thread_cpu_seconds();
+      uint64_t moved = 0;
+      while (in >= 0 && out >= 0 && moved < total) {
+        const size_t n = read_some(in, buf.data());
+        if (n == 0 || !write_all(out, buf.data(), n)) break;
+        moved += n;
+      }
+      relay_cpu[i] = thread_cpu_seconds() - cpu0;
+      if (in >= 0) ::close(in);
+      if (out >= 0) ::close(out);
+    });
+  threads.emplace_back([&] {
+    const int out = dial(ports[0]);
+    std::vector<char> buf(kChunk, 'x');
+    for (uint64_t sent = 0; out >= 0 && sent < total;) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, total - sent));
+      if (!write_all(out, buf.data(), n)) break;
+      sent += n;
+    }
+    if (out >= 0) ::close(out);
+  });
+
+  const int in = accept_one(listeners[hops]);
+  std::vector<char> buf(kChunk);
+  uint64_t got = 0;
+  Clock::time_point first{}, last{};
+  while (in >= 0 && got < total) {
+    const size_t n = read_some(in, buf.data());
+    if (n == 0) break;
+    if (got == 0) first = Clock::now();
+    got += n;
+    last = Clock::now();
+  }
+  stop = true;
+  if (in >= 0) ::close(in);
+  for (auto& t : threads) t.join();
+  close_all();
+
+  PeerResult result;
+  result.system = name;
+  result.workload = hops == 1 ? "fanin-1x1" : "chain-" + std::to_string(hops);
+  result.sent = count;
+  result.received = got / message_bytes;
+  const double secs = seconds_between(first, last);
+  result.msgs_per_sec = secs > 0 ? static_cast<double>(got) / static_cast<double>(message_bytes) / secs : 0;
+  char note[160];
+  std::snprintf(note, sizeof note, "raw TCP, %zu-byte records written and relayed 256 KiB at a time; CPU s per 1 M records:",
+                message_bytes);
+  result.note = note;
+  for (int i = 0; i < hops; ++i) {
+    std::snprintf(note, sizeof note, "%s relay %d %.3f", i == 0 ? "" : ",", i + 1,
+                  relay_cpu[i] * 1e6 / static_cast<double>(std::max<uint64_t>(result.received, 1)));
+    result.note += note;
+  }
+  if (Clock::now() >= deadline) result.note += "; deadline reached";
+  return result;
 }
 
 Result<PeerResult> run_zmq_proxy(size_t size, uint64_t count, bool curve, int hops,

@@ -72,6 +72,11 @@ Result<PeerResult> run_zmq_pushpull(size_t size, uint64_t count, const RunLimits
 // fanin-1x1; hops 4 the floor of chain-4.
 Result<PeerResult> run_zmq_proxy(size_t size, uint64_t count, bool curve, int hops = 1,
                                  const RunLimits& limits = {});
+// Raw TCP on loopback, no messaging system at all: a publisher thread writes `count` records of
+// `message_bytes` in 256 KiB writes -> `hops` relay threads in series, each reading 256 KiB at a
+// time and writing it on -> a subscriber thread. The kernel's share of any broker chain: the
+// note gives each relay's CPU seconds per 1 M records (one receive and one send per record).
+Result<PeerResult> run_tcp_relay(size_t message_bytes, uint64_t count, int hops, const RunLimits& limits = {});
 // ZeroMQ DEALER -> ROUTER echo (a thread of this process) round trips.
 Result<PeerResult> run_zmq_router_echo(uint64_t count, const RunLimits& limits = {});
 // The same echo over ZeroMQ's ipc transport (a unix socket): the baseline of a local transport.

@@ -15,10 +15,14 @@ $tm bench many-topics --size 128 --count 1000000 --peers --runs "$runs"
 $tm bench rtt --count 10000 --peers --runs "$runs"
 $tm bench rtt --count 10000 --peers --runs "$runs" --transport unix
 $tm bench fanin --size 128 --count 1000000 --curve off --peers --runs "$runs" --transport unix
+$tm bench fanin --size 128 --count 1000000 --curve off --peers --runs "$runs" --transport native
+$tm bench fanin --size 128 --count 1000000 --curve on --peers --runs "$runs" --transport native
+$tm bench rtt --count 10000 --peers --runs "$runs" --transport native --curve on
 $tm bench durable --size 128 --count 300000 --peers --runs "$runs"
 $tm bench durable --size 128 --count 100000 --crash
 $tm bench chain --size 128 --count 1000000 --peers --runs "$runs"
 $tm bench chain --size 128 --count 1000000 --peers --runs "$runs" --links native
+$tm bench chain --size 128 --count 1000000 --peers --runs "$runs" --links native --transport native
 $tm bench chain --size 128 --count 1000000 --curve on --peers --runs "$runs"
 $tm bench chain --size 128 --count 1000000 --curve on --peers --runs "$runs" --links native
 $tm bench outage --rate 2000 --outage-seconds 60

@@ -15,6 +15,7 @@
 #include <span>
 #include <cstring>
 #include <deque>
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -357,6 +358,16 @@ class BrokerImpl final : public Broker {
   bool on_link_frame(Link& l, wire::Frame::Reader frame, zmq::message_t* body);
   void on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* body);
   void on_interest(Link& l, wire::Interest::Reader interest);
+  // The peer's interest, one key at a time: `l.remote`, the routes and the other links'
+  // interest follow. Retained values matching a new key go to the peer when `send_retained`.
+  void drop_peer_key(Link& l, const std::string& key);
+  void take_peer_key(Link& l, const std::string& filter, const std::string& group, bool send_retained);
+  // The peer's interest across restarts, kept in the link's outbox (LinkOutbox::save_peer_interest).
+  void save_peer_interest(Link& l);
+  void restore_peer_interest(Link& l);
+  // Links that peers opened to this broker before a restart, found by their outboxes: down
+  // until the peer connects again, with its last known interest.
+  void restore_accepted_links();
   void add_interest(const std::string& key, uint32_t origin, int delta);
   void link_up(Link& l);
   void link_down(Link& l, const std::string& why);
@@ -680,7 +691,9 @@ Status BrokerImpl::init() {
     if (!http.ok()) return Error(http.error().code(), config_.path + ": admin.http: " + http.error().message());
     admin_http_ = std::move(*http);
   }
-  return init_links();
+  if (auto st = init_links(); !st.ok()) return st;
+  restore_accepted_links();
+  return Status::Ok();
 }
 
 Status BrokerImpl::bind_unix(Listener& l, const std::string& endpoint) {
@@ -2163,6 +2176,7 @@ Status BrokerImpl::init_links() {
     l->outbox = std::move(*box);
     clear_swapped(*l);
     l->sent_seq = l->outbox->stats().acked_seq;
+    restore_peer_interest(*l);
     if (!codec::unix_path(lc.endpoint).empty() || lc.endpoint.rfind(codec::kNativeScheme, 0) == 0) {
       // The broker's own transport: dialed from the loop (dial_stream).
       const bool native = lc.endpoint.rfind(codec::kNativeScheme, 0) == 0;
@@ -2213,6 +2227,23 @@ Link& BrokerImpl::accepted_link(const std::string& peer) {
   accepted_links_[peer] = l.get();
   links_.push_back(std::move(l));
   return ref;
+}
+
+void BrokerImpl::restore_accepted_links() {
+  const std::filesystem::path dir = config_.data_dir + "/links";
+  std::error_code ec;
+  std::vector<std::string> peers;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (entry.is_directory(ec) && name.rfind("accepted-", 0) == 0 && name.size() > 9) peers.push_back(name.substr(9));
+  }
+  std::sort(peers.begin(), peers.end());  // the same link ids on every start
+  for (const auto& peer : peers) {
+    Link& l = accepted_link(peer);
+    l.state = Link::State::down;
+    l.peer = peer;
+    restore_peer_interest(l);
+  }
 }
 
 void BrokerImpl::send_link_hello(Link& l) {
@@ -2518,53 +2549,83 @@ void BrokerImpl::on_forward(Link& l, wire::Forward::Reader fwd, zmq::message_t* 
 }
 
 void BrokerImpl::on_interest(Link& l, wire::Interest::Reader interest) {
-  auto remove = [&](const std::string& key) {
-    auto it = l.remote.find(key);
-    if (it == l.remote.end()) return;
-    spdlog::debug("link '{}': peer is no longer interested in '{}'{}", l.name, it->second->pattern,
-                  it->second->group.empty() ? "" : " (group " + it->second->group + ")");
-    detach_subscription(it->second.get());
-    l.remote.erase(it);
-    add_interest(key, l.id, -1);
-  };
   if (interest.getReset()) {
     std::vector<std::string> keys;
     for (const auto& [k, sub] : l.remote) keys.push_back(k);
-    for (const auto& k : keys) remove(k);
+    for (const auto& k : keys) drop_peer_key(l, k);
   }
-  for (auto e : interest.getRemove()) remove(interest_key(view(e.getFilter()), view(e.getQueueGroup())));
-  for (auto e : interest.getAdd()) {
-    const std::string filter = e.getFilter().cStr();
-    const std::string group = e.getQueueGroup().cStr();
-    if (!validate_filter(filter).ok()) continue;
-    const std::string key = interest_key(filter, group);
-    if (l.remote.count(key)) continue;
-    auto sub = std::make_unique<Subscription>();
-    sub->link = &l;
-    sub->pattern = filter;
-    sub->group = group;
-    Subscription* raw = sub.get();
-    if (group.empty()) {
-      trie_.insert(filter, Target{raw, nullptr});
-      // Retained values travel to a newly interested broker.
+  for (auto e : interest.getRemove()) drop_peer_key(l, interest_key(view(e.getFilter()), view(e.getQueueGroup())));
+  for (auto e : interest.getAdd()) take_peer_key(l, e.getFilter().cStr(), e.getQueueGroup().cStr(), true);
+  save_peer_interest(l);
+}
+
+void BrokerImpl::drop_peer_key(Link& l, const std::string& key) {
+  auto it = l.remote.find(key);
+  if (it == l.remote.end()) return;
+  spdlog::debug("link '{}': peer is no longer interested in '{}'{}", l.name, it->second->pattern,
+                it->second->group.empty() ? "" : " (group " + it->second->group + ")");
+  detach_subscription(it->second.get());
+  l.remote.erase(it);
+  add_interest(key, l.id, -1);
+}
+
+void BrokerImpl::take_peer_key(Link& l, const std::string& filter, const std::string& group, bool send_retained) {
+  if (!validate_filter(filter).ok()) return;
+  const std::string key = interest_key(filter, group);
+  if (l.remote.count(key)) return;
+  auto sub = std::make_unique<Subscription>();
+  sub->link = &l;
+  sub->pattern = filter;
+  sub->group = group;
+  Subscription* raw = sub.get();
+  if (group.empty()) {
+    trie_.insert(filter, Target{raw, nullptr});
+    // Retained values travel to a newly interested broker.
+    if (send_retained)
       for (const auto& [topic, env] : retained_)
         if (topic::matches(filter, topic))
           forward_to(l, reinterpret_cast<const uint8_t*>(env.data()), env.size(), false);
-    } else {
-      auto& g = groups_[{filter, group}];
-      if (!g) {
-        g = std::make_unique<Group>();
-        g->pattern = filter;
-        g->name = group;
-        trie_.insert(filter, Target{nullptr, g.get()});
-      }
-      g->members.push_back(raw);
+  } else {
+    auto& g = groups_[{filter, group}];
+    if (!g) {
+      g = std::make_unique<Group>();
+      g->pattern = filter;
+      g->name = group;
+      trie_.insert(filter, Target{nullptr, g.get()});
     }
-    forget_routes();
-    l.remote[key] = std::move(sub);
-    spdlog::debug("link '{}': peer is interested in '{}'{}", l.name, filter, group.empty() ? "" : " (group " + group + ")");
-    add_interest(key, l.id, +1);
+    g->members.push_back(raw);
   }
+  forget_routes();
+  l.remote[key] = std::move(sub);
+  spdlog::debug("link '{}': peer is interested in '{}'{}", l.name, filter, group.empty() ? "" : " (group " + group + ")");
+  add_interest(key, l.id, +1);
+}
+
+void BrokerImpl::save_peer_interest(Link& l) {
+  if (!l.outbox) return;
+  std::vector<std::string> keys;
+  keys.reserve(l.remote.size());
+  for (const auto& [k, sub] : l.remote) keys.push_back(k);
+  if (auto st = l.outbox->save_peer_interest(keys); !st.ok())
+    spdlog::warn("link '{}': could not keep the peer's interest for a restart: {}", l.name, st.error().message());
+}
+
+void BrokerImpl::restore_peer_interest(Link& l) {
+  if (!l.outbox) return;
+  auto keys = l.outbox->peer_interest();
+  if (!keys.ok()) {
+    spdlog::warn("link '{}': {}; the peer's interest is learned again when it connects", l.name,
+                 keys.error().message());
+    return;
+  }
+  // As the peer last told it; retained values went to it then. Its next reset replaces this.
+  for (const auto& key : *keys) {
+    const auto [filter, group] = split_interest_key(key);
+    take_peer_key(l, std::string(filter), std::string(group), false);
+  }
+  if (!keys->empty())
+    spdlog::info("link '{}': routing for the peer's last known interest ({} filters) until it connects", l.name,
+                 keys->size());
 }
 
 void BrokerImpl::add_interest(const std::string& key, uint32_t origin, int delta) {

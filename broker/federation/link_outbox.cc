@@ -35,6 +35,10 @@ struct SwapKey {
 // The key that keeps the numbering of an empty outbox: it sorts after every other key.
 MDB_val meta_key() { return MDB_val{5, const_cast<char*>("\xffmeta")}; }
 
+// The peer's interest: after the entries and the swap keys, before the meta key. Its value is
+// each key as a u32 length (little-endian) and its bytes.
+MDB_val interest_key() { return MDB_val{9, const_cast<char*>("\xffinterest")}; }
+
 // The map's room beyond Options::map_bytes, for deletes only (see link_outbox.h).
 uint64_t reserve_bytes(uint64_t map_bytes) { return std::max<uint64_t>(uint64_t{1} << 20, map_bytes / 16); }
 
@@ -356,6 +360,51 @@ Status LinkOutbox::ack(uint64_t upto) {
     (void)in_write_txn("touch", [&](MDB_txn* t) { return put_meta(t, db_, stats_.last_seq); });
   }
   return Status::Ok();
+}
+
+Status LinkOutbox::save_peer_interest(const std::vector<std::string>& keys) {
+  std::string value;
+  for (const auto& key : keys) {
+    const auto n = static_cast<uint32_t>(key.size());
+    const char len[4] = {static_cast<char>(n), static_cast<char>(n >> 8), static_cast<char>(n >> 16),
+                         static_cast<char>(n >> 24)};
+    value.append(len, 4);
+    value.append(key);
+  }
+  return in_write_txn("save peer interest", [&](MDB_txn* txn) {
+    MDB_val k = interest_key(), v{value.size(), value.data()};
+    if (value.empty()) {
+      const int rc = mdb_del(txn, db_, &k, nullptr);
+      return rc == MDB_NOTFOUND ? 0 : rc;
+    }
+    return mdb_put(txn, db_, &k, &v, 0);
+  });
+}
+
+Result<std::vector<std::string>> LinkOutbox::peer_interest() const {
+  MDB_txn* txn;
+  int rc = mdb_txn_begin(env_, nullptr, MDB_RDONLY, &txn);
+  if (rc) return mdb_error("begin read", rc, options_.dir);
+  MDB_val k = interest_key(), v;
+  rc = mdb_get(txn, db_, &k, &v);
+  std::vector<std::string> keys;
+  bool intact = true;
+  if (rc == 0) {
+    const auto* p = static_cast<const uint8_t*>(v.mv_data);
+    size_t left = v.mv_size;
+    while (left >= 4) {
+      const uint32_t n = uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24;
+      if (n > left - 4) break;
+      keys.emplace_back(reinterpret_cast<const char*>(p + 4), n);
+      p += 4 + n;
+      left -= 4 + n;
+    }
+    intact = left == 0;
+  }
+  mdb_txn_abort(txn);
+  if (rc != 0 && rc != MDB_NOTFOUND) return mdb_error("read peer interest", rc, options_.dir);
+  if (!intact) return Error(Errc::io, "link outbox " + options_.dir + ": the saved peer interest is damaged");
+  return keys;
 }
 
 Status LinkOutbox::in_write_txn(const char* what, const std::function<int(MDB_txn*)>& fn) {

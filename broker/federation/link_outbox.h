@@ -94,6 +94,14 @@ class LinkOutbox {
   // Deletes every swapped batch (left by a process that did not stop cleanly); returns how many.
   Result<size_t> clear_swapped();
 
+  // The interest the peer last told this broker (interest keys, link_interest.h), kept
+  // beside the queue so that after a restart the broker routes for the peer, and tells its
+  // other links of it, before the two meet again. One small transaction, never synced (the
+  // peer tells it again on reconnect).
+  Status save_peer_interest(const std::vector<std::string>& keys);
+  // What save_peer_interest kept last; empty when nothing was.
+  Result<std::vector<std::string>> peer_interest() const;
+
   const Stats& stats() const { return stats_; }
   bool full() const { return stats_.bytes >= options_.budget_bytes; }
   // Nothing stored and nothing waiting to be committed.

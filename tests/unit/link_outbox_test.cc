@@ -225,6 +225,35 @@ TEST_F(LinkOutboxTest, SwappedBatchesLeftByACrashAreClearedOnce) {
 // A full map (a full disk reads the same): the failed commit stores nothing and
 // changes no counter, keeps its durable messages for the next commit, drops its
 // best-effort ones (counted), and refuses durable appends until a commit works.
+// The peer's interest is kept across a reopen, beside the entries and outside them: acks,
+// reads, swap clearing and the counters never see it, and an empty set forgets it.
+TEST_F(LinkOutboxTest, PeerInterestSurvivesReopenAndStaysOutOfTheEntries) {
+  const std::vector<std::string> keys = {"plant/#", std::string("jobs/+\0workers", 14), ""};
+  {
+    auto box = open();
+    ASSERT_NE(box, nullptr);
+    EXPECT_TRUE(box->peer_interest()->empty()) << "nothing kept yet";
+    put(*box, 1, 3, true);
+    ASSERT_TRUE(box->save_peer_interest(keys).ok());
+    ASSERT_TRUE(box->ack(3).ok());
+    ASSERT_TRUE(box->swap_out(1, "batch").ok());
+    ASSERT_EQ(*box->clear_swapped(), 1u);
+  }
+  auto box = open();
+  ASSERT_NE(box, nullptr);
+  auto kept = box->peer_interest();
+  ASSERT_TRUE(kept.ok()) << kept.error().to_string();
+  EXPECT_EQ(*kept, keys);
+  EXPECT_EQ(box->stats().messages, 0u);
+  EXPECT_EQ(box->stats().last_seq, 3u) << "the numbering goes on";
+  EXPECT_TRUE(all(*box).empty());
+  put(*box, 4, 4, false);
+  ASSERT_EQ(all(*box).size(), 1u);
+  EXPECT_EQ(all(*box)[0].seq, 4u);
+  ASSERT_TRUE(box->save_peer_interest({}).ok());
+  EXPECT_TRUE(box->peer_interest()->empty());
+}
+
 TEST_F(LinkOutboxTest, AFailedCommitKeepsItsDurableMessagesAndChangesNothingStored) {
   LinkOutbox::Stats before;
   int next = 1;

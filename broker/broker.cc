@@ -32,6 +32,7 @@
 #include "iso_time.h"
 #include "federation/id_window.h"
 #include "federation/link_interest.h"
+#include "federation/link_dirs.h"
 #include "federation/link_outbox.h"
 #include "federation/mesh_window.h"
 #include "store/store.h"
@@ -2214,7 +2215,7 @@ Link& BrokerImpl::accepted_link(const std::string& peer) {
   l->name = peer;
   l->dialed = false;
   LinkOutbox::Options o;
-  o.dir = config_.data_dir + "/links/accepted-" + peer;
+  o.dir = config_.data_dir + "/links/" + accepted_link_dir(peer);
   auto box = LinkOutbox::open(o);
   if (!box.ok()) {
     spdlog::error("link from '{}': {}", peer, box.error().message());
@@ -2234,8 +2235,9 @@ void BrokerImpl::restore_accepted_links() {
   std::error_code ec;
   std::vector<std::string> peers;
   for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
-    const std::string name = entry.path().filename().string();
-    if (entry.is_directory(ec) && name.rfind("accepted-", 0) == 0 && name.size() > 9) peers.push_back(name.substr(9));
+    if (!entry.is_directory(ec)) continue;
+    if (std::string peer = accepted_link_peer(entry.path().filename().string()); !peer.empty())
+      peers.push_back(std::move(peer));
   }
   std::sort(peers.begin(), peers.end());  // the same link ids on every start
   for (const auto& peer : peers) {

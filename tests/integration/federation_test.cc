@@ -91,6 +91,14 @@ class FederationTest : public MeshTest {
     }, timeout);
   }
 
+  // centre (stream LINE on plant/#) <- regional <- edge, every link up.
+  bool start_edge_regional_centre() {
+    start("centre", "centre", {}, {{"LINE", {"plant/#"}}});
+    start("regional", "regional", {"centre"});
+    start("edge", "edge", {"regional"});
+    return links_up("edge", 1) && links_up("regional", 2);
+  }
+
   // Two brokers, `b` dialing `a`, with their link up on both sides.
   bool start_pair(const std::string& a, const std::string& a_tier, const std::string& b, const std::string& b_tier) {
     start(a, a_tier);
@@ -516,11 +524,7 @@ TEST_F(FederationTest, QueueGroupAcrossLinksGivesEachMessageToOneMember) {
 // for the centre's stream are taken, not refused for want of a stream, and reach the centre
 // once it is back.
 TEST_F(FederationTest, ATransitBrokerRestartedWhileItsUplinkIsDownKeepsWhatThePeerWanted) {
-  start("centre", "centre", {}, {{"LINE", {"plant/#"}}});
-  start("regional", "regional", {"centre"});
-  start("edge", "edge", {"regional"});
-  ASSERT_TRUE(links_up("edge", 1));
-  ASSERT_TRUE(links_up("regional", 2));
+  ASSERT_TRUE(start_edge_regional_centre());
   auto line = client("edge", "line-1");
   ASSERT_NE(line, nullptr);
   ASSERT_TRUE(wait_until([&] { return line->publish_durable("plant/probe", "probe").get().ok(); }, 15s))
@@ -566,11 +570,7 @@ TEST_F(NativeLinkTest, PartitionOfThirtySecondsLosesAndDuplicatesNothing) {
 }
 
 void FederationTest::partition_of_thirty_seconds_loses_and_duplicates_nothing() {
-  start("centre", "centre", {}, {{"LINE", {"plant/#"}}});
-  start("regional", "regional", {"centre"});
-  start("edge", "edge", {"regional"});
-  ASSERT_TRUE(links_up("edge", 1));
-  ASSERT_TRUE(links_up("regional", 2));
+  ASSERT_TRUE(start_edge_regional_centre());
   auto app = client("centre", "centre-app");
   auto line = client("edge", "line-1");
   Inbox probe;

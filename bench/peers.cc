@@ -1224,6 +1224,7 @@ Result<PeerResult> run_tcp_relay(size_t message_bytes, uint64_t count, int hops,
   };
   for (int i = 0; i <= hops; ++i) {
     const int fd = listen_loopback(ports[i]);
+    if (fd >= 0) poll_timeouts(fd);  // accept gives up every kPollMs too
     if (fd < 0) {
       const std::string why = std::strerror(errno);
       close_all();
@@ -1247,10 +1248,16 @@ Result<PeerResult> run_tcp_relay(size_t message_bytes, uint64_t count, int hops,
     if (fd >= 0) ::close(fd);
     return -1;
   };
+  // Accepts the one connection a listener gets; -1 once the run is over without it.
   auto accept_one = [&](int listener) {
-    const int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd >= 0) poll_timeouts(fd);
-    return fd;
+    while (true) {
+      const int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd >= 0) {
+        poll_timeouts(fd);
+        return fd;
+      }
+      if ((errno != EAGAIN && errno != EINTR) || stop || Clock::now() >= deadline) return -1;
+    }
   };
   // Writes all of [p, p + n) unless the run is over; false then.
   auto write_all = [&](int fd, const char* p, size_t n) {

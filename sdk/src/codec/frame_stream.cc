@@ -333,6 +333,11 @@ void FrameStream::absorb_handshake() {
     error_ = std::move(why);
     refused_ = true;
   };
+  auto keyed = [&] {
+    if (c.key_ciphers()) return true;
+    error_ = "libcrypto could not set up " + std::string(c.cipher == kAes ? "AES-256-GCM" : "ChaCha20-Poly1305");
+    return false;
+  };
   const size_t avail = in_end_ - in_begin_;
   const uint8_t* p = in_.get() + in_begin_;
   if (avail >= 4 && std::memcmp(p, kMagic, 4) != 0) {
@@ -361,10 +366,7 @@ void FrameStream::absorb_handshake() {
       refuse("the peer's handshake key is invalid");
       return;
     }
-    if (!c.key_ciphers()) {
-      error_ = "libcrypto could not set up " + std::string(c.cipher == kAes ? "AES-256-GCM" : "ChaCha20-Poly1305");
-      return;
-    }
+    if (!keyed()) return;
     c.confirmation(reply + 40, c.send_key);
     in_begin_ += kHelloBytes;
     queue_raw(reply, kReplyBytes);
@@ -379,10 +381,7 @@ void FrameStream::absorb_handshake() {
       refuse("the peer's handshake key is invalid");
       return;
     }
-    if (!c.key_ciphers()) {
-      error_ = "libcrypto could not set up " + std::string(c.cipher == kAes ? "AES-256-GCM" : "ChaCha20-Poly1305");
-      return;
-    }
+    if (!keyed()) return;
     uint8_t expect[16];
     c.confirmation(expect, c.recv_key);
     if (sodium_memcmp(expect, p + 40, 16) != 0) {
